@@ -1,0 +1,1 @@
+"""Writ ledger server (Starlette)."""

@@ -1,0 +1,1 @@
+"""Simulated Writ devices and fleets."""

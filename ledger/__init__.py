@@ -1,0 +1,1 @@
+"""Writ ledger core: encoding, records, tree, state, notes; storage."""

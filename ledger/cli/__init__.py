@@ -1,0 +1,1 @@
+"""The `writ` command line: one module per command group."""

@@ -1,0 +1,100 @@
+"""`writ`: the integrator's and the server's command line.
+
+Every command prints exactly one JSON object on stdout (human text goes to
+stderr) and never a traceback for a user error. Exit codes:
+
+    0  success
+    1  refused or failed (a WritError that is not one of the below)
+    2  usage: bad flags, bad hex, unknown or ambiguous name
+    3  verification failed: the data does not verify (audit, sync)
+    4  the server could not be reached or answered with an HTTP error
+
+Command groups register themselves through ``register(subparsers)``; a
+handler returns the JSON object to print (or raises a WritError).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from ..errors import TransportError, UsageError, VerificationError, WritError
+
+Handler = Callable[[argparse.Namespace], dict[str, Any]]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_VERIFY, EXIT_TRANSPORT = 0, 1, 2, 3, 4
+
+
+class CommandFailed(WritError):
+    """A command's own non-zero outcome that is not an error of the tree
+    (for example a refusal that must still print JSON)."""
+
+    type = "failed"
+
+    def __init__(self, payload: dict[str, Any], code: int) -> None:
+        super().__init__(str(payload.get("error", "failed")))
+        self.payload = payload
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def exit_code(exc: WritError) -> int:
+    if isinstance(exc, CommandFailed):
+        return exc.code
+    if isinstance(exc, UsageError):
+        return EXIT_USAGE
+    if isinstance(exc, VerificationError):
+        return EXIT_VERIFY
+    if isinstance(exc, TransportError):
+        return EXIT_TRANSPORT
+    return EXIT_FAILED
+
+
+def emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import groups
+
+    parser = _Parser(
+        prog="writ", description="Writ: a revocation ledger signed against one offline root key."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for register in groups.registrars():
+        register(sub)
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        handler: Handler | None = getattr(args, "handler", None)
+        if handler is None:
+            parser.print_help(sys.stderr)
+            raise UsageError("a command is required (see writ --help)")
+        emit(handler(args))
+        return EXIT_OK
+    except CommandFailed as exc:
+        emit(exc.payload)
+        return exc.code
+    except WritError as exc:
+        emit(exc.to_json())
+        sys.stderr.write(f"writ: {exc.message}\n")
+        return exit_code(exc)
+    except KeyboardInterrupt:
+        emit({"error": "interrupted"})
+        return 130
+
+
+def main() -> NoReturn:
+    sys.exit(run())

@@ -1,0 +1,122 @@
+"""Is this credential valid on this device now? (PROTOCOL section 4)
+
+A pure function of the device's verified state, the holder's auth message,
+the challenge the device issued and an explicit ``now``. It never raises for
+a bad credential: it returns a :class:`Verdict` whose ``reason`` is one of
+the refusal names of the conformance contract, the first that applies in
+:data:`REFUSALS` order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from . import crypto, messages, records
+from .errors import WritError
+from .state import LedgerState
+
+MAX_SKEW = 300
+DEFAULT_MAX_STALENESS = 24 * 3600
+
+#: refusal reasons, in the order of precedence when several apply.
+REFUSALS = (
+    "bad-challenge",
+    "clock-skew",
+    "bad-signature",
+    "unpublished",
+    "revoked",
+    "revoked-key",
+    "expired",
+    "not-yet-valid",
+    "wrong-role",
+    "out-of-scope",
+    "stale",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    accepted: bool
+    reason: str | None = None
+    grant_seq: int | None = None
+    name: str | None = None
+    role: str | None = None
+    stale: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"accepted": self.accepted}
+        if self.reason is not None:
+            out["reason"] = self.reason
+        if self.grant_seq is not None:
+            out.update(grant_seq=self.grant_seq, name=self.name, role=self.role)
+        out["stale"] = self.stale
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Freshness:
+    checkpoint_time: int | None
+    max_staleness: int = DEFAULT_MAX_STALENESS
+    policy: str = "refuse"  # or "accept"
+
+    def is_stale(self, now: int) -> bool:
+        t = self.checkpoint_time
+        return t is None or abs(now - t) > self.max_staleness
+
+
+def check_credential(
+    state: LedgerState,
+    auth_bytes: bytes,
+    *,
+    device_key: bytes,
+    challenge: bytes | None,
+    now: int,
+    roles: Iterable[str] = (records.ROLE_OPERATOR,),
+    device_scope: str = "",
+    freshness: Freshness,
+) -> Verdict:
+    try:
+        auth = messages.parse_auth(auth_bytes)
+    except WritError:
+        return Verdict(False, "bad-signature")
+    if challenge is None or auth.verifier_key != device_key or auth.challenge != challenge:
+        return Verdict(False, "bad-challenge")
+    if abs(auth.time - now) > MAX_SKEW:
+        return Verdict(False, "clock-skew")
+    try:
+        env = records.parse(auth.grant_record)
+        body = env.typed()
+    except WritError:
+        return Verdict(False, "bad-signature")
+    if not isinstance(body, records.Grant) or env.signer != 0:
+        return Verdict(False, "bad-signature")
+    root = state.root_for(body.seq)
+    if root is None or not crypto.check(root, crypto.RECORD_DOMAIN, env.body_bytes, env.signature):
+        return Verdict(False, "bad-signature")
+    if not crypto.check(body.subject, crypto.AUTH_DOMAIN, auth.body, auth.signature):
+        return Verdict(False, "bad-signature")
+
+    def refuse(reason: str, stale: bool = False) -> Verdict:
+        return Verdict(False, reason, body.seq, body.name, body.role, stale)
+
+    kept = state.grants.get(body.seq)
+    leaf = crypto.sha256(b"\x00" + auth.grant_record)
+    if body.seq >= state.size or kept is None or kept.leaf_hash != leaf:
+        return refuse("unpublished")
+    if state.is_revoked(body.seq):
+        return refuse("revoked")
+    if state.key_revoked(body.subject):
+        return refuse("revoked-key")
+    if body.not_after != 0 and now >= body.not_after:
+        return refuse("expired")
+    if now < body.not_before:
+        return refuse("not-yet-valid")
+    if body.role not in set(roles):
+        return refuse("wrong-role")
+    if not records.in_scope(body.scope, device_scope):
+        return refuse("out-of-scope")
+    stale = freshness.is_stale(now)
+    if stale and freshness.policy != "accept":
+        return refuse("stale", stale=True)
+    return Verdict(True, None, body.seq, body.name, body.role, stale)

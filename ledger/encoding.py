@@ -1,0 +1,144 @@
+"""The wire format: the only module that imports msgpack.
+
+Writ bytes are MessagePack in the one canonical form that
+``msgpack.packb(value, use_bin_type=True)`` produces (PROTOCOL 2.1): the
+smallest form for every integer, ``bin`` for bytes, ``str`` for text, arrays
+only, no maps, floats, ext types, booleans or negative integers. A reader
+accepts bytes only when decoding them and encoding the result again gives back
+the very same bytes; everything else raises :class:`~ledger.errors.NotCanonical`
+(or the error class the caller names). Decoded values are plain Python values;
+the typed views live in :mod:`ledger.records` and :mod:`ledger.messages`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from .errors import NotCanonical, TooLarge, VerificationError
+
+MAX_RECORD = 600
+MAX_BODY = 512
+
+Value = int | bytes | str | None | list["Value"]
+
+
+def pack(value: Any) -> bytes:
+    """Encode ``value`` canonically."""
+    out = msgpack.packb(value, use_bin_type=True)
+    assert isinstance(out, bytes)
+    return out
+
+
+def _check_types(value: Any, depth: int, max_depth: int, error: type[VerificationError]) -> None:
+    t = type(value)
+    if t is int:
+        if value < 0:
+            raise error("negative integers are not allowed")
+        return
+    if t is bytes or t is str or value is None:
+        return
+    if t is list:
+        if depth >= max_depth:
+            raise error("nested arrays are not allowed here")
+        for item in value:
+            _check_types(item, depth + 1, max_depth, error)
+        return
+    raise error(f"a {t.__name__} is not allowed in Writ MessagePack")
+
+
+def unpack(
+    data: bytes,
+    *,
+    max_depth: int = 1,
+    error: type[VerificationError] = NotCanonical,
+) -> Any:
+    """Decode canonical MessagePack, or raise ``error``.
+
+    ``max_depth`` is how deep arrays may nest (1: a flat array of scalars).
+    """
+
+    if type(data) is not bytes:
+        raise error("expected bytes")
+    try:
+        value = msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            timestamp=0,
+        )
+    except Exception as exc:  # msgpack raises many unrelated types on hostile input
+        raise error(f"not valid MessagePack ({type(exc).__name__})") from None
+    _check_types(value, 0, max_depth, error)
+    try:
+        again = pack(value)
+    except Exception:
+        raise error("value does not re-encode") from None
+    if again != data:
+        raise error("not the canonical (minimal) MessagePack encoding")
+    return value
+
+
+def unpack_array(
+    data: bytes,
+    *,
+    min_len: int,
+    max_len: int | None = None,
+    max_depth: int = 1,
+    error: type[VerificationError] = NotCanonical,
+) -> list[Any]:
+    """Decode a canonical array with ``min_len`` to ``max_len`` elements."""
+
+    value = unpack(data, max_depth=max_depth, error=error)
+    if type(value) is not list:
+        raise error("expected an array")
+    if len(value) < min_len or (max_len is not None and len(value) > max_len):
+        raise error(f"expected an array of {min_len}..{max_len if max_len is not None else ''} elements")
+    return value
+
+
+def split_record(raw: bytes) -> tuple[bytes, bytes, list[Any]]:
+    """Steps 1 and 2 of PROTOCOL section 3: sizes, then canonical decoding.
+
+    Returns (body bytes, signature, decoded body array).
+    """
+
+    if type(raw) is not bytes:
+        raise NotCanonical("a record is bytes")
+    if len(raw) > MAX_RECORD:
+        raise TooLarge(f"record is {len(raw)} bytes, the limit is {MAX_RECORD}")
+    outer = unpack(raw, max_depth=1)
+    if type(outer) is not list or len(outer) != 2:
+        raise NotCanonical("a record is a 2-element array [body, signature]")
+    body, sig = outer
+    if type(body) is not bytes or type(sig) is not bytes or len(sig) != 64:
+        raise NotCanonical("a record is [body: bin, signature: bin(64)]")
+    if len(body) > MAX_BODY:
+        raise TooLarge(f"body is {len(body)} bytes, the limit is {MAX_BODY}")
+    fields = unpack_array(body, min_len=6, max_depth=1)
+    return body, sig, fields
+
+
+def join_record(body: bytes, signature: bytes) -> bytes:
+    raw = pack([body, signature])
+    if len(body) > MAX_BODY or len(raw) > MAX_RECORD:
+        raise TooLarge("record would exceed the size limits")
+    return raw
+
+
+def pack_records(records: list[bytes]) -> bytes:
+    """A MessagePack array of record ``bin`` values (``POST /v1/records``, ``GET /v1/records``)."""
+    return pack(records)
+
+
+def unpack_records(
+    data: bytes, *, max_count: int, error: type[VerificationError] = NotCanonical
+) -> list[bytes]:
+    """Strictly decode a MessagePack array of 1..max_count ``bin`` values."""
+    value = unpack_array(data, min_len=0, max_len=max_count, max_depth=1, error=error)
+    for item in value:
+        if type(item) is not bytes:
+            raise error("expected an array of bin values")
+    return value

@@ -1,0 +1,404 @@
+"""Typed ledger records (PROTOCOL section 2).
+
+Three layers, each a frozen value:
+
+* :class:`Envelope` -- what steps 1-6 of the validity table establish: the
+  record decodes canonically, has a known version and kind, the right arity,
+  and a well-typed header. The kind's own fields are still untyped here,
+  because the table checks them (step 12) only after the signature.
+* the body classes :class:`Genesis`, :class:`Grant`, :class:`Revoke`,
+  :class:`Rotate` -- an instance can only exist with valid fields (step 12's
+  stateless part); construction raises :class:`~ledger.errors.InvalidField`.
+* :class:`SignedRecord` -- the verbatim bytes with their typed body. Nothing
+  re-encodes a record after it was signed: ``raw`` is what gets stored and
+  served.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, ClassVar
+
+from . import crypto, encoding
+from .errors import InvalidField, NotCanonical, UnknownKind, UnsupportedVersion
+
+VERSION = 1
+EMPTY_HASH = crypto.sha256(b"")
+
+ROLE_PATTERN = re.compile(r"[a-z][a-z0-9-]{0,31}")
+# Roles that the protocol gives power to; any other matching name has none.
+ROLE_DEVICE = "device"
+ROLE_OPERATOR = "operator"
+ROLE_REVOKER = "revoker"
+ROLE_LOG = "log"
+ROLE_WITNESS = "witness"
+PROTOCOL_ROLES = frozenset({ROLE_DEVICE, ROLE_OPERATOR, ROLE_REVOKER, ROLE_LOG, ROLE_WITNESS})
+
+MAX_SCOPE = 64
+MAX_NAME = 64
+MAX_ORIGIN = 128
+
+
+class Kind(IntEnum):
+    GENESIS = 0
+    GRANT = 1
+    REVOKE = 2
+    ROTATE = 3
+
+
+ARITY = {Kind.GENESIS: 9, Kind.GRANT: 12, Kind.REVOKE: 8, Kind.ROTATE: 8}
+
+
+class Reason(IntEnum):
+    UNSPECIFIED = 0
+    KEY_COMPROMISE = 1
+    LOST = 2
+    SUPERSEDED = 3
+    RETIRED = 4
+
+    @classmethod
+    def parse(cls, name: str) -> Reason:
+        try:
+            return cls[name.upper()]
+        except KeyError:
+            raise InvalidField(
+                f"unknown reason {name!r}; one of: " + ", ".join(r.name.lower() for r in cls)
+            ) from None
+
+    @classmethod
+    def label(cls, value: int) -> str:
+        try:
+            return cls(value).name.lower()
+        except ValueError:
+            return f"reason-{value}"
+
+
+# --- field rules ------------------------------------------------------------
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text)
+
+
+def check_text(what: str, value: object, max_bytes: int, *, min_bytes: int = 0) -> str:
+    if type(value) is not str:
+        raise InvalidField(f"{what} must be text")
+    n = len(value.encode("utf-8"))
+    if n > max_bytes or n < min_bytes:
+        raise InvalidField(f"{what} must be {min_bytes} to {max_bytes} bytes")
+    if _has_control(value):
+        raise InvalidField(f"{what} must not contain control characters")
+    return value
+
+
+def check_origin(value: object) -> str:
+    origin = check_text("origin", value, MAX_ORIGIN, min_bytes=1)
+    if any(c.isspace() for c in origin) or "+" in origin:
+        raise InvalidField("origin must not contain spaces or '+'")
+    return origin
+
+
+def check_key(what: str, value: object) -> bytes:
+    if type(value) is not bytes or len(value) != 32:
+        raise InvalidField(f"{what} must be 32 bytes")
+    return value
+
+
+def check_digest(what: str, value: object) -> bytes | None:
+    if value is None:
+        return None
+    return check_key(what, value)
+
+
+def check_uint(what: str, value: object) -> int:
+    if type(value) is not int or value < 0 or value >= 1 << 64:
+        raise InvalidField(f"{what} must be an unsigned integer")
+    return value
+
+
+def check_role(value: object) -> str:
+    if type(value) is not str or ROLE_PATTERN.fullmatch(value) is None:
+        raise InvalidField("role must match ^[a-z][a-z0-9-]{0,31}$")
+    return value
+
+
+def in_scope(credential_scope: str, device_scope: str) -> bool:
+    """PROTOCOL 2: a credential of scope s is in scope on a device of scope d."""
+    s, d = credential_scope, device_scope
+    return s == "" or s == d or d.startswith(s + "/")
+
+
+# --- bodies -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Header:
+    seq: int
+    prev: bytes
+    time: int
+
+    KIND: ClassVar[Kind]
+
+    def _check_header(self) -> None:
+        check_uint("seq", self.seq)
+        check_uint("time", self.time)
+        check_key("prev", self.prev)
+
+    def fields(self) -> list[Any]:
+        raise NotImplementedError
+
+    def encode(self) -> bytes:
+        return encoding.pack(self.fields())
+
+
+@dataclass(frozen=True, slots=True)
+class Genesis(_Header):
+    origin: str
+    root: bytes
+    next_root_digest: bytes | None
+    signer: int = 0
+    KIND: ClassVar[Kind] = Kind.GENESIS
+
+    def __post_init__(self) -> None:
+        self._check_header()
+        check_origin(self.origin)
+        check_key("root", self.root)
+        check_digest("next_root_digest", self.next_root_digest)
+
+    def fields(self) -> list[Any]:
+        return [
+            VERSION,
+            int(self.KIND),
+            self.seq,
+            self.prev,
+            self.time,
+            self.signer,
+            self.origin,
+            self.root,
+            self.next_root_digest,
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Grant(_Header):
+    subject: bytes
+    role: str
+    scope: str
+    name: str
+    not_before: int
+    not_after: int
+    signer: int = 0
+    KIND: ClassVar[Kind] = Kind.GRANT
+
+    def __post_init__(self) -> None:
+        self._check_header()
+        check_key("subject", self.subject)
+        check_role(self.role)
+        check_text("scope", self.scope, MAX_SCOPE)
+        check_text("name", self.name, MAX_NAME)
+        check_uint("not_before", self.not_before)
+        check_uint("not_after", self.not_after)
+        if self.not_after != 0 and self.not_after <= self.not_before:
+            raise InvalidField("not_after must be 0 (no expiry) or later than not_before")
+
+    def fields(self) -> list[Any]:
+        return [
+            VERSION,
+            int(self.KIND),
+            self.seq,
+            self.prev,
+            self.time,
+            self.signer,
+            self.subject,
+            self.role,
+            self.scope,
+            self.name,
+            self.not_before,
+            self.not_after,
+        ]
+
+    def valid_at(self, now: int) -> bool:
+        return self.not_before <= now and (self.not_after == 0 or now < self.not_after)
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke(_Header):
+    signer: int
+    target: int | bytes
+    reason: int
+    KIND: ClassVar[Kind] = Kind.REVOKE
+
+    def __post_init__(self) -> None:
+        self._check_header()
+        check_uint("signer", self.signer)
+        if type(self.target) is int:
+            check_uint("target", self.target)
+        else:
+            check_key("target", self.target)
+        check_uint("reason", self.reason)
+
+    def fields(self) -> list[Any]:
+        return [
+            VERSION,
+            int(self.KIND),
+            self.seq,
+            self.prev,
+            self.time,
+            self.signer,
+            self.target,
+            self.reason,
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Rotate(_Header):
+    new_root: bytes
+    next_root_digest: bytes | None
+    signer: int = 0
+    KIND: ClassVar[Kind] = Kind.ROTATE
+
+    def __post_init__(self) -> None:
+        self._check_header()
+        check_key("new_root", self.new_root)
+        check_digest("next_root_digest", self.next_root_digest)
+
+    def fields(self) -> list[Any]:
+        return [
+            VERSION,
+            int(self.KIND),
+            self.seq,
+            self.prev,
+            self.time,
+            self.signer,
+            self.new_root,
+            self.next_root_digest,
+        ]
+
+
+Body = Genesis | Grant | Revoke | Rotate
+
+
+# --- envelope (steps 1-6) ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A record that passed steps 1-6: canonical, known version and kind, right
+    arity, typed header. ``extra`` holds the kind's fields, not yet checked."""
+
+    raw: bytes
+    body_bytes: bytes
+    signature: bytes
+    kind: Kind
+    seq: int
+    prev: bytes
+    time: int
+    signer: int
+    extra: tuple[Any, ...]
+
+    def typed(self) -> Body:
+        """Step 12's stateless part: the kind's fields, or InvalidField."""
+        e = self.extra
+        if self.kind is Kind.GENESIS:
+            return Genesis(self.seq, self.prev, self.time, e[0], e[1], e[2], self.signer)
+        if self.kind is Kind.GRANT:
+            return Grant(self.seq, self.prev, self.time, e[0], e[1], e[2], e[3], e[4], e[5], self.signer)
+        if self.kind is Kind.REVOKE:
+            if type(e[0]) is not int and type(e[0]) is not bytes:
+                raise InvalidField("target must be a uint or bin(32)")
+            return Revoke(self.seq, self.prev, self.time, self.signer, e[0], e[1])
+        return Rotate(self.seq, self.prev, self.time, e[0], e[1], self.signer)
+
+
+def parse(raw: bytes) -> Envelope:
+    """Steps 1-6 of PROTOCOL section 3, in order."""
+
+    body, sig, f = encoding.split_record(raw)  # steps 1, 2
+    version, kind = f[0], f[1]
+    if type(version) is not int or version != VERSION:  # step 3
+        raise UnsupportedVersion(f"version {version!r} is not supported")
+    if type(kind) is not int or kind not in _KINDS:  # step 4
+        raise UnknownKind(f"kind {kind!r} is unknown")
+    k = _KINDS[kind]
+    if len(f) != ARITY[k]:  # step 5
+        raise NotCanonical(f"a {k.name.lower()} body has {ARITY[k]} elements, not {len(f)}")
+    seq, prev, time, signer = f[2], f[3], f[4], f[5]  # step 6
+    seq_n = seq if type(seq) is int else None
+    if type(seq) is not int or type(time) is not int or type(signer) is not int:
+        raise InvalidField("seq, time and signer must be unsigned integers", seq=seq_n)
+    if type(prev) is not bytes or len(prev) != 32:
+        raise InvalidField("prev must be 32 bytes", seq=seq)
+    return Envelope(raw, body, sig, k, seq, prev, time, signer, tuple(f[6:]))
+
+
+_KINDS = {int(k): k for k in Kind}
+
+
+@dataclass(frozen=True, slots=True)
+class SignedRecord:
+    """A verified record: its exact bytes and typed body."""
+
+    raw: bytes
+    body: Body
+    signature: bytes
+    leaf_hash: bytes = field(default=b"")
+
+    def __post_init__(self) -> None:
+        if not self.leaf_hash:
+            object.__setattr__(self, "leaf_hash", crypto.sha256(b"\x00" + self.raw))
+
+    @property
+    def seq(self) -> int:
+        return self.body.seq
+
+
+def sign(body: Body, signer: crypto.Signer) -> bytes:
+    """Encode and sign ``body``; returns the record bytes (to be checked by
+    :meth:`ledger.state.LedgerState.apply` like any other record)."""
+
+    body_bytes = body.encode()
+    sig = crypto.sign(signer, crypto.RECORD_DOMAIN, body_bytes)
+    return encoding.join_record(body_bytes, sig)
+
+
+def decode_unverified(raw: bytes) -> SignedRecord:
+    """Steps 1-6 and the stateless part of 12, with no signature check: for
+    display of bytes that were verified elsewhere (the server's store)."""
+
+    env = parse(raw)
+    return SignedRecord(raw, env.typed(), env.signature)
+
+
+def describe(body: Body) -> dict[str, Any]:
+    """A JSON-friendly view of a body (hex for bytes)."""
+
+    out: dict[str, Any] = {"kind": body.KIND.name.lower(), "seq": body.seq, "time": body.time}
+    if isinstance(body, Genesis):
+        out.update(
+            origin=body.origin,
+            root=body.root.hex(),
+            next_root_digest=body.next_root_digest.hex() if body.next_root_digest else None,
+        )
+    elif isinstance(body, Grant):
+        out.update(
+            subject=body.subject.hex(),
+            role=body.role,
+            scope=body.scope,
+            name=body.name,
+            not_before=body.not_before,
+            not_after=body.not_after,
+        )
+    elif isinstance(body, Revoke):
+        out.update(
+            signer=body.signer,
+            target=body.target if isinstance(body.target, int) else body.target.hex(),
+            reason=Reason.label(body.reason),
+        )
+    else:
+        out.update(
+            new_root=body.new_root.hex(),
+            next_root_digest=body.next_root_digest.hex() if body.next_root_digest else None,
+        )
+    return out

@@ -1,0 +1,507 @@
+"""The validity rules of PROTOCOL section 3 as one state machine.
+
+``LedgerState.apply(record_bytes)`` is the single implementation of the
+table; the server (before it appends), the signing tool (on its verified
+mirror), the auditor and every device call it unchanged. It either returns the
+verified :class:`~ledger.records.SignedRecord` and advances the state, or
+raises the rejection of the first rule that fails and leaves the state exactly
+as it was (every check runs before the first mutation).
+
+A state can be *full* (the server, the auditor, the signing tool: every grant
+kept with its details) or *compact* (a device: ``keep_roles`` names the roles
+whose grants it may have to honour; the others are remembered only as one bit
+each, which is all the rules need). Grants of the protocol roles that the
+rules themselves consult (``revoker``, ``log``, ``witness``) are always kept.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from . import crypto, encoding, records
+from .errors import (
+    AlreadyRevoked,
+    BadMessage,
+    BadSignature,
+    InvalidField,
+    MisplacedGenesis,
+    StaleHead,
+    TimeInFuture,
+    TimeRegression,
+    UnauthorizedSigner,
+    UnknownTarget,
+    WritError,
+)
+from .records import Envelope, Genesis, Grant, Kind, Revoke, Rotate, SignedRecord
+from .tree import CompactRange
+
+MAX_FUTURE = 300
+ALWAYS_KEPT = frozenset({records.ROLE_REVOKER, records.ROLE_LOG, records.ROLE_WITNESS})
+
+
+@dataclass(frozen=True, slots=True)
+class GrantInfo:
+    seq: int
+    subject: bytes
+    role: str
+    scope: str
+    name: str
+    not_before: int
+    not_after: int
+    time: int
+    leaf_hash: bytes
+
+    def valid_at(self, now: int) -> bool:
+        return self.not_before <= now and (self.not_after == 0 or now < self.not_after)
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    seq: int  # the revoke record
+    target: int | bytes
+    reason: int
+    time: int
+    signer: int
+
+
+class Bits:
+    """A growable bitmap of seqs: one bit per record, the compact sorted
+    structure a device keeps for 'is a grant' and 'is revoked'."""
+
+    __slots__ = ("_b",)
+
+    def __init__(self, data: bytes | bytearray = b"") -> None:
+        self._b = bytearray(data)
+
+    def __contains__(self, i: int) -> bool:
+        byte = i >> 3
+        return byte < len(self._b) and bool(self._b[byte] & (1 << (i & 7)))
+
+    def add(self, i: int) -> None:
+        byte = i >> 3
+        if byte >= len(self._b):
+            self._b.extend(bytes(byte + 1 - len(self._b)))
+        self._b[byte] |= 1 << (i & 7)
+
+    def __iter__(self) -> Iterator[int]:
+        for byte, v in enumerate(self._b):
+            if v:
+                for bit in range(8):
+                    if v & (1 << bit):
+                        yield byte * 8 + bit
+
+    def __len__(self) -> int:
+        return sum(v.bit_count() for v in self._b)
+
+    def to_bytes(self) -> bytes:
+        return bytes(self._b).rstrip(b"\x00")
+
+    def copy(self) -> Bits:
+        return Bits(self._b)
+
+
+class LedgerState:
+    """What the rules need to know about records[0:size]."""
+
+    def __init__(
+        self,
+        anchor: bytes,
+        *,
+        origin: str | None = None,
+        keep_roles: Iterable[str] | None = None,
+    ) -> None:
+        if len(anchor) != 32:
+            raise InvalidField("the anchor is a 32-byte Ed25519 public key")
+        self.anchor = anchor
+        self.expected_origin = origin
+        self.keep_roles: frozenset[str] | None = None if keep_roles is None else frozenset(keep_roles)
+        self.origin: str | None = None
+        self.size = 0
+        self.frontier = CompactRange()
+        self.root = records.EMPTY_HASH
+        self.last_time = 0
+        self.roots: list[tuple[int, bytes]] = []  # (first seq it signs, key)
+        self.pending_digest: bytes | None = None
+        self.grants: dict[int, GrantInfo] = {}
+        self.grant_bits = Bits()
+        self.revoked = Bits()
+        self.revoked_keys: dict[bytes, int] = {}  # subject -> seq of the revoke
+        self.revocations: dict[int | bytes, Revocation] = {}  # kept targets only
+        self.counts = {k: 0 for k in Kind}
+
+    # -- queries -------------------------------------------------------------
+
+    @property
+    def full(self) -> bool:
+        return self.keep_roles is None
+
+    @property
+    def root_key(self) -> bytes | None:
+        """The root in force now (None before genesis)."""
+        return self.roots[-1][1] if self.roots else None
+
+    def root_for(self, seq: int) -> bytes | None:
+        """The root that signs records at ``seq`` (None before genesis)."""
+        found = None
+        for first, key in self.roots:
+            if first <= seq:
+                found = key
+            else:
+                break
+        return found
+
+    def is_root_key(self, key: bytes) -> bool:
+        return any(k == key for _, k in self.roots) or (
+            self.pending_digest is not None and crypto.sha256(key) == self.pending_digest
+        )
+
+    def is_grant(self, seq: int) -> bool:
+        return seq in self.grant_bits
+
+    def is_revoked(self, seq: int) -> bool:
+        return seq in self.revoked
+
+    def key_revoked(self, key: bytes) -> bool:
+        return key in self.revoked_keys
+
+    def grant_active(self, seq: int, at: int) -> GrantInfo | None:
+        """The kept grant ``seq`` when unrevoked (by id and key) and valid at ``at``."""
+        g = self.grants.get(seq)
+        if g is None or seq in self.revoked or g.subject in self.revoked_keys or not g.valid_at(at):
+            return None
+        return g
+
+    def active_keys(self, role: str) -> list[bytes]:
+        """Subjects of unrevoked grants of ``role`` (validity windows ignored):
+        for the log and witness keys a checkpoint may be signed with."""
+        return [
+            g.subject
+            for g in self.grants.values()
+            if g.role == role and g.seq not in self.revoked and g.subject not in self.revoked_keys
+        ]
+
+    def grants_named(self, name: str) -> list[GrantInfo]:
+        return [g for g in self.grants.values() if g.name == name]
+
+    def grants_of(self, subject: bytes) -> list[GrantInfo]:
+        return [g for g in self.grants.values() if g.subject == subject]
+
+    # -- the rules -----------------------------------------------------------
+
+    def apply(
+        self,
+        raw: bytes,
+        *,
+        now: int | None = None,
+        prechecked: tuple[bytes, bool] | None = None,
+        env: Envelope | None = None,
+    ) -> SignedRecord:
+        """Check ``raw`` against every rule, in table order; then append it.
+
+        ``now`` (the server) adds the ``time-in-future`` rule. ``prechecked``
+        is (key, result) of a signature check already made on these exact
+        bytes (the parallel audit); it is used only when the key matches.
+        """
+
+        if env is None or env.raw is not raw:
+            env = records.parse(raw)  # steps 1-6
+        n = self.size
+        seq = env.seq
+        # step 7
+        if (env.kind is Kind.GENESIS) != (n == 0):
+            raise MisplacedGenesis(
+                "a genesis only opens an empty ledger" if n else "an empty ledger opens with a genesis",
+                seq=seq,
+            )
+        # step 8
+        if seq != n or env.prev != self.root:
+            raise StaleHead(
+                f"record is for seq {seq} but the ledger has {n} records"
+                if seq != n
+                else "prev is not the root of the ledger before this record",
+                seq=seq,
+                size=n,
+                root=self.root.hex(),
+            )
+        # step 9
+        if n and env.time < self.last_time:
+            raise TimeRegression("time goes back before the previous record's", seq=seq)
+        # step 10
+        key = self._step10_signer(env)
+        # step 11
+        if prechecked is not None and prechecked[0] == key:
+            ok = prechecked[1]
+        else:
+            ok = crypto.check(key, crypto.RECORD_DOMAIN, env.body_bytes, env.signature)
+        if not ok:
+            raise BadSignature(f"signature does not verify under {key.hex()[:16]}…", seq=seq)
+        # step 12
+        try:
+            body = env.typed()
+        except InvalidField as exc:
+            raise InvalidField(exc.message, seq=seq) from None
+        self._step12_state(body)
+        # steps 13, 14
+        self._step13_14(body)
+        if now is not None and env.time > now + MAX_FUTURE:
+            raise TimeInFuture(f"record time is more than {MAX_FUTURE} s ahead of the server", seq=seq)
+        rec = SignedRecord(raw, body, env.signature)
+        self._mutate(rec)
+        return rec
+
+    def _step10_signer(self, env: Envelope) -> bytes:
+        seq = env.seq
+        if env.kind is Kind.REVOKE and env.signer != 0:
+            g = self.grants.get(env.signer)
+            if (
+                g is None
+                or not self.is_grant(env.signer)
+                or g.role != records.ROLE_REVOKER
+                or env.signer in self.revoked
+                or g.subject in self.revoked_keys
+                or not g.valid_at(env.time)
+            ):
+                raise UnauthorizedSigner(
+                    f"signer {env.signer} is not an active revoker grant at this time", seq=seq
+                )
+            return g.subject
+        if env.signer != 0:
+            raise UnauthorizedSigner("only a revoke may name a signer other than the root", seq=seq)
+        if env.kind is Kind.GENESIS:
+            return self.anchor
+        if env.kind is Kind.ROTATE:
+            new_root = env.extra[0]
+            if type(new_root) is not bytes or len(new_root) != 32:
+                raise InvalidField("new_root must be 32 bytes", seq=seq)
+            if self.pending_digest is None:
+                raise UnauthorizedSigner("no successor root is committed: no rotation is possible", seq=seq)
+            if crypto.sha256(new_root) != self.pending_digest:
+                raise UnauthorizedSigner("new_root is not the committed successor", seq=seq)
+            return new_root
+        key = self.root_key
+        assert key is not None  # n > 0 here, so a genesis was applied
+        return key
+
+    def _step12_state(self, body: records.Body) -> None:
+        seq = body.seq
+        if isinstance(body, Genesis):
+            if body.root != self.anchor:
+                raise InvalidField("genesis root is not the anchor", seq=seq)
+            if self.expected_origin is not None and body.origin != self.expected_origin:
+                raise InvalidField(
+                    f"genesis origin {body.origin!r} is not this ledger's {self.expected_origin!r}", seq=seq
+                )
+        elif isinstance(body, Grant):
+            if self.is_root_key(body.subject):
+                raise InvalidField("a root key cannot be granted a role", seq=seq)
+        elif isinstance(body, Revoke) and isinstance(body.target, bytes) and self.is_root_key(body.target):
+            raise InvalidField("a root key cannot be revoked; rotate it", seq=seq)
+
+    def _step13_14(self, body: records.Body) -> None:
+        seq = body.seq
+        if isinstance(body, Revoke):
+            t = body.target
+            if isinstance(t, int):
+                if t >= self.size or not self.is_grant(t):
+                    raise UnknownTarget(f"seq {t} is not a grant", seq=seq)
+                if t in self.revoked:
+                    raise AlreadyRevoked(f"grant {t} is already revoked", seq=seq)
+            elif t in self.revoked_keys:
+                raise AlreadyRevoked("that key is already revoked", seq=seq)
+        elif isinstance(body, Grant) and body.subject in self.revoked_keys:
+            raise AlreadyRevoked("that key was revoked and can never be granted again", seq=seq)
+
+    def _mutate(self, rec: SignedRecord) -> None:
+        body = rec.body
+        self.frontier.append(rec.leaf_hash)
+        self.root = self.frontier.root()
+        self.size += 1
+        self.last_time = body.time
+        self.counts[body.KIND] += 1
+        if isinstance(body, Genesis):
+            self.origin = body.origin
+            self.roots.append((0, body.root))
+            self.pending_digest = body.next_root_digest
+        elif isinstance(body, Rotate):
+            self.roots.append((body.seq, body.new_root))
+            self.pending_digest = body.next_root_digest
+        elif isinstance(body, Grant):
+            self.grant_bits.add(body.seq)
+            if self.keep_roles is None or body.role in ALWAYS_KEPT or body.role in self.keep_roles:
+                self.grants[body.seq] = GrantInfo(
+                    body.seq,
+                    body.subject,
+                    body.role,
+                    body.scope,
+                    body.name,
+                    body.not_before,
+                    body.not_after,
+                    body.time,
+                    rec.leaf_hash,
+                )
+        elif isinstance(body, Revoke):
+            t = body.target
+            info = Revocation(body.seq, t, body.reason, body.time, body.signer)
+            if isinstance(t, int):
+                self.revoked.add(t)
+                if t in self.grants:
+                    self.revocations[t] = info
+            else:
+                self.revoked_keys[t] = body.seq
+                self.revocations[t] = info
+
+    # -- bulk ----------------------------------------------------------------
+
+    def apply_all(
+        self,
+        raws: Sequence[bytes],
+        *,
+        executor: Executor | None = None,
+        now: int | None = None,
+        on_record: Callable[[SignedRecord], None] | None = None,
+        chunk: int = 1024,
+    ) -> list[SignedRecord]:
+        """Apply ``raws`` in order, checking signatures ahead in parallel.
+
+        One cheap pass guesses each record's key from the records themselves;
+        a thread pool checks those signatures chunk by chunk while this thread
+        runs the rules in order. ``apply`` still decides which key each record
+        needs and uses a pre-check only for that very key, so a wrong guess
+        costs time, never correctness. On a rejection, the records before the
+        bad one stay applied; callers that need all or nothing apply to a
+        :meth:`copy`.
+        """
+
+        envs, items = self._guess_keys(raws)
+        spans = [(i, min(i + chunk, len(raws))) for i in range(0, len(raws), chunk)]
+
+        def run(a: int, b: int) -> list[bool]:
+            return [crypto.check(*it) if it is not None else False for it in items[a:b]]
+
+        futures = [executor.submit(run, a, b) for a, b in spans] if executor is not None else None
+        out: list[SignedRecord] = []
+        for k, (a, b) in enumerate(spans):
+            results = futures[k].result() if futures is not None else run(a, b)
+            for i in range(a, b):
+                it = items[i]
+                rec = self.apply(
+                    raws[i], now=now, env=envs[i], prechecked=None if it is None else (it[0], results[i - a])
+                )
+                out.append(rec)
+                if on_record is not None:
+                    on_record(rec)
+        return out
+
+    def _guess_keys(
+        self, raws: Sequence[bytes]
+    ) -> tuple[list[Envelope | None], list[tuple[bytes, bytes, bytes, bytes] | None]]:
+        root = self.root_key
+        revokers = {s: g.subject for s, g in self.grants.items() if g.role == records.ROLE_REVOKER}
+        envs: list[Envelope | None] = []
+        out: list[tuple[bytes, bytes, bytes, bytes] | None] = []
+        for raw in raws:
+            try:
+                env = records.parse(raw)
+            except WritError:
+                envs.append(None)
+                out.append(None)
+                continue
+            envs.append(env)
+            key: bytes | None
+            e = env.extra
+            if env.kind is Kind.GENESIS:
+                key = root = self.anchor
+            elif env.kind is Kind.ROTATE:
+                key = root = e[0] if type(e[0]) is bytes and len(e[0]) == 32 else None
+            elif env.kind is Kind.REVOKE and env.signer != 0:
+                key = revokers.get(env.signer)
+            else:
+                key = root
+                if env.kind is Kind.GRANT and e[1] == records.ROLE_REVOKER and type(e[0]) is bytes:
+                    revokers[env.seq] = e[0]
+            out.append(None if key is None else (key, crypto.RECORD_DOMAIN, env.body_bytes, env.signature))
+        return envs, out
+
+    def copy(self) -> LedgerState:
+        """An independent copy (for all-or-nothing batches)."""
+        new = _copy.copy(self)
+        new.frontier = self.frontier.copy()
+        new.roots = list(self.roots)
+        new.grants = dict(self.grants)
+        new.grant_bits = self.grant_bits.copy()
+        new.revoked = self.revoked.copy()
+        new.revoked_keys = dict(self.revoked_keys)
+        new.revocations = dict(self.revocations)
+        new.counts = dict(self.counts)
+        return new
+
+    # -- persistence (a device's own state file) -------------------------------
+
+    def snapshot(self) -> bytes:
+        """The whole state as canonical bytes (a device writes it atomically)."""
+        return encoding.pack(
+            [
+                1,
+                self.anchor,
+                self.expected_origin,
+                None if self.keep_roles is None else sorted(self.keep_roles),
+                self.origin,
+                self.size,
+                self.frontier.to_bytes(),
+                self.root,
+                self.last_time,
+                [[s, k] for s, k in self.roots],
+                self.pending_digest,
+                [
+                    [
+                        g.seq,
+                        g.subject,
+                        g.role,
+                        g.scope,
+                        g.name,
+                        g.not_before,
+                        g.not_after,
+                        g.time,
+                        g.leaf_hash,
+                    ]
+                    for g in self.grants.values()
+                ],
+                self.grant_bits.to_bytes(),
+                self.revoked.to_bytes(),
+                [[k, s] for k, s in self.revoked_keys.items()],
+                [[r.target, r.seq, r.reason, r.time, r.signer] for r in self.revocations.values()],
+                [self.counts[k] for k in Kind],
+            ]
+        )
+
+    @classmethod
+    def restore(cls, data: bytes) -> LedgerState:
+        """The inverse of :meth:`snapshot`; raises BadMessage on any damage."""
+        try:
+            f = encoding.unpack_array(data, min_len=17, max_len=17, max_depth=3, error=BadMessage)
+            if f[0] != 1:
+                raise BadMessage("unknown state snapshot version")
+            st = cls(f[1], origin=f[2], keep_roles=f[3])
+            st.origin = f[4]
+            st.size = f[5]
+            st.frontier = CompactRange.from_bytes(f[6])
+            st.root = f[7]
+            st.last_time = f[8]
+            st.roots = [(s, k) for s, k in f[9]]
+            st.pending_digest = f[10]
+            st.grants = {g[0]: GrantInfo(*g) for g in f[11]}
+            st.grant_bits = Bits(f[12])
+            st.revoked = Bits(f[13])
+            st.revoked_keys = {k: s for k, s in f[14]}
+            st.revocations = {r[0]: Revocation(r[1], r[0], r[2], r[3], r[4]) for r in f[15]}
+            st.counts = {k: int(n) for k, n in zip(Kind, f[16], strict=True)}
+        except BadMessage:
+            raise
+        except (WritError, TypeError, ValueError, KeyError, IndexError) as exc:
+            raise BadMessage(f"damaged state snapshot ({type(exc).__name__})") from None
+        if st.frontier.size != st.size or st.frontier.root() != st.root:
+            raise BadMessage("damaged state snapshot (frontier does not match the root)")
+        return st
