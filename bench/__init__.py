@@ -1,0 +1,1 @@
+"""Writ benchmarks: every figure printed beside a limit measured in the same run."""
