@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from ..errors import TransportError, UsageError, VerificationError, WritError
 
@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="writ", description="Writ: a revocation ledger signed against one offline root key."
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser),
+    )
     for register in groups.registrars():
         register(sub)
     return parser

@@ -1,0 +1,479 @@
+"""Where a device's records and checkpoints come from.
+
+Every source yields :class:`Update` ``(start, records, note)`` values that go,
+unchanged, to :meth:`device_sim.device.Device.apply_update`: a source only
+fetches and frames bytes, it never decides what is valid.
+
+- :class:`HttpSource`: ``GET /checkpoint``, then the missing records through
+  tlog-tiles entry bundles (``/tile/entries/<N>[.p/<W>]``, full or partial by
+  the checkpoint's size, so any HTTP cache can serve them).
+- :class:`SseSource`: ``GET /v1/events?records=1`` (Server-Sent Events): each
+  checkpoint event, with the records the device lacks when the preceding
+  ``records`` event carries them, otherwise fetched as tiles.
+- :class:`BundleSource`: a PROTOCOL section 7 sync bundle file.
+
+A hostile server gets nothing for free: every response is read with a byte
+cap (:class:`~ledger.errors.ResponseTooLarge`) and a total deadline per
+request (a slow-loris server raises :class:`~ledger.errors.TransportError`
+instead of hanging the device); HTTP errors raise
+:class:`~ledger.errors.HTTPStatusError`; malformed data raises the
+verification error of the format (``bad-note``, ``bad-message``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import random
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import httpx
+
+from ledger import messages, tiles, view
+from ledger.errors import (
+    BadMessage,
+    BadNote,
+    HTTPStatusError,
+    ResponseTooLarge,
+    TransportError,
+    UsageError,
+    VerificationError,
+)
+from ledger.view import Evidence
+
+from .device import Device, SyncResult
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "MAX_BUNDLE_FILE",
+    "MAX_CHECKPOINT",
+    "MAX_ENTRY_BUNDLE",
+    "MAX_SSE_EVENT",
+    "BundleSource",
+    "HttpSource",
+    "Source",
+    "SseSource",
+    "Update",
+    "fetch_bytes",
+    "post_bytes",
+    "sync",
+]
+
+#: per-request deadline, connect to last byte (seconds).
+DEFAULT_TIMEOUT = 10.0
+MAX_CHECKPOINT = 64 * 1024
+#: a full entry bundle: 256 records of at most 600 bytes, each with a 2-byte length.
+MAX_ENTRY_BUNDLE = tiles.TILE_WIDTH * (2 + 600)
+MAX_SSE_EVENT = 2 * 1024 * 1024
+MAX_BUNDLE_FILE = messages.MAX_BUNDLE_RECORDS * 700 + 65536
+MAX_REPLY = 64 * 1024
+
+
+class Update(NamedTuple):
+    """Records ``start .. start+len(records)`` and the checkpoint note that covers them."""
+
+    start: int
+    records: list[bytes]
+    note: str
+
+
+class Source(Protocol):
+    """Fetches updates. After a failed :meth:`fetch`, ``last_note`` is the
+    checkpoint it got (if any) and ``last_bad`` the bytes that failed to
+    decode (if any): the evidence :func:`sync` keeps."""
+
+    last_note: str | None
+    last_bad: bytes | None
+
+    async def fetch(self, have: int) -> Update:
+        """What a device holding ``have`` records needs to reach the source's checkpoint."""
+        ...
+
+
+async def sync(device: Device, source: Source, now: int) -> SyncResult:
+    """Fetch from ``source`` and apply to ``device``, all or nothing.
+
+    Data that fails verification, whether the source could not even decode
+    it (a bad tile, a garbage checkpoint) or the device refused it, leaves the
+    device's state as it was and adds an :class:`~ledger.view.Evidence`;
+    transport failures are raised and leave no evidence.
+    """
+    try:
+        update = await source.fetch(device.size)
+    except VerificationError as exc:
+        device.add_evidence(
+            Evidence.from_error(exc, observed_at=now, notes=(source.last_note,), data=source.last_bad)
+        )
+        raise
+    return device.apply(update, now)
+
+
+def _url(base_url: str, path: str) -> str:
+    return base_url.rstrip("/") + "/" + path.lstrip("/")
+
+
+async def _read_limited(resp: httpx.Response, limit: int, what: str) -> bytes:
+    length = resp.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ResponseTooLarge(f"{what} announces {length} bytes, more than the {limit} allowed", limit=limit)
+    buf = bytearray()
+    async for chunk in resp.aiter_bytes():
+        buf += chunk
+        if len(buf) > limit:
+            raise ResponseTooLarge(f"{what} is larger than the {limit} bytes allowed", limit=limit)
+    return bytes(buf)
+
+
+def _problem_type(body: bytes) -> str | None:
+    try:
+        obj = json.loads(body[:MAX_REPLY])
+    except ValueError:
+        return None
+    t = obj.get("type") if isinstance(obj, dict) else None
+    return t.rsplit(":", 1)[-1] if isinstance(t, str) and t else None
+
+
+async def _request(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    limit: int,
+    timeout: float,
+    headers: dict[str, str] | None = None,
+    content: bytes | None = None,
+) -> tuple[int, bytes]:
+    """One request with a total deadline and a byte cap; (status, body).
+    Transport failures raise TransportError (ResponseTooLarge for the cap)."""
+    try:
+        async with asyncio.timeout(timeout):
+            async with client.stream(method, url, headers=headers, content=content, timeout=timeout) as resp:
+                body = await _read_limited(resp, limit, f"{method} {url}")
+                return resp.status_code, body
+    except TimeoutError:
+        raise TransportError(f"{method} {url} did not finish within {timeout:g} s", url=url) from None
+    except httpx.InvalidURL:
+        raise UsageError(f"not a valid URL: {url!r}") from None
+    except httpx.HTTPError as exc:
+        raise TransportError(f"{method} {url} failed: {type(exc).__name__}", url=url) from None
+
+
+async def fetch_bytes(
+    client: httpx.AsyncClient,
+    url: str,
+    *,
+    limit: int,
+    timeout: float = DEFAULT_TIMEOUT,
+    headers: dict[str, str] | None = None,
+) -> bytes:
+    """GET ``url``: the body of a 200 answer, at most ``limit`` bytes, within ``timeout`` seconds."""
+    status, body = await _request(client, "GET", url, limit=limit, timeout=timeout, headers=headers)
+    if status != 200:
+        raise HTTPStatusError(
+            f"GET {url} answered HTTP {status}", status=status, url=url, problem=_problem_type(body)
+        )
+    return body
+
+
+async def post_bytes(
+    client: httpx.AsyncClient,
+    url: str,
+    content: bytes,
+    content_type: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> tuple[int, Any]:
+    """POST ``content``: (status, decoded JSON answer or None)."""
+    status, body = await _request(
+        client,
+        "POST",
+        url,
+        limit=MAX_REPLY,
+        timeout=timeout,
+        headers={"Content-Type": content_type, "Accept": "application/json"},
+        content=content,
+    )
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, None
+
+
+def _decode_note(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadNote("the checkpoint is not UTF-8 text") from None
+
+
+class HttpSource:
+    """The read paths of a Writ server (C2SP tlog-tiles)."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        base_url: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_checkpoint: int = MAX_CHECKPOINT,
+        parallel: int = 4,
+    ) -> None:
+        self.client = client
+        self.base_url = base_url
+        self.timeout = timeout
+        self.max_checkpoint = max_checkpoint
+        self.parallel = max(1, parallel)
+        #: bytes received (bodies only): the fleet reports it per device.
+        self.bytes_received = 0
+        self.last_note: str | None = None
+        self.last_bad: bytes | None = None
+
+    async def _get(self, path: str, limit: int) -> bytes:
+        body = await fetch_bytes(self.client, _url(self.base_url, path), limit=limit, timeout=self.timeout)
+        self.bytes_received += len(body)
+        return body
+
+    async def checkpoint(self) -> str:
+        data = await self._get("checkpoint", self.max_checkpoint)
+        try:
+            self.last_note = _decode_note(data)
+        except BadNote:
+            self.last_bad = data
+            raise
+        return self.last_note
+
+    def _decode(self, path: str, data: bytes, width: int) -> list[bytes]:
+        try:
+            return tiles.decode_entry_bundle(data, width)
+        except BadMessage as exc:
+            self.last_bad = data
+            raise BadMessage(f"{path}: {exc.message}", path=path) from None
+
+    async def _bundle(self, index: int, width: int) -> list[bytes]:
+        try:
+            data = await self._get(tiles.entries_path(index, width), MAX_ENTRY_BUNDLE)
+        except HTTPStatusError as exc:
+            # tlog-tiles: a partial tile may be gone once the tile is full.
+            if width == tiles.TILE_WIDTH or exc.detail.get("status") != 404:
+                raise
+            full = tiles.entries_path(index)
+            return self._decode(full, await self._get(full, MAX_ENTRY_BUNDLE), tiles.TILE_WIDTH)[:width]
+        return self._decode(tiles.entries_path(index, width), data, width)
+
+    async def records(self, start: int, end: int, tree_size: int) -> list[bytes]:
+        """Records ``[start, end)`` of a tree of ``tree_size``, from entry bundles."""
+        try:
+            wanted = tiles.entries_for_range(start, end, tree_size)
+        except VerificationError as exc:
+            raise BadMessage(exc.message) from None
+        bundles: list[list[bytes]] = []
+        for i in range(0, len(wanted), self.parallel):
+            part = wanted[i : i + self.parallel]
+            bundles.extend(await asyncio.gather(*(self._bundle(n, w) for n, w in part)))
+        out: list[bytes] = []
+        for (n, _w), entries in zip(wanted, bundles, strict=True):
+            first = n * tiles.TILE_WIDTH
+            out.extend(entries[max(start, first) - first : min(end, first + len(entries)) - first])
+        return out
+
+    async def fetch(self, have: int) -> Update:
+        self.last_note = self.last_bad = None
+        note = await self.checkpoint()
+        try:
+            size = view.checkpoint_size(note)
+        except BadNote:
+            self.last_bad = note.encode()
+            raise
+        if size <= have:
+            return Update(have, [], note)
+        return Update(have, await self.records(have, size, size), note)
+
+
+class BundleSource:
+    """A sync bundle file (PROTOCOL section 7): applied with exactly the HTTP rules."""
+
+    def __init__(self, path: Path | str, *, max_bytes: int = MAX_BUNDLE_FILE) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.last_note: str | None = None
+        self.last_bad: bytes | None = None
+
+    def read(self) -> Update:
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read(self.max_bytes + 1)
+        except OSError as exc:
+            raise UsageError(f"cannot read the bundle {self.path}: {exc.strerror}") from None
+        self.last_bad = data
+        if len(data) > self.max_bytes:
+            raise BadMessage(f"the bundle is larger than {self.max_bytes} bytes")
+        update = self.parse(data)
+        self.last_bad = None
+        return update
+
+    @staticmethod
+    def parse(data: bytes) -> Update:
+        b = messages.parse_bundle(data)
+        return Update(b.start, list(b.records), b.checkpoint)
+
+    async def fetch(self, have: int) -> Update:
+        return self.read()
+
+
+# --- Server-Sent Events -------------------------------------------------------
+
+_LINE = re.compile(rb"\r\n|\r|\n")
+
+
+class _Event(NamedTuple):
+    id: str | None
+    event: str
+    data: list[str]
+
+
+async def _sse_events(resp: httpx.Response, max_event: int) -> AsyncIterator[_Event]:
+    """Parse a text/event-stream with a cap on each event's size."""
+    buf = b""
+    ev_id: str | None = None
+    ev_type = ""
+    data: list[str] = []
+    size = 0
+    async for chunk in resp.aiter_bytes():
+        buf += chunk
+        while True:
+            m = _LINE.search(buf)
+            if m is None or (m.group() == b"\r" and m.end() == len(buf)):  # maybe half of \r\n
+                break
+            raw, buf = buf[: m.start()], buf[m.end() :]
+            size += len(raw) + 1
+            if size > max_event:
+                raise ResponseTooLarge(f"an event is larger than {max_event} bytes", limit=max_event)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadMessage("the event stream is not UTF-8") from None
+            if line == "":
+                if data or ev_type:
+                    yield _Event(ev_id, ev_type or "message", data)
+                ev_type, data, size = "", [], 0
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "data":
+                data.append(value)
+            elif name == "event":
+                ev_type = value
+            elif name == "id" and "\x00" not in value:
+                ev_id = value
+        if len(buf) > max_event:
+            raise ResponseTooLarge(f"an event line is larger than {max_event} bytes", limit=max_event)
+
+
+def _records_event(data: list[str]) -> tuple[int, list[bytes]] | None:
+    """``{"start": S, "records": [base64, ...]}``, or None when malformed."""
+    try:
+        obj = json.loads("\n".join(data))
+        start, recs = obj["start"], obj["records"]
+        if type(start) is not int or start < 0 or type(recs) is not list:
+            return None
+        return start, [base64.b64decode(r, validate=True) for r in recs]
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        return None
+
+
+class SseSource:
+    """Push: ``/v1/events?records=1``, reconnecting with jittered backoff.
+
+    :meth:`updates` yields one :class:`Update` per checkpoint event, computed
+    for the device's size at that moment (``have()``), which is also sent as
+    ``Last-Event-ID`` on every (re)connection so the server's catch-up covers
+    exactly the gap. When the records event does not cover it, the records
+    come from tiles (``tiles``).
+    """
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        base_url: str,
+        *,
+        tiles_source: HttpSource | None = None,
+        records: bool = True,
+        timeout: float = DEFAULT_TIMEOUT,
+        idle_timeout: float = 45.0,
+        backoff: tuple[float, float] = (0.5, 30.0),
+        max_event: int = MAX_SSE_EVENT,
+        on_error: Callable[[Exception], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.base_url = base_url
+        self.tiles = (
+            tiles_source if tiles_source is not None else HttpSource(client, base_url, timeout=timeout)
+        )
+        self.records = records
+        self.timeout = timeout
+        self.idle_timeout = idle_timeout
+        self.backoff = backoff
+        self.max_event = max_event
+        self.on_error = on_error
+        self.connections = 0
+        self.bytes_received = 0
+
+    async def updates(self, have: Callable[[], int]) -> AsyncGenerator[Update, None]:
+        delay = self.backoff[0]
+        while True:
+            try:
+                async for upd in self._connect(have):
+                    delay = self.backoff[0]
+                    yield upd
+                err: Exception = TransportError("the event stream ended")
+            except (TransportError, VerificationError) as exc:
+                err = exc
+            if self.on_error is not None:
+                self.on_error(err)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self.backoff[1])
+
+    async def _connect(self, have: Callable[[], int]) -> AsyncIterator[Update]:
+        url = _url(self.base_url, "v1/events") + ("?records=1" if self.records else "")
+        headers = {"Accept": "text/event-stream", "Last-Event-ID": str(have())}
+        t = httpx.Timeout(self.timeout, read=self.idle_timeout)
+        self.connections += 1
+        try:
+            async with self.client.stream("GET", url, headers=headers, timeout=t) as resp:
+                if resp.status_code != 200:
+                    raise HTTPStatusError(
+                        f"GET {url} answered HTTP {resp.status_code}", status=resp.status_code
+                    )
+                pending: tuple[int, list[bytes]] | None = None
+                async for ev in _sse_events(resp, self.max_event):
+                    self.bytes_received += sum(len(d) + 6 for d in ev.data)
+                    if ev.event == "records":
+                        pending = _records_event(ev.data) if self.records else None
+                    elif ev.event == "checkpoint":
+                        note = "\n".join(ev.data) + "\n"
+                        yield await self._update(have(), note, pending)
+                        pending = None
+        except httpx.InvalidURL:
+            raise UsageError(f"not a valid URL: {url!r}") from None
+        except httpx.HTTPError as exc:
+            raise TransportError(f"GET {url} failed: {type(exc).__name__}", url=url) from None
+
+    async def _update(self, have: int, note: str, pending: tuple[int, list[bytes]] | None) -> Update:
+        try:
+            size = view.checkpoint_size(note)
+        except BadNote:
+            return Update(have, [], note)  # the device refuses it and keeps the evidence
+        if size <= have:
+            return Update(have, [], note)
+        if pending is not None:
+            start, recs = pending
+            if start <= have and start + len(recs) >= size:
+                return Update(have, recs[have - start : size - start], note)
+        return Update(have, await self.tiles.records(have, size, size), note)
