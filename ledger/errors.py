@@ -318,12 +318,19 @@ RECORD_REJECTIONS: tuple[type[RecordRejected], ...] = (
 
 
 def by_type(name: str) -> type[WritError] | None:
-    """The error class whose stable ``type`` is ``name`` (first match in tree order)."""
+    """The error class whose stable ``type`` is ``name``.
 
-    stack: list[type[WritError]] = [WritError]
-    while stack:
-        cls = stack.pop(0)
+    A record rejection wins over a same-named error elsewhere in the tree
+    (``stale-head`` is :class:`StaleHead`, not the storage-level
+    :class:`HeadConflict`)."""
+
+    for cls in RECORD_REJECTIONS:
         if cls.type == name:
             return cls
-        stack.extend(cls.__subclasses__())
+    stack: list[type[WritError]] = [WritError]
+    while stack:
+        cls_ = stack.pop(0)
+        if cls_.type == name:
+            return cls_
+        stack.extend(cls_.__subclasses__())
     return None

@@ -1,0 +1,738 @@
+"""What every integrator command shares: key sources, secrets, hex, HTTP, the
+verified mirror sync, and the sign-check-push loop.
+
+Nothing here decides whether a record is valid: that is
+:meth:`ledger.state.LedgerState.apply`, run on a copy of the verified mirror
+before anything is pushed. This module does the I/O around it.
+
+Tests point the HTTP client at an in-process app by setting
+:data:`client_factory` (a callable ``base_url -> httpx.Client``, for example a
+Starlette ``TestClient``); the CLI then never closes that client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, cast
+
+import httpx
+
+from .. import records as rec
+from ..crypto import Signer
+from ..encoding import MAX_RECORD, pack_records, unpack_records
+from ..errors import (
+    BadMessage,
+    HTTPStatusError,
+    RecordRejected,
+    ResponseTooLarge,
+    StorageError,
+    TransportError,
+    UsageError,
+    VerificationError,
+    WritError,
+    by_type,
+)
+from ..state import LedgerState
+from .main import EXIT_FAILED, EXIT_USAGE, CommandFailed
+
+if TYPE_CHECKING:
+    from ..mirror import Mirror, SyncResult
+
+Cost = Literal["interactive", "moderate", "sensitive"]
+
+#: a hook for tests: ``base_url -> httpx.Client``; the CLI never closes what it returns.
+client_factory: Callable[[str], httpx.Client] | None = None
+
+PAGE = 1000
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 30.0
+CAP_NOTE = 1 << 20
+CAP_RECORDS = PAGE * MAX_RECORD + 64 * 1024
+CAP_JSON = 16 << 20
+USER_AGENT = "writ-cli/0.1"
+
+_HEX = re.compile(r"[0-9a-fA-F]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+# --- human output -----------------------------------------------------------
+
+
+def stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def say(message: str) -> None:
+    """One plain line of explanation on stderr (always: warnings matter)."""
+    sys.stderr.write(message.rstrip("\n") + "\n")
+    sys.stderr.flush()
+
+
+def console() -> Any:
+    """A rich console on stderr when stderr is a terminal, else None."""
+    if not stderr_is_tty():
+        return None
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def refuse(error: str, message: str, code: int = EXIT_FAILED, **detail: Any) -> NoReturn:
+    """Print one line on stderr and exit ``code`` with ``{"error", "message", ...}``."""
+    say(f"writ: {message}")
+    payload: dict[str, Any] = {"error": error, "message": message}
+    payload.update(detail)
+    raise CommandFailed(payload, code)
+
+
+def refuse_from(exc: WritError, code: int = EXIT_FAILED, prefix: str = "") -> NoReturn:
+    """Re-raise a rule's rejection of *our own* record as a refusal (not a verification failure)."""
+    out = exc.to_json()
+    message = (prefix + exc.message) if prefix else exc.message
+    out["message"] = message
+    say(f"writ: {message}")
+    raise CommandFailed(out, code)
+
+
+def needs_subcommand(parser: argparse.ArgumentParser, choices: str) -> None:
+    """Make ``writ GROUP`` without a subcommand a usage error naming the choices."""
+
+    def handler(args: argparse.Namespace) -> dict[str, Any]:
+        raise UsageError(f"{parser.prog} needs a command: {choices}")
+
+    parser.set_defaults(handler=handler)
+
+
+# --- hex and secrets --------------------------------------------------------
+
+
+def parse_hex(text: str | None, size: int, what: str) -> bytes:
+    """``size`` bytes of hex, or a :class:`UsageError` naming ``what``."""
+    if text is None:
+        raise UsageError(f"{what} is required ({size * 2} hex digits)")
+    t = text.strip()
+    if t.startswith(("0x", "0X")):
+        t = t[2:]
+    if not _HEX.fullmatch(t) or len(t) % 2:
+        raise UsageError(f"{what} is not hex")
+    if len(t) != 2 * size:
+        raise UsageError(f"{what} must be {size} bytes ({size * 2} hex digits), not {len(t) // 2}")
+    return bytes.fromhex(t)
+
+
+def read_secret(
+    env_var: str | None, prompt: str, *, what: str = "passphrase", confirm: bool = False
+) -> bytes:
+    """A secret from the environment variable named ``env_var``, or a no-echo
+    prompt when stdin is a terminal. Never echoed, never in an error."""
+    if env_var is not None:
+        value = os.environ.get(env_var)
+        if value is None:
+            raise UsageError(f"the environment variable {env_var} (the {what}) is not set")
+        if not value:
+            raise UsageError(f"the environment variable {env_var} (the {what}) is empty")
+        return value.encode("utf-8")
+    try:
+        interactive = sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        interactive = False
+    if not interactive:
+        raise UsageError(f"no {what}: give it through an environment variable (--{_flag(what)}-env VAR)")
+    try:
+        first = getpass.getpass(prompt)
+        if confirm and getpass.getpass("Again: ") != first:
+            raise UsageError(f"the two {what}s differ")
+    except EOFError:
+        raise UsageError(f"no {what} was typed") from None
+    if not first:
+        raise UsageError(f"an empty {what} is refused")
+    return first.encode("utf-8")
+
+
+def _flag(what: str) -> str:
+    return {"passphrase": "passphrase", "PIN": "pin"}.get(what, what.split()[0])
+
+
+def kdf_cost(arg: str | None) -> Cost:
+    """The argon2id cost of a new key file: --cost, else $WRIT_KDF_COST, else moderate."""
+    cost = arg or os.environ.get("WRIT_KDF_COST") or "moderate"
+    if cost not in ("interactive", "moderate", "sensitive"):
+        raise UsageError(f"unknown key file cost {cost!r}: one of interactive, moderate, sensitive")
+    return cast(Cost, cost)
+
+
+# --- key sources --------------------------------------------------------------
+
+
+def add_key_source(parser: argparse.ArgumentParser, *, key_flags: Sequence[str] = ("--key",)) -> None:
+    g = parser.add_argument_group("key source (exactly one)")
+    g.add_argument(*key_flags, dest="key", metavar="FILE", help="a passphrase-protected key file")
+    g.add_argument(
+        "--passphrase-env", metavar="VAR", help="environment variable holding the key file passphrase"
+    )
+    g.add_argument("--pkcs11", metavar="URI", help="an RFC 7512 PKCS#11 URI of the key")
+    g.add_argument("--pin-env", metavar="VAR", help="environment variable holding the token PIN")
+    g.add_argument("--pkcs11-module", metavar="PATH", help="the PKCS#11 module (default: SoftHSM2)")
+    g.add_argument("--ssh-agent", metavar="FINGERPRINT", help="a key held by ssh-agent (SHA256:... or hex)")
+
+
+def has_key_source(args: argparse.Namespace) -> bool:
+    return any(getattr(args, n, None) is not None for n in ("key", "pkcs11", "ssh_agent"))
+
+
+@contextlib.contextmanager
+def open_key(args: argparse.Namespace) -> Iterator[Signer]:
+    """The one key source the arguments name, as a Signer (closed afterwards)."""
+    from .. import signers
+
+    key_file = getattr(args, "key", None)
+    uri = getattr(args, "pkcs11", None)
+    agent = getattr(args, "ssh_agent", None)
+    given = [n for n, v in (("--key", key_file), ("--pkcs11", uri), ("--ssh-agent", agent)) if v is not None]
+    if len(given) != 1:
+        raise UsageError(
+            "give exactly one key source (--key FILE, --pkcs11 URI or --ssh-agent FINGERPRINT); got "
+            + (", ".join(given) if given else "none")
+        )
+    passphrase = pin = None
+    if key_file is not None:
+        signers.read_public_key(key_file)  # a missing or bad file fails before any prompt
+        passphrase = read_secret(getattr(args, "passphrase_env", None), f"Passphrase for {key_file}: ")
+    elif uri is not None:
+        pin_env = getattr(args, "pin_env", None)
+        if pin_env is not None or ("pin-value" not in uri and _interactive()):
+            pin = read_secret(pin_env, "Token PIN: ", what="PIN").decode("utf-8")
+    signer = signers.open_signer(
+        key_file=key_file,
+        passphrase=passphrase,
+        pkcs11_uri=uri,
+        pin=pin,
+        pkcs11_module=getattr(args, "pkcs11_module", None) if uri is not None else None,
+        ssh_agent=agent,
+    )
+    try:
+        yield signer
+    finally:
+        close = getattr(signer, "close", None)
+        if callable(close):
+            close()
+
+
+def _interactive() -> bool:
+    try:
+        return sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+# --- public companion file (FILE.pub.json) ------------------------------------
+
+
+def pub_json_path(key_file: str | os.PathLike[str]) -> Path:
+    return Path(os.fspath(key_file) + ".pub.json")
+
+
+def read_pub_json(key_file: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+    """The public companion of a key file (anchor, digests), or None."""
+    if key_file is None:
+        return None
+    path = pub_json_path(key_file)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        doc = json.loads(data[:65536].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise UsageError(f"{path} is not JSON") from None
+    if not isinstance(doc, dict):
+        raise UsageError(f"{path} is not a JSON object")
+    return doc
+
+
+def write_pub_json(key_file: str | os.PathLike[str], doc: dict[str, Any]) -> Path:
+    path = pub_json_path(key_file)
+    write_atomic(path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"), mode=0o644)
+    return path
+
+
+def pub_hex(doc: dict[str, Any] | None, field: str) -> bytes | None:
+    if doc is None:
+        return None
+    value = doc.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise UsageError(f"{field} in the public key companion file is not hex")
+    return parse_hex(value, 32, field)
+
+
+# --- files --------------------------------------------------------------------
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    fsync_dir(path.parent)
+
+
+def write_new(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Create ``path`` (refusing an existing file) with ``mode``."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    except FileExistsError:
+        raise UsageError(f"refusing to overwrite the existing file {path}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot create {path}: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except OSError as exc:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    os.close(fd)
+
+
+def fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_file(path: str, what: str, limit: int) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except FileNotFoundError:
+        raise UsageError(f"no {what} at {path}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read the {what} {path}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise UsageError(f"the {what} {path} is larger than {limit} bytes")
+    return data
+
+
+def read_records_file(path: str) -> list[bytes]:
+    """A records file: a MessagePack array of record ``bin`` values (1..1000)."""
+    data = read_file(path, "records file", PAGE * MAX_RECORD + 16 * 1024)
+    raws = unpack_records(data, max_count=PAGE, error=BadMessage)
+    if not raws:
+        raise UsageError(f"the records file {path} holds no record")
+    return raws
+
+
+def write_records_file(path: str, raws: list[bytes]) -> None:
+    write_atomic(Path(path), pack_records(raws), mode=0o644)
+
+
+# --- HTTP ---------------------------------------------------------------------
+
+
+def _clean(text: object, limit: int = 300) -> str:
+    s = _CONTROL.sub(" ", str(text))
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def normalise_server(url: str | None) -> str:
+    if not url:
+        raise UsageError("--server URL is required")
+    u = url.strip().rstrip("/")
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", u):
+        raise UsageError(f"--server must be an http:// or https:// URL, not {_clean(url, 80)!r}")
+    return u
+
+
+class Client:
+    """A small, strict client of the Writ HTTP API (timeouts, size caps, errors)."""
+
+    def __init__(self, server: str) -> None:
+        self.base = normalise_server(server)
+        if client_factory is not None:
+            self._http = client_factory(self.base)
+            self._owns = False
+        else:
+            self._http = httpx.Client(
+                timeout=httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT),
+                follow_redirects=False,
+                headers={"User-Agent": USER_AGENT},
+                trust_env=False,
+            )
+            self._owns = True
+
+    def close(self) -> None:
+        if self._owns:
+            self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transport ------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        cap: int,
+        params: dict[str, Any] | None = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        retries: int = 2,
+        retry_on: tuple[int, ...] = (429, 503),
+    ) -> tuple[int, httpx.Headers, bytes]:
+        url = self.base + path
+        for attempt in range(retries + 1):
+            try:
+                with self._http.stream(method, url, params=params, content=content, headers=headers) as r:
+                    declared = r.headers.get("content-length")
+                    if declared is not None and declared.isdigit() and int(declared) > cap:
+                        raise ResponseTooLarge(f"the server's answer to {path} is larger than {cap} bytes")
+                    body = bytearray()
+                    for chunk in r.iter_bytes():
+                        body += chunk
+                        if len(body) > cap:
+                            raise ResponseTooLarge(
+                                f"the server's answer to {path} is larger than {cap} bytes"
+                            )
+                    status, hdrs = r.status_code, r.headers
+            except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+                raise UsageError(f"bad server URL: {_clean(exc, 120)}") from None
+            except httpx.TimeoutException:
+                raise TransportError(f"the server at {self.base} did not answer in time") from None
+            except httpx.HTTPError as exc:
+                raise TransportError(
+                    f"the server at {self.base} is unreachable ({type(exc).__name__}: {_clean(exc, 120)})"
+                ) from None
+            except OSError as exc:
+                raise TransportError(
+                    f"the server at {self.base} is unreachable ({_clean(exc, 120)})"
+                ) from None
+            if status in retry_on and attempt < retries:
+                wait = _retry_after(hdrs.get("retry-after"))
+                if wait is not None:
+                    time.sleep(wait)
+                    continue
+            if status >= 400:
+                raise problem_error(status, hdrs.get("content-type", ""), bytes(body), path)
+            return status, hdrs, bytes(body)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def get_json(self, path: str, params: dict[str, Any] | None = None, *, cap: int = CAP_JSON) -> Any:
+        _, _, body = self.request("GET", path, params=params, cap=cap, headers={"Accept": "application/json"})
+        return _json(body, path)
+
+    # -- the API --------------------------------------------------------------
+
+    def checkpoint(self) -> str:
+        _, _, body = self.request("GET", "/checkpoint", cap=CAP_NOTE)
+        try:
+            return body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadMessage("the checkpoint is not UTF-8 text") from None
+
+    def records(self, start: int, limit: int) -> list[bytes]:
+        _, _, body = self.request(
+            "GET", "/v1/records", params={"start": start, "limit": limit}, cap=CAP_RECORDS
+        )
+        return unpack_records(body, max_count=PAGE, error=BadMessage)
+
+    def ledger(self) -> dict[str, Any]:
+        doc = self.get_json("/v1/ledger", cap=65536)
+        if not isinstance(doc, dict):
+            raise HTTPStatusError("GET /v1/ledger did not answer a JSON object")
+        return doc
+
+    def fleet(self) -> dict[str, Any]:
+        doc = self.get_json("/v1/fleet")
+        if not isinstance(doc, dict):
+            raise HTTPStatusError("GET /v1/fleet did not answer a JSON object")
+        return doc
+
+    def post_records(self, raws: list[bytes]) -> dict[str, Any]:
+        _, _, body = self.request(
+            "POST",
+            "/v1/records",
+            content=pack_records(raws),
+            headers={"Content-Type": "application/msgpack", "Accept": "application/json"},
+            cap=65536,
+            retries=2,
+            retry_on=(429,),  # a 503 may come after the append went through: never blindly re-sent
+        )
+        doc = _json(body, "/v1/records")
+        if not isinstance(doc, dict):
+            raise HTTPStatusError("POST /v1/records did not answer a JSON object")
+        return doc
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        wait = float(value)
+    except ValueError:
+        return None
+    return wait if 0 <= wait <= 10 else None
+
+
+def _json(body: bytes, path: str) -> Any:
+    try:
+        return json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise HTTPStatusError(f"the server's answer to {path} is not JSON") from None
+
+
+#: problem types the server may name that map onto our own error classes.
+_MAPPABLE = (VerificationError, StorageError)
+
+
+def problem_error(status: int, content_type: str, body: bytes, path: str) -> WritError:
+    """An HTTP error answer as the matching WritError (problem+json ``type`` ->
+    :func:`ledger.errors.by_type`), or :class:`HTTPStatusError`."""
+    name: str | None = None
+    detail = ""
+    extra: dict[str, Any] = {}
+    if "json" in content_type:
+        try:
+            doc = json.loads(body[:65536].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            doc = None
+        if isinstance(doc, dict):
+            t = doc.get("type")
+            if isinstance(t, str):
+                name = t.rsplit(":", 1)[-1] if t.startswith("urn:writ:problem:") else None
+            d = doc.get("detail") or doc.get("title")
+            detail = _clean(d) if isinstance(d, str) else ""
+            for k, v in doc.items():
+                if k not in ("type", "title", "status", "detail") and isinstance(k, str):
+                    if isinstance(v, str):
+                        extra[k] = _clean(v, 200)
+                    elif isinstance(v, int | bool) or v is None:
+                        extra[k] = v
+    message = f"the server refused {path} ({status}{' ' + name if name else ''}): {detail or 'no detail'}"
+    cls = by_type(name) if name else None
+    if cls is not None and issubclass(cls, _MAPPABLE):
+        err: WritError
+        try:
+            if issubclass(cls, RecordRejected):
+                seq = extra.pop("seq", None)
+                err = cls(message, seq=seq if type(seq) is int else None, **extra)
+            else:
+                err = cls(message, **extra)
+        except TypeError:
+            err = cls(message)
+        err.detail["http_status"] = status
+        return err
+    return HTTPStatusError(message, http_status=status, problem=name)
+
+
+# --- the verified mirror, shared by every signing command ----------------------
+
+
+def default_anchor(args: argparse.Namespace, *, key_public: bytes | None = None) -> bytes | None:
+    """--anchor, then $WRIT_ANCHOR, then the key file's companion, then a key's own public key."""
+    a = getattr(args, "anchor", None)
+    if a is not None:
+        return parse_hex(a, 32, "--anchor")
+    env = os.environ.get("WRIT_ANCHOR")
+    if env:
+        return parse_hex(env, 32, "$WRIT_ANCHOR")
+    doc = read_pub_json(getattr(args, "key", None))
+    anchor = pub_hex(doc, "anchor")
+    if anchor is not None:
+        return anchor
+    return key_public
+
+
+def open_mirror(
+    args: argparse.Namespace,
+    client: Client | None,
+    anchor: bytes | None,
+    *,
+    note: str | None = None,
+    fallback: bytes | None = None,
+) -> tuple[Mirror, str | None]:
+    """Open (creating if needed) the mirror of ``client``'s ledger; returns (mirror, checkpoint note).
+
+    ``anchor`` is checked against an existing mirror; ``fallback`` (a root key's
+    own public key) is used only to create a new mirror when no anchor was given."""
+    from ..mirror import Mirror, default_dir, origin_of
+
+    directory = getattr(args, "mirror", None)
+    if directory is None:
+        if client is None:
+            raise UsageError("--mirror DIR is required")
+        if note is None:
+            note = client.checkpoint()
+        directory = str(default_dir(origin_of(note)))
+    path = Path(directory)
+    if anchor is None and fallback is not None and not (path / "state.bin").exists():
+        anchor = fallback
+    return Mirror.open(path, anchor), note
+
+
+def sync_mirror(mirror: Mirror, client: Client, note: str | None = None) -> SyncResult:
+    """Sync and verify; a failure here is exit 3 and nothing is signed."""
+    con = console()
+    fresh = mirror.new and mirror.size == 0
+    try:
+        if con is not None:
+            with con.status("verifying the ledger…"):
+                result = mirror.sync(client, note=note)
+        else:
+            result = mirror.sync(client, note=note)
+    except RecordRejected as exc:
+        if fresh and exc.seq == 0 and exc.type in ("bad-signature", "invalid-field"):
+            exc.message += (
+                f" (the ledger's genesis does not verify under the anchor {mirror.anchor.hex()[:16]}…:"
+                " give the right one with --anchor HEX or $WRIT_ANCHOR)"
+            )
+        raise
+    if result.warning and result.size:
+        say(f"writ: warning: {result.warning}")
+    return result
+
+
+# --- sign, check, push --------------------------------------------------------
+
+#: builds the signed records of an intent on top of a verified state at time ``now``
+Builder = Callable[[LedgerState, int], list[bytes]]
+
+
+def now_for(state: LedgerState, now: int | None = None) -> int:
+    """A record's time: max(now, the last record's time)."""
+    t = int(time.time()) if now is None else now
+    return max(t, state.last_time)
+
+
+def check_on_copy(state: LedgerState, raws: list[bytes]) -> LedgerState:
+    """Apply our records to a copy of the verified state; a rejection is a refusal (exit 1)."""
+    new = state.copy()
+    for raw in raws:
+        try:
+            new.apply(raw)
+        except RecordRejected as exc:
+            refuse_from(exc, EXIT_FAILED, prefix="refusing to sign: ")
+    return new
+
+
+@dataclass
+class Pushed:
+    records: list[bytes]
+    state: LedgerState
+    answer: dict[str, Any]
+    retried: bool
+
+
+def push_intent(mirror: Mirror, client: Client, build: Builder, *, sync_first: bool = True) -> Pushed:
+    """Sync and verify, build, check on a copy, push; on a stale head re-sync and
+    re-build once (the builder re-checks that the intent still makes sense)."""
+    if sync_first:
+        sync_mirror(mirror, client)
+    for attempt in (0, 1):
+        state = mirror.state
+        raws = build(state, now_for(state))
+        new = check_on_copy(state, raws)
+        try:
+            answer = client.post_records(raws)
+        except WritError as exc:
+            uncertain = exc.type == "stale-head" or isinstance(exc, TransportError)
+            if uncertain and _landed(mirror, client, state.size, raws):
+                # our very records are in the ledger (an answer lost on the way back)
+                say("writ: the records were appended (the server's answer was lost)")
+                return Pushed(raws, new, {"size": mirror.size, "root": mirror.state.root.hex()}, attempt == 1)
+            if exc.type == "stale-head" and attempt == 0:
+                say("writ: the ledger moved on while signing; re-synced, signing again")
+                continue
+            if exc.type == "stale-head":
+                refuse(
+                    "stale-head",
+                    "the ledger keeps moving under this command (another writer is busy); nothing was"
+                    " appended: run it again",
+                    EXIT_FAILED,
+                )
+            raise
+        size, root = answer.get("size"), answer.get("root")
+        if size == new.size and isinstance(root, str) and root != new.root.hex():
+            say("writ: warning: the server's new root is not the one computed for these records")
+        _after_push(mirror, client)
+        return Pushed(raws, new, answer, attempt == 1)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _landed(mirror: Mirror, client: Client, start: int, raws: list[bytes]) -> bool:
+    """After an uncertain POST: re-sync, and are these exact records at ``start``?"""
+    try:
+        sync_mirror(mirror, client)
+    except TransportError:
+        return False
+    end = start + len(raws)
+    return mirror.size >= end and mirror.read_records(start, end) == raws
+
+
+def _after_push(mirror: Mirror, client: Client) -> None:
+    """Bring the mirror up to the new head (verifies the server kept our bytes)."""
+    try:
+        mirror.sync(client)
+    except WritError as exc:
+        say(
+            "writ: warning: the record was appended, but the mirror could not verify the new head:"
+            f" {exc.message}"
+        )
+
+
+def usage_from(exc: WritError) -> NoReturn:
+    """A field that the rules refuse before signing (bad role, name too long...): exit 2."""
+    refuse_from(exc, EXIT_USAGE)
+
+
+def build_body(make: Callable[[], rec.Body]) -> rec.Body:
+    try:
+        return make()
+    except WritError as exc:
+        usage_from(exc)

@@ -1,0 +1,492 @@
+"""Key commands: ``writ root init|recover``, ``writ rotate``, ``writ key init|public|import-token``.
+
+Root custody follows PROTOCOL section 1's pre-rotation: ``root init`` makes
+the root *and* its successor; only SHA-256 of the successor's public key goes
+into the genesis (``next_root_digest``), and the successor's private half
+exists only as k-of-n SLIP-39 share sheets, never whole on disk. ``root
+recover`` rebuilds it from k sheets and checks it against the committed
+digest before anything else; ``rotate`` signs the rotate record with it and
+commits, in the same record, to a fresh successor (new sheets).
+
+Public data about a key file lives next to it in ``FILE.pub.json``
+(anchor, public key, pending successor digest): never a secret.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .. import records as rec
+from ..crypto import SeedSigner, Signer, sha256
+from ..errors import UsageError
+from ..records import Rotate
+from ..state import LedgerState
+from . import common
+from .common import (
+    Client,
+    add_key_source,
+    has_key_source,
+    kdf_cost,
+    parse_hex,
+    read_pub_json,
+    read_secret,
+    refuse,
+    say,
+    write_new,
+    write_pub_json,
+)
+
+Sub = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+_WORD = re.compile(r"^\s*(\d{1,2})\.\s+([a-z]+)", re.MULTILINE)
+_CELL = re.compile(r"(\d{1,2})\.\s+([a-z]+)")
+
+
+# --- shares -------------------------------------------------------------------
+
+
+def read_share_file(path: str) -> str:
+    """The mnemonic of a share sheet (``root init`` output) or of a file of bare words."""
+    text = common.read_file(path, "share file", 64 * 1024).decode("utf-8", errors="replace")
+    _head, sep, words_part = text.partition("\nWords")
+    if sep:
+        cells = sorted((int(n), w) for n, w in _CELL.findall(words_part.split("\n", 1)[-1]))
+        if not cells or [n for n, _ in cells] != list(range(1, len(cells) + 1)):
+            raise UsageError(f"the share sheet {path} has no complete numbered word list")
+        return " ".join(w for _, w in cells)
+    words = [w for w in re.split(r"\s+", text.strip().lower()) if w]
+    if not words or not all(w.isalpha() for w in words):
+        raise UsageError(f"{path} is neither a share sheet nor a list of share words")
+    return " ".join(words)
+
+
+@contextlib.contextmanager
+def new_successor(
+    args: argparse.Namespace, anchor_hex: str | None
+) -> Iterator[tuple[bytes | None, list[str]]]:
+    """Make a successor key and write its share sheets (deleted again if the block fails).
+
+    Yields (digest or None, sheet paths). The successor's seed is never written whole."""
+    from .. import signers
+
+    if args.shares is None:
+        if args.shares_out is not None:
+            raise UsageError("--shares-out goes with --shares K-of-N")
+        say(
+            "writ: WARNING: no successor root key (give --shares K-of-N --shares-out DIR): the"
+            " next_root_digest is null, so a lost or stolen root can never be rotated away"
+        )
+        yield None, []
+        return
+    k, n = signers.parse_threshold(args.shares)
+    if args.shares_out is None:
+        raise UsageError("--shares K-of-N needs --shares-out DIR (one sheet per custodian)")
+    out_dir = Path(args.shares_out)
+    share_pass = b""
+    if getattr(args, "share_passphrase_env", None):
+        share_pass = read_secret(args.share_passphrase_env, "", what="share passphrase")
+    paths = [out_dir / f"share-{i}-of-{n}.txt" for i in range(1, n + 1)]
+    for p in paths:
+        if p.exists():
+            raise UsageError(f"refusing to overwrite the existing share sheet {p}")
+    successor = SeedSigner.generate()
+    digest = sha256(successor.public_key)
+    mnemonics = signers.split_secret(successor.seed(), k, n, share_pass)
+    del successor
+    written: list[Path] = []
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for i, (p, m) in enumerate(zip(paths, mnemonics, strict=True), start=1):
+            sheet = signers.share_sheet(m, i, k, n, anchor_hex or "0" * 64, digest.hex())
+            write_new(p, sheet.encode("utf-8"), mode=0o600)
+            written.append(p)
+        yield digest, [str(p) for p in written]
+    except BaseException:
+        for p in written:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        raise
+
+
+def _add_shares_out(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--shares", metavar="K-of-N", help="split the new successor key into K-of-N SLIP-39 shares"
+    )
+    p.add_argument("--shares-out", metavar="DIR", help="where to write one share sheet per custodian (0600)")
+    p.add_argument("--share-passphrase-env", metavar="VAR", help="optional SLIP-39 passphrase for the shares")
+    p.add_argument(
+        "--no-successor",
+        action="store_true",
+        help="commit to no successor (next_root_digest null): not advised",
+    )
+
+
+def _check_successor_flags(args: argparse.Namespace) -> None:
+    if args.no_successor and args.shares is not None:
+        raise UsageError("--no-successor and --shares exclude each other")
+
+
+# --- root init ------------------------------------------------------------------
+
+
+def cmd_root_init(args: argparse.Namespace) -> dict[str, Any]:
+    from .. import signers
+
+    _check_successor_flags(args)
+    out = Path(args.out)
+    cost = kdf_cost(args.cost)
+    for p in (out, common.pub_json_path(out)):
+        if p.exists():
+            raise UsageError(f"refusing to overwrite the existing file {p}")
+    if args.shares is not None:
+        signers.parse_threshold(args.shares)
+    passphrase = read_secret(args.passphrase_env, f"New passphrase for {out}: ", confirm=True)
+    root = SeedSigner.generate()
+    anchor = root.public_key
+    signers.write_key_file(out, root, passphrase, cost=cost, label="writ root")
+    try:
+        with new_successor(args, anchor.hex()) as (digest, sheets):
+            write_pub_json(
+                out,
+                {
+                    "format": "writ-key-public/v1",
+                    "role": "root",
+                    "anchor": anchor.hex(),
+                    "public_key": anchor.hex(),
+                    "next_root_digest": digest.hex() if digest else None,
+                    "shares": args.shares,
+                },
+            )
+    except BaseException:
+        with contextlib.suppress(OSError):
+            out.unlink()
+        raise
+    if sheets:
+        say(f"writ: root key written to {out}; {len(sheets)} successor share sheets in {args.shares_out}")
+        say("writ: hand each sheet to its custodian, then delete the files from this machine")
+    return {
+        "anchor": anchor.hex(),
+        "next_root_digest": digest.hex() if digest else None,
+        "key_file": str(out),
+        "shares": sheets,
+    }
+
+
+# --- root recover ------------------------------------------------------------------
+
+
+def cmd_root_recover(args: argparse.Namespace) -> dict[str, Any]:
+    from .. import signers
+
+    expected = parse_hex(args.expect_digest, 32, "--expect-digest")
+    anchor = parse_hex(args.anchor, 32, "--anchor") if args.anchor else None
+    to_token = args.pkcs11 is not None
+    if to_token:
+        if args.out is not None:
+            raise UsageError("--out and --pkcs11 exclude each other (the key goes to one place)")
+        if not args.label:
+            raise UsageError("--pkcs11 needs --label NAME for the key object on the token")
+    else:
+        if args.out is None:
+            raise UsageError("--out FILE is required (or --pkcs11 URI --label NAME)")
+        for p in (Path(args.out), common.pub_json_path(args.out)):
+            if p.exists():
+                raise UsageError(f"refusing to overwrite the existing file {p}")
+    mnemonics = [read_share_file(p) for p in args.shares]
+    share_pass = b""
+    if args.share_passphrase_env:
+        share_pass = read_secret(args.share_passphrase_env, "", what="share passphrase")
+    signer = signers.recover_successor(mnemonics, share_pass, expected)  # checks the digest first
+    public = signer.public_key
+    if to_token:
+        pin = read_secret(args.pin_env, "Token PIN: ", what="PIN").decode("utf-8") if args.pin_env else None
+        signers.import_to_token(args.pkcs11, pin, signer.seed(), args.label, pkcs11_module=args.pkcs11_module)
+        where = {"pkcs11": args.pkcs11, "label": args.label}
+    else:
+        out = str(args.out)
+        passphrase = read_secret(args.passphrase_env, f"New passphrase for {out}: ", confirm=True)
+        signers.write_key_file(out, signer, passphrase, cost=kdf_cost(args.cost), label="writ root successor")
+        write_pub_json(
+            out,
+            {
+                "format": "writ-key-public/v1",
+                "role": "root-successor",
+                "anchor": anchor.hex() if anchor else None,
+                "public_key": public.hex(),
+                "next_root_digest": None,
+                "shares": None,
+            },
+        )
+        where = {"key_file": args.out}
+    say(
+        "writ: the successor key matches the committed digest;"
+        " next: writ rotate --server URL --successor-key ..."
+    )
+    return {"public_key": public.hex(), "digest": expected.hex(), **where}
+
+
+# --- rotate ---------------------------------------------------------------------
+
+
+class _RotateSigner:
+    """The successor, from a key source or from shares; checked against the pending digest."""
+
+    def __init__(self, args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
+        self.args = args
+        self.stack = stack
+        self._signer: Signer | None = None
+
+    def get(self, pending: bytes) -> Signer:
+        from .. import signers
+
+        if self._signer is None:
+            a = self.args
+            if a.successor_shares:
+                mnemonics = [read_share_file(p) for p in a.successor_shares]
+                share_pass = b""
+                if a.share_passphrase_env_old:
+                    share_pass = read_secret(a.share_passphrase_env_old, "", what="share passphrase")
+                self._signer = signers.recover_successor(mnemonics, share_pass, pending)
+            else:
+                self._signer = self.stack.enter_context(common.open_key(a))
+        if sha256(self._signer.public_key) != pending:
+            refuse(
+                "unauthorized-signer",
+                "this key is not the committed successor root (SHA-256 of its public key is not the"
+                f" ledger's next_root_digest {pending.hex()[:16]}…)",
+            )
+        return self._signer
+
+
+def rotate_builder(args: argparse.Namespace, succ: _RotateSigner, new_digest: bytes | None) -> common.Builder:
+    def build(state: LedgerState, now: int) -> list[bytes]:
+        pending = state.pending_digest
+        if pending is None:
+            refuse(
+                "unauthorized-signer",
+                "the ledger commits to no successor root (next_root_digest is null): no rotation is possible",
+            )
+        signer = succ.get(pending)
+        body = common.build_body(lambda: Rotate(state.size, state.root, now, signer.public_key, new_digest))
+        return [rec.sign(body, signer)]
+
+    return build
+
+
+def _check_rotate_source(args: argparse.Namespace) -> None:
+    _check_successor_flags(args)
+    if args.successor_shares and has_key_source(args):
+        raise UsageError("give the successor as shares (--successor-shares) or as a key, not both")
+    if not args.successor_shares and not has_key_source(args):
+        raise UsageError(
+            "give the successor: --successor-key FILE, --successor-shares FILE..., --pkcs11 or --ssh-agent"
+        )
+    if args.successor_shares and args.out_key is None:
+        raise UsageError(
+            "rotating from shares needs --out FILE to keep the new root key (sealed by a passphrase)"
+        )
+
+
+def _save_recovered(
+    args: argparse.Namespace, succ: _RotateSigner, anchor: bytes, digest: bytes | None
+) -> None:
+    from .. import signers
+
+    s = succ._signer
+    if not isinstance(s, SeedSigner) or args.out_key is None:
+        return
+    passphrase = read_secret(args.passphrase_env, f"New passphrase for {args.out_key}: ", confirm=True)
+    signers.write_key_file(args.out_key, s, passphrase, cost=kdf_cost(args.cost), label="writ root")
+    _write_root_pub(args.out_key, anchor, s.public_key, digest, args.shares)
+
+
+def _write_root_pub(
+    key_file: str, anchor: bytes, public: bytes, digest: bytes | None, shares: str | None
+) -> None:
+    write_pub_json(
+        key_file,
+        {
+            "format": "writ-key-public/v1",
+            "role": "root",
+            "anchor": anchor.hex(),
+            "public_key": public.hex(),
+            "next_root_digest": digest.hex() if digest else None,
+            "shares": shares,
+        },
+    )
+
+
+def cmd_rotate(args: argparse.Namespace) -> dict[str, Any]:
+    _check_rotate_source(args)
+    if args.out_key is not None:
+        for p in (Path(args.out_key), common.pub_json_path(args.out_key)):
+            if p.exists():
+                raise UsageError(f"refusing to overwrite the existing file {p}")
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(Client(args.server))
+        anchor = common.default_anchor(args)
+        mirror, note = common.open_mirror(args, client, anchor)
+        stack.enter_context(mirror)
+        common.sync_mirror(mirror, client, note)
+        anchor = mirror.anchor
+        succ = _RotateSigner(args, stack)
+        pending = mirror.state.pending_digest
+        if pending is None:
+            refuse(
+                "unauthorized-signer",
+                "the ledger commits to no successor root (next_root_digest is null): no rotation is possible",
+            )
+        succ.get(pending)  # open and check the successor before writing any new sheet
+        with new_successor(args, anchor.hex()) as (digest, sheets):
+            if args.successor_shares:
+                _save_recovered(args, succ, anchor, digest)
+            pushed = common.push_intent(mirror, client, rotate_builder(args, succ, digest), sync_first=False)
+        signer = succ.get(pending)
+        if args.key is not None:
+            _write_root_pub(args.key, anchor, signer.public_key, digest, args.shares)
+        body = rec.decode_unverified(pushed.records[-1]).body
+        return {
+            "seq": body.seq,
+            "new_root": signer.public_key.hex(),
+            "next_root_digest": digest.hex() if digest else None,
+            "shares": sheets,
+            "size": pushed.answer.get("size"),
+        }
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --- other keys -------------------------------------------------------------------
+
+
+def cmd_key_init(args: argparse.Namespace) -> dict[str, Any]:
+    from .. import signers
+
+    out = Path(args.out)
+    if out.exists():
+        raise UsageError(f"refusing to overwrite the existing file {out}")
+    if args.role is not None and not rec.ROLE_PATTERN.fullmatch(args.role):
+        raise UsageError("--role must match ^[a-z][a-z0-9-]{0,31}$")
+    passphrase = read_secret(args.passphrase_env, f"New passphrase for {out}: ", confirm=True)
+    signer = SeedSigner.generate()
+    label = f"writ {args.role} key" if args.role else "writ key"
+    signers.write_key_file(out, signer, passphrase, cost=kdf_cost(args.cost), label=label)
+    anchor = parse_hex(args.anchor, 32, "--anchor").hex() if args.anchor else None
+    doc = {"format": "writ-key-public/v1", "role": args.role, "public_key": signer.public_key.hex()}
+    if anchor is not None:
+        doc["anchor"] = anchor  # found locally by later commands (the revoker's laptop)
+    write_pub_json(out, doc)
+    return {"public_key": signer.public_key.hex(), "key_file": str(out), "role": args.role}
+
+
+def cmd_key_public(args: argparse.Namespace) -> dict[str, Any]:
+    from .. import signers
+
+    public = signers.read_public_key(args.file)
+    doc = read_pub_json(args.file) or {}
+    out: dict[str, Any] = {"public_key": public.hex(), "ssh_fingerprint": signers.fingerprint(public)}
+    for k in ("anchor", "next_root_digest", "role"):
+        if k in doc:
+            out[k] = doc[k]
+    return out
+
+
+def cmd_key_import_token(args: argparse.Namespace) -> dict[str, Any]:
+    from .. import signers
+
+    passphrase = read_secret(args.passphrase_env, f"Passphrase for {args.key}: ")
+    signer = signers.load_key_file(args.key, passphrase)
+    pin = read_secret(args.pin_env, "Token PIN: ", what="PIN").decode("utf-8") if args.pin_env else None
+    public = signers.import_to_token(
+        args.pkcs11, pin, signer.seed(), args.label, pkcs11_module=args.pkcs11_module
+    )
+    uri = args.pkcs11.split("?", 1)[0]
+    obj = f"{uri};object={args.label}" if "object=" not in uri else uri
+    return {"public_key": public.hex(), "pkcs11": obj}
+
+
+# --- registration -------------------------------------------------------------------
+
+
+def register(sub: Any) -> None:
+    root = sub.add_parser("root", help="the root key: init, recover")
+    rs = root.add_subparsers(dest="root_command", metavar="COMMAND")
+    common.needs_subcommand(root, "init, recover")
+
+    p = rs.add_parser("init", help="generate the root key and its successor (as SLIP-39 shares)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the new root key file (0600)")
+    p.add_argument("--passphrase-env", metavar="VAR", help="environment variable holding the new passphrase")
+    p.add_argument(
+        "--cost", choices=("interactive", "moderate", "sensitive"), help="argon2id cost (default moderate)"
+    )
+    _add_shares_out(p)
+    p.set_defaults(handler=cmd_root_init)
+
+    p = rs.add_parser("recover", help="rebuild the successor root key from k share sheets")
+    p.add_argument(
+        "--shares", nargs="+", required=True, metavar="FILE", help="share sheets (or files of words)"
+    )
+    p.add_argument("--expect-digest", required=True, metavar="HEX", help="the committed next_root_digest")
+    p.add_argument("--out", metavar="FILE", help="write the recovered key to this new key file")
+    p.add_argument("--passphrase-env", metavar="VAR", help="passphrase for the new key file")
+    p.add_argument(
+        "--share-passphrase-env", metavar="VAR", help="the SLIP-39 passphrase, if the shares have one"
+    )
+    p.add_argument("--anchor", metavar="HEX", help="the ledger's anchor (recorded in FILE.pub.json)")
+    p.add_argument("--cost", choices=("interactive", "moderate", "sensitive"))
+    p.add_argument("--pkcs11", metavar="URI", help="import the recovered key to this token instead of a file")
+    p.add_argument("--pin-env", metavar="VAR")
+    p.add_argument("--pkcs11-module", metavar="PATH")
+    p.add_argument("--label", metavar="NAME", help="the token object's label")
+    p.set_defaults(handler=cmd_root_recover)
+
+    p = sub.add_parser("rotate", help="hand the root to its committed successor (and commit to a new one)")
+    p.add_argument("--server", required=True, metavar="URL")
+    p.add_argument("--anchor", metavar="HEX", help="the ledger's anchor (default: FILE.pub.json, the mirror)")
+    p.add_argument("--mirror", metavar="DIR", help="the verified mirror directory")
+    add_key_source(p, key_flags=("--successor-key", "--key"))
+    p.add_argument(
+        "--successor-shares", nargs="+", metavar="FILE", help="rebuild the successor from k sheets"
+    )
+    p.add_argument(
+        "--successor-share-passphrase-env",
+        dest="share_passphrase_env_old",
+        metavar="VAR",
+        help="SLIP-39 passphrase of the successor's shares",
+    )
+    p.add_argument(
+        "--out",
+        "--new-key-out",
+        dest="out_key",
+        metavar="FILE",
+        help="with --successor-shares: keep the new root in this new key file",
+    )
+    p.add_argument("--cost", choices=("interactive", "moderate", "sensitive"))
+    _add_shares_out(p)
+    p.set_defaults(handler=cmd_rotate)
+
+    key = sub.add_parser("key", help="non-root keys: init, public, import-token")
+    ks = key.add_subparsers(dest="key_command", metavar="COMMAND")
+    common.needs_subcommand(key, "init, public, import-token")
+    p = ks.add_parser("init", help="generate a key file (a revoker, an operator...)")
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("--passphrase-env", metavar="VAR")
+    p.add_argument("--role", metavar="ROLE", help="what the key is for (recorded in its label)")
+    p.add_argument("--anchor", metavar="HEX32", help="the ledger's anchor, kept in FILE.pub.json for later")
+    p.add_argument("--cost", choices=("interactive", "moderate", "sensitive"))
+    p.set_defaults(handler=cmd_key_init)
+    p = ks.add_parser("public", help="print a key file's public key (no passphrase needed)")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(handler=cmd_key_public)
+    p = ks.add_parser("import-token", help="put a key file's key on a PKCS#11 token (non-extractable)")
+    p.add_argument("--key", required=True, metavar="FILE")
+    p.add_argument("--passphrase-env", metavar="VAR")
+    p.add_argument("--pkcs11", required=True, metavar="URI", help="the token, e.g. pkcs11:token=writ")
+    p.add_argument("--pin-env", metavar="VAR")
+    p.add_argument("--pkcs11-module", metavar="PATH")
+    p.add_argument("--label", required=True, metavar="NAME")
+    p.set_defaults(handler=cmd_key_import_token)
