@@ -493,6 +493,8 @@ class LedgerState:
             st.roots = [(s, k) for s, k in f[9]]
             st.pending_digest = f[10]
             st.grants = {g[0]: GrantInfo(*g) for g in f[11]}
+            if type(f[12]) is not bytes or type(f[13]) is not bytes:
+                raise BadMessage("damaged state snapshot (bitmaps)")
             st.grant_bits = Bits(f[12])
             st.revoked = Bits(f[13])
             st.revoked_keys = {k: s for k, s in f[14]}
@@ -500,7 +502,7 @@ class LedgerState:
             st.counts = {k: int(n) for k, n in zip(Kind, f[16], strict=True)}
         except BadMessage:
             raise
-        except (WritError, TypeError, ValueError, KeyError, IndexError) as exc:
+        except (WritError, TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
             raise BadMessage(f"damaged state snapshot ({type(exc).__name__})") from None
         if st.frontier.size != st.size or st.frontier.root() != st.root:
             raise BadMessage("damaged state snapshot (frontier does not match the root)")

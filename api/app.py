@@ -1,0 +1,120 @@
+"""The Starlette application: ``create_app(config)``.
+
+The lifespan opens the storage (``DIR/ledger.db`` unless one is injected),
+reads the identity and the log key from the data directory, loads and audits
+the whole ledger (refusing to start on :class:`~ledger.errors.CorruptLedger`,
+logging the first bad seq), and starts the :class:`~api.service.LedgerService`
+(single writer, checkpoint task, SSE fan-out). Routes are in ``api/routes/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+
+from ledger.crypto import Signer
+from ledger.errors import CorruptLedger, WritError
+from ledger.storage import Storage
+from ledger.storage.sqlite import SqliteStorage
+
+from . import config as cfg
+from .metrics import Metrics
+from .problems import EXCEPTION_HANDLERS, InternalErrorMiddleware
+from .ratelimit import TokenBuckets
+from .routes import ROUTES
+from .service import LedgerService
+
+log = logging.getLogger("writ.api")
+
+
+def create_app(
+    config: cfg.ServerConfig,
+    *,
+    storage: Storage | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Starlette:
+    """The server app for ``config``; ``storage`` overrides ``DIR/ledger.db`` (tests
+    inject a :class:`~ledger.storage.MemoryStorage`), ``clock`` the wall clock
+    (record ``time-in-future``, checkpoint timestamps, receipt times)."""
+
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            ident = cfg.read_identity(config.data_dir)
+            signer = cfg.load_log_key(config.data_dir)
+            lock = cfg.lock_data_dir(config.data_dir)
+        except WritError as exc:
+            app.state.startup_error = exc
+            raise
+        try:
+            service = await _start(app, config, ident, signer, storage, clock, metrics)
+            try:
+                yield
+            finally:
+                await service.close()
+        finally:
+            cfg.unlock_data_dir(lock)
+
+    app = Starlette(
+        routes=ROUTES,
+        lifespan=lifespan,
+        exception_handlers=dict(EXCEPTION_HANDLERS),
+        middleware=[Middleware(InternalErrorMiddleware, metrics=metrics)],
+    )
+    app.state.config = config
+    app.state.metrics = metrics
+    app.state.clock = clock
+    lim = config.limits
+    app.state.write_buckets = TokenBuckets(lim.write_rate, lim.write_burst)
+    app.state.receipt_buckets = TokenBuckets(lim.receipt_rate, lim.receipt_burst)
+    return app
+
+
+async def _start(
+    app: Starlette,
+    config: cfg.ServerConfig,
+    ident: cfg.Identity,
+    signer: Signer,
+    storage: Storage | None,
+    clock: Callable[[], float],
+    metrics: Metrics,
+) -> LedgerService:
+    """Open the storage, load and audit the ledger, start the service."""
+    try:
+        store = storage if storage is not None else await SqliteStorage.open(config.ledger_db)
+    except WritError as exc:
+        app.state.startup_error = exc
+        raise
+    try:
+        service = await LedgerService.start(
+            config=config, ident=ident, storage=store, signer=signer, clock=clock, metrics=metrics
+        )
+    except BaseException as exc:
+        if isinstance(exc, WritError):
+            app.state.startup_error = exc
+        if isinstance(exc, CorruptLedger):
+            log.error(
+                "refusing to serve a corrupt ledger: first bad seq %s (%s): %s",
+                exc.seq,
+                exc.cause,
+                exc.message,
+            )
+        with contextlib.suppress(Exception):
+            await store.close()
+        raise
+    app.state.service = service
+    log.info(
+        "serving %s: %d records, root %s, log key %s",
+        ident.origin,
+        service.size,
+        service.root.hex(),
+        ident.log_public_key.hex(),
+    )
+    return service

@@ -1,0 +1,264 @@
+"""``writ server init`` and ``writ serve`` (CONFORMANCE.md "Server").
+
+``server init --data DIR --anchor HEX32 --origin ORIGIN`` creates DIR, the
+log key (``DIR/log.key``, 0600), the SQLite ledger and ``DIR/server.json``,
+and prints ``{"log_public_key", "log_vkey", "cosig_vkey"}``.
+
+``serve --data DIR [--host] [--port] [--checkpoint-interval]`` runs uvicorn
+(uvloop, httptools, one process) until SIGTERM or SIGINT, then ends the event
+streams, finishes the appends in flight, and exits 0 within 10 s, printing
+one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+from ledger import notes
+from ledger.errors import LedgerExists, UsageError, WritError
+from ledger.storage import Storage
+from ledger.storage.sqlite import SqliteStorage
+
+from . import config as cfg
+
+log = logging.getLogger("writ.api")
+
+#: seconds uvicorn waits for in-flight requests after SIGTERM before cancelling them.
+GRACEFUL_SHUTDOWN = 5
+_DEFAULTS = cfg.Limits()
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    server = subparsers.add_parser("server", help="manage a ledger server's data directory")
+    server_sub = server.add_subparsers(dest="server_command", metavar="SUBCOMMAND", parser_class=type(server))
+    init = server_sub.add_parser("init", help="create a server data directory, its ledger and its log key")
+    init.add_argument("--data", required=True, help="the data directory to create")
+    init.add_argument("--anchor", required=True, help="the root public key (64 hex digits)")
+    init.add_argument("--origin", required=True, help="the ledger's origin, e.g. ledger.example/plant-7")
+    init.set_defaults(handler=cmd_server_init)
+
+    serve = subparsers.add_parser("serve", help="serve a ledger over HTTP")
+    serve.add_argument("--data", required=True, help="the data directory (from `writ server init`)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=_port, default=8000)
+    serve.add_argument("--checkpoint-interval", type=_positive, default=10.0, metavar="SECONDS")
+    serve.add_argument("--write-rate", type=_positive, default=_DEFAULTS.write_rate, metavar="PER_SECOND")
+    serve.add_argument("--write-burst", type=_count, default=_DEFAULTS.write_burst)
+    serve.add_argument("--receipt-rate", type=_positive, default=_DEFAULTS.receipt_rate, metavar="PER_SECOND")
+    serve.add_argument("--receipt-burst", type=_count, default=_DEFAULTS.receipt_burst)
+    serve.add_argument("--max-sse-clients", type=_count, default=_DEFAULTS.max_sse_clients)
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    serve.set_defaults(handler=cmd_serve)
+
+
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a port is an integer 0..65535") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError("a port is an integer 0..65535")
+    return v
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a positive number") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError("expected a positive number")
+    return v
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a positive integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError("expected a positive integer")
+    return v
+
+
+# --- server init --------------------------------------------------------------
+
+
+async def create_data_dir(
+    data_dir: Path, anchor: bytes, origin: str, *, storage: Storage | None = None
+) -> dict[str, Any]:
+    """Create a server data directory (the implementation of ``writ server init``).
+
+    The ledger goes to ``DIR/ledger.db``, or into ``storage`` when one is given
+    (tests that inject a :class:`~ledger.storage.MemoryStorage`).
+    """
+    data_dir = Path(data_dir)
+    for name in (cfg.LEDGER_DB, cfg.LOG_KEY, cfg.SERVER_JSON):
+        if (data_dir / name).exists():
+            raise LedgerExists(f"{data_dir / name} exists: {data_dir} already holds a ledger server")
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    signer = cfg.create_log_key(data_dir)
+    if storage is None:
+        sqlite = await SqliteStorage.open(data_dir / cfg.LEDGER_DB, create=True)
+        try:
+            await sqlite.init(origin, anchor, signer.public_key)
+        finally:
+            await sqlite.close()
+    else:
+        await storage.init(origin, anchor, signer.public_key)
+    cfg.write_identity(data_dir, cfg.Identity(origin, anchor, signer.public_key))
+    log_vkey, cosig_vkey = notes.checkpoint_vkeys(origin, signer.public_key)
+    return {
+        "log_public_key": signer.public_key.hex(),
+        "log_vkey": log_vkey,
+        "cosig_vkey": cosig_vkey,
+        "origin": origin,
+        "anchor": anchor.hex(),
+        "data": str(data_dir),
+    }
+
+
+def cmd_server_init(args: argparse.Namespace) -> dict[str, Any]:
+    anchor = cfg.parse_anchor(args.anchor)
+    origin = cfg.parse_origin(args.origin)
+    return asyncio.run(create_data_dir(Path(args.data), anchor, origin))
+
+
+# --- serve --------------------------------------------------------------------
+
+
+class _HideTracebacks(logging.Filter):
+    """uvicorn logs a failed lifespan startup with its traceback; we report it as JSON instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("Traceback"))
+
+
+def _server_class() -> type[Any]:
+    import uvicorn
+
+    class WritServer(uvicorn.Server):
+        """uvicorn, plus: end the SSE streams first on shutdown, and exit 0 on a signal."""
+
+        signals_seen: list[int]
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            service = getattr(getattr(self.config.app, "state", None), "service", None)
+            if service is not None:
+                service.begin_shutdown()
+            await super().shutdown(sockets=sockets)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Generator[None, None, None]:
+            self.signals_seen = []
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    self.signals_seen = list(self._captured_signals)
+                    self._captured_signals.clear()  # exit 0 with a JSON line, not by re-raising
+
+    return WritServer
+
+
+def _raise_open_files_limit() -> None:
+    """Event streams hold a socket each: allow as many open files as the hard limit lets us."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
+    import uvicorn
+
+    from .app import create_app
+
+    data_dir = Path(args.data)
+    if not data_dir.is_dir():
+        raise UsageError(f"{data_dir} is not a directory: run `writ server init --data {data_dir}` first")
+    ident = cfg.read_identity(data_dir)  # clear errors before uvicorn starts
+    cfg.load_log_key(data_dir)
+    if not (data_dir / cfg.LEDGER_DB).exists():
+        raise UsageError(f"no {cfg.LEDGER_DB} in {data_dir}: run `writ server init` first")
+    limits = cfg.Limits(
+        write_rate=args.write_rate,
+        write_burst=args.write_burst,
+        receipt_rate=args.receipt_rate,
+        receipt_burst=args.receipt_burst,
+        max_sse_clients=args.max_sse_clients,
+    )
+    config = cfg.ServerConfig(
+        data_dir=data_dir,
+        host=args.host,
+        port=args.port,
+        checkpoint_interval=args.checkpoint_interval,
+        limits=limits,
+    )
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    app = create_app(config)
+    uconfig = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        workers=1,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
+        log_level=args.log_level,
+        access_log=args.log_level == "debug",
+        proxy_headers=True,
+        server_header=False,
+        backlog=4096,
+    )
+    _raise_open_files_limit()
+    server = _server_class()(uconfig)
+    hide = _HideTracebacks()
+    uv_log = logging.getLogger("uvicorn.error")
+    uv_log.addFilter(hide)
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits when the app cannot start or it cannot bind
+        startup_error = getattr(app.state, "startup_error", None)
+        if isinstance(startup_error, WritError):
+            raise startup_error from None
+        raise UsageError(
+            f"could not serve on {args.host}:{args.port} (exit {exc.code}; see the log above)"
+        ) from None
+    finally:
+        uv_log.removeFilter(hide)
+    startup_error = getattr(app.state, "startup_error", None)
+    if isinstance(startup_error, WritError):
+        raise startup_error
+    if not server.started:
+        raise UsageError(f"the server did not start on {args.host}:{args.port} (see the log above)")
+    service = getattr(app.state, "service", None)
+    sigs = [signal.Signals(s).name for s in getattr(server, "signals_seen", [])]
+    return {
+        "stopped": True,
+        "signal": sigs[0] if sigs else None,
+        "origin": ident.origin,
+        "size": service.size if service is not None else None,
+        "pid": os.getpid(),
+    }

@@ -1,0 +1,209 @@
+"""Server configuration and the files of a server's data directory.
+
+A data directory holds three files, written by ``writ server init``:
+
+- ``server.json``: ``{"origin": ..., "anchor": HEX32, "log_public_key": HEX32}``;
+- ``log.key``: the log's own Ed25519 key (``{"version": 1, "seed": HEX32,
+  "public_key": HEX32}``), mode 0600, created with ``O_EXCL``. It is not
+  passphrase protected because the server must start unattended; the server
+  refuses to start when the file is readable by group or others;
+- ``ledger.db``: the SQLite ledger (:class:`ledger.storage.sqlite.SqliteStorage`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ledger import records
+from ledger.crypto import SeedSigner
+from ledger.encoding import MAX_RECORD
+from ledger.errors import BadKeyFile, InvalidField, LedgerExists, LedgerMissing, StorageError, UsageError
+
+SERVER_JSON = "server.json"
+LOCK_FILE = "server.lock"
+LOG_KEY = "log.key"
+LEDGER_DB = "ledger.db"
+#: the largest POST /v1/records body: 1000 records of 600 bytes and 16 KiB of framing.
+MAX_BATCH = 1000
+MAX_BODY = MAX_BATCH * MAX_RECORD + 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one client may ask of the server."""
+
+    max_body: int = MAX_BODY
+    max_batch: int = MAX_BATCH
+    #: POST /v1/records: a token bucket per client host (requests per second, burst).
+    write_rate: float = 50.0
+    write_burst: int = 100
+    #: POST /v1/receipts: its own bucket per client host (a fleet behind one NAT posts many).
+    receipt_rate: float = 2000.0
+    receipt_burst: int = 20000
+    max_sse_clients: int = 20000
+    sse_heartbeat: float = 15.0
+    #: seconds a request may take before the client gets 503 (the append itself still completes).
+    request_timeout: float = 30.0
+    #: the longest page of GET /v1/records and the most records an SSE event carries.
+    max_page: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    checkpoint_interval: float = 10.0
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def server_json(self) -> Path:
+        return self.data_dir / SERVER_JSON
+
+    @property
+    def log_key(self) -> Path:
+        return self.data_dir / LOG_KEY
+
+    @property
+    def ledger_db(self) -> Path:
+        return self.data_dir / LEDGER_DB
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What ``server.json`` says: the ledger this server serves."""
+
+    origin: str
+    anchor: bytes
+    log_public_key: bytes
+
+
+def parse_anchor(text: str) -> bytes:
+    """A 32-byte key from 64 hex digits, or a :class:`UsageError` saying what is wrong."""
+    if not isinstance(text, str) or len(text) != 64:
+        raise UsageError("the anchor is 64 hex digits (a 32-byte Ed25519 public key)")
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise UsageError("the anchor is 64 hex digits (a 32-byte Ed25519 public key)") from None
+
+
+def parse_origin(text: str) -> str:
+    """A valid origin (PROTOCOL 2), or a :class:`UsageError`."""
+    try:
+        return records.check_origin(text)
+    except InvalidField as exc:
+        raise UsageError(f"bad origin: {exc.message}") from None
+
+
+def read_identity(data_dir: Path) -> Identity:
+    path = data_dir / SERVER_JSON
+    try:
+        raw: Any = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LedgerMissing(f"no {SERVER_JSON} in {data_dir}: run `writ server init` first") from None
+    except (OSError, ValueError) as exc:
+        raise BadKeyFile(f"{path} is unreadable: {type(exc).__name__}") from None
+    if not isinstance(raw, dict):
+        raise BadKeyFile(f"{path} is not a JSON object")
+    try:
+        origin = records.check_origin(raw.get("origin"))
+        anchor = bytes.fromhex(str(raw.get("anchor")))
+        log_pub = bytes.fromhex(str(raw.get("log_public_key")))
+    except (InvalidField, ValueError):
+        raise BadKeyFile(f"{path} has a bad origin, anchor or log_public_key") from None
+    if len(anchor) != 32 or len(log_pub) != 32:
+        raise BadKeyFile(f"{path}: anchor and log_public_key are 32 bytes")
+    return Identity(origin, anchor, log_pub)
+
+
+def write_identity(data_dir: Path, ident: Identity) -> None:
+    doc = {"origin": ident.origin, "anchor": ident.anchor.hex(), "log_public_key": ident.log_public_key.hex()}
+    path = data_dir / SERVER_JSON
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps(doc, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def create_log_key(data_dir: Path) -> SeedSigner:
+    """Generate the log key and write it to ``DIR/log.key`` (O_EXCL, 0600)."""
+    signer = SeedSigner.generate()
+    path = data_dir / LOG_KEY
+    doc = {"version": 1, "seed": signer.seed().hex(), "public_key": signer.public_key.hex()}
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise LedgerExists(f"{path} exists; a log key is never overwritten") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(json.dumps(doc) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return signer
+
+
+def load_log_key(data_dir: Path) -> SeedSigner:
+    """Read ``DIR/log.key``; refuse a file that group or others may read or write."""
+    path = data_dir / LOG_KEY
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise LedgerMissing(f"no {LOG_KEY} in {data_dir}: run `writ server init` first") from None
+    except OSError as exc:
+        raise BadKeyFile(f"cannot open {path}: {type(exc).__name__}") from None
+    with os.fdopen(fd, "r", encoding="utf-8") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise BadKeyFile(f"{path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise BadKeyFile(
+                f"{path} has mode {stat.S_IMODE(st.st_mode):04o}; the log key must be 0600 (chmod 600 it)"
+            )
+        try:
+            doc: Any = json.loads(f.read(4096))
+        except (ValueError, OSError):
+            raise BadKeyFile(f"{path} is not a Writ log key file") from None
+    try:
+        if not isinstance(doc, dict) or doc.get("version") != 1:
+            raise ValueError
+        seed = bytes.fromhex(str(doc["seed"]))
+        public = bytes.fromhex(str(doc["public_key"]))
+        signer = SeedSigner(seed)
+    except (KeyError, ValueError, InvalidField):
+        raise BadKeyFile(f"{path} is not a Writ log key file") from None
+    if signer.public_key != public:
+        raise BadKeyFile(f"{path}: the seed does not match its public key")
+    return signer
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the data directory's exclusive lock (one server per ledger: the single writer).
+
+    Returns the file descriptor to pass to :func:`unlock_data_dir`; raises
+    :class:`StorageError` when another server holds it.
+    """
+    import fcntl
+
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StorageError(f"another server is running on {data_dir}") from None
+    return fd
+
+
+def unlock_data_dir(fd: int) -> None:
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

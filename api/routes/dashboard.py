@@ -1,0 +1,148 @@
+"""``GET /``: the operator's dashboard, server-rendered (``api/templates/dashboard.html``).
+
+Shows the head and checkpoint age, the recent records in words, the
+credentials (searchable by name with ``?q=``) and, per revocation, how many
+devices have applied it with the stragglers by name and their last receipt.
+Every value from the ledger is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import time
+from functools import cache
+from html import escape
+from string import Template
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+
+from ledger import records
+from ledger.errors import WritError
+
+from .. import views
+from ..service import LedgerService
+from . import _common as c
+
+RECENT = 30
+MAX_CREDENTIALS = 200
+
+
+@cache
+def _template() -> Template:
+    text = importlib.resources.files("api").joinpath("templates/dashboard.html").read_text(encoding="utf-8")
+    return Template(text)
+
+
+def _when(t: int | None) -> str:
+    if t is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+async def _recent(svc: LedgerService) -> str:
+    size = svc.size
+    raws = await svc.read_records(max(0, size - RECENT), size)
+    rows = []
+    for raw in reversed(raws):
+        try:
+            rec = records.decode_unverified(raw)
+        except WritError:  # cannot happen for stored (verified) records
+            continue
+        body = rec.body
+        rows.append(
+            f"<tr><td>{body.seq}</td><td>{escape(body.KIND.name.lower())}</td><td>{escape(_when(body.time))}</td>"
+            f"<td>{escape(views.describe_record(body, svc.state))}</td></tr>"
+        )
+    if not rows:
+        return '<p class="muted">The ledger is empty.</p>'
+    return "<table><tr><th>seq</th><th>kind</th><th>time</th><th>what</th></tr>" + "".join(rows) + "</table>"
+
+
+def _credentials(svc: LedgerService, q: str) -> str:
+    state = svc.state
+    now = int(svc.clock())
+    needle = q.casefold()
+    grants = sorted(
+        (g for g in state.grants.values() if needle in g.name.casefold()), key=lambda g: g.seq, reverse=True
+    )
+    rows = []
+    for g in grants[:MAX_CREDENTIALS]:
+        cred = views.credential(state, g, now, None)
+        status = str(cred["status"])
+        rev = cred["revocation"]
+        why = ""
+        if isinstance(rev, dict):
+            why = f"by #{rev['seq']} ({escape(str(rev['reason']))}, by {escape(str(rev['by']))})"
+        css = "revoked" if status == "revoked" else "active"
+        rows.append(
+            f"<tr><td>{g.seq}</td><td>{escape(g.name)}</td><td>{escape(g.role)}</td><td>{escape(g.scope)}</td>"
+            f'<td class="mono">{g.subject.hex()[:16]}…</td>'
+            f'<td class="{css}">{escape(status)}</td><td>{why}</td></tr>'
+        )
+    more = (
+        f'<p class="muted">{len(grants) - MAX_CREDENTIALS} more not shown: refine the search.</p>'
+        if len(grants) > MAX_CREDENTIALS
+        else ""
+    )
+    if not rows:
+        return '<p class="muted">No credentials match.</p>'
+    return (
+        "<table><tr><th>seq</th><th>name</th><th>role</th><th>scope</th><th>subject</th><th>status</th>"
+        "<th>revocation</th></tr>" + "".join(rows) + "</table>" + more
+    )
+
+
+def _revocations(svc: LedgerService) -> str:
+    fleet = views.fleet(svc.state, svc.receipts, max_revocations=20, max_stragglers=20)
+    blocks = []
+    for r in fleet["revocations"]:
+        applied, total = int(r["applied"]), int(r["total"])
+        pct = 100 if total == 0 else round(100 * applied / total)
+        stragglers = ", ".join(
+            f"{escape(str(s['name']))} (last receipt: "
+            + (f"size {s['size']} at {escape(_when(s['received_at']))}" if s["size"] is not None else "none")
+            + ")"
+            for s in r["stragglers"]
+        )
+        extra = int(r["stragglers_total"]) - len(r["stragglers"])
+        if extra > 0:
+            stragglers += f" and {extra} more"
+        blocks.append(
+            f"<tr><td>{r['seq']}</td><td>{escape(str(r['name'] or r['target']))}</td>"
+            f"<td>{escape(str(r['reason']))}</td>"
+            f'<td><span class="bar"><span style="width:{pct}%"></span></span> {applied}/{total} devices</td>'
+            f"<td>{stragglers or '—'}</td></tr>"
+        )
+    if not blocks:
+        return '<p class="muted">No revocations yet.</p>'
+    return (
+        "<table><tr><th>seq</th><th>revoked</th><th>reason</th><th>applied</th><th>stragglers</th></tr>"
+        + "".join(blocks)
+        + "</table>"
+    )
+
+
+async def dashboard(request: Request) -> Response:
+    """The HTML dashboard."""
+    svc = c.service(request)
+    q = c.query_str(request, "q", max_len=64) or ""
+    cp = svc.checkpoint
+    page = _template().substitute(
+        origin=escape(svc.origin),
+        size=cp.size,
+        root=cp.root.hex(),
+        checkpoint_time=escape(_when(cp.timestamp)),
+        checkpoint_age=max(0, int(svc.clock()) - cp.timestamp),
+        anchor=svc.anchor.hex(),
+        log_vkey=escape(svc.log_vkey),
+        revocations=_revocations(svc),
+        q=escape(q, quote=True),
+        credentials=_credentials(svc, q),
+        recent=await _recent(svc),
+    )
+    return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+
+
+ROUTES = [Route("/", dashboard, methods=["GET"])]

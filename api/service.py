@@ -1,0 +1,501 @@
+"""The ledger as the server holds it: the single writer, the tree, the checkpoints.
+
+:class:`LedgerService` owns, for the lifetime of the app, the storage, the
+verified :class:`~ledger.state.LedgerState`, the :class:`~ledger.tree.MerkleLevels`
+node store, the log signer and the published checkpoint.
+
+Appends (group commit). ``submit`` queues a request's records; one writer task
+takes every request waiting (up to :data:`GROUP_RECORDS` records), and under
+the writer lock:
+
+1. in a worker thread, copies the live state and applies each request's
+   records to the copy in order, each request against the state after the
+   previous ones; a one-record request is applied in place (``apply`` checks
+   every rule before it mutates), a batch on a copy of the copy, so a batch
+   is all or nothing and a request that fails alone gets its own error;
+2. stores the records of every request that passed in *one* storage append
+   (compare-and-swap on the head, fsynced);
+3. only then swaps the copy in as the live state, extends the tree, signs,
+   persists and publishes the new checkpoint, wakes the SSE streams, and
+   answers the requests.
+
+The live state therefore never gets ahead of storage, and readers (which run
+on the event loop) never see a state that a worker thread is changing. When
+the storage append fails, the state is reloaded from storage (a full audit)
+and the requests get ``503 storage-error`` (``409 stale-head`` when another
+writer moved the head): nothing half-applied.
+
+Checkpoints carry a 0x04 timestamp that never goes back, not even across a
+restart (the last persisted checkpoint's timestamp is the floor), and are
+re-signed at least every ``checkpoint_interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from ledger import crypto, messages, notes, records
+from ledger.crypto import Signer
+from ledger.errors import (
+    BadSignature,
+    HeadConflict,
+    StaleHead,
+    StorageError,
+    UnknownDevice,
+    UnknownHead,
+    WritError,
+)
+from ledger.records import SignedRecord
+from ledger.state import LedgerState
+from ledger.storage import Head, ReceiptRow, Storage, receipt_is_newer
+from ledger.storage.load import Loaded, load_ledger
+from ledger.tiles import TILE_WIDTH
+from ledger.tree import MerkleLevels
+
+from .broadcast import Broadcaster, CheckpointEvent
+from .config import Identity, ServerConfig
+from .metrics import Metrics
+from .problems import Problem
+
+log = logging.getLogger("writ.api")
+
+#: the most records committed in one storage transaction (several requests).
+GROUP_RECORDS = 5000
+#: the most requests committed together.
+GROUP_REQUESTS = 256
+#: full entry bundles kept in memory (256 records each).
+BUNDLE_CACHE = 256
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    size: int
+    root: bytes
+    appended: int
+    first_seq: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "size": self.size,
+            "root": self.root.hex(),
+            "appended": self.appended,
+            "first_seq": self.first_seq,
+        }
+
+
+@dataclass(eq=False)
+class _Pending:
+    records: list[bytes]
+    future: asyncio.Future[AppendResult]
+    outcome: list[SignedRecord] | WritError | None = None
+    first_seq: int = 0
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+def checkpoint_timestamp(note: str, origin: str, log_key: bytes) -> int:
+    """The verified 0x04 timestamp of a note signed by ``log_key`` (0 if it has none or does not verify)."""
+    try:
+        vc = notes.verify_checkpoint(note, origin, [log_key])
+    except WritError:
+        return 0
+    return vc.timestamp or 0
+
+
+class LedgerService:
+    def __init__(
+        self,
+        *,
+        config: ServerConfig,
+        ident: Identity,
+        storage: Storage,
+        signer: Signer,
+        loaded: Loaded,
+        clock: Callable[[], float],
+        metrics: Metrics,
+        sig_pool: ThreadPoolExecutor,
+        ts_floor: int,
+    ) -> None:
+        self.config = config
+        self.ident = ident
+        self.origin = ident.origin
+        self.anchor = ident.anchor
+        self.storage = storage
+        self.signer = signer
+        self.clock = clock
+        self.metrics = metrics
+        self.sig_pool = sig_pool
+        self.writer_pool = ThreadPoolExecutor(1, thread_name_prefix="writ-writer")
+        self.state: LedgerState = loaded.state
+        self.levels: MerkleLevels = loaded.levels
+        self.log_vkey, self.cosig_vkey = notes.checkpoint_vkeys(self.origin, signer.public_key)
+        self._lock = asyncio.Lock()
+        self._queue: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._broken: str | None = None
+        self._ts_floor = ts_floor
+        self._bundles: OrderedDict[int, list[bytes]] = OrderedDict()
+        self._tail: list[bytes] = []  # records of the current partial entry bundle
+        self._tail_start = 0
+        self.receipts: dict[int, ReceiptRow] = {}
+        self.checkpoint: CheckpointEvent = CheckpointEvent(0, b"", 0, "")
+        self._published_mono = 0.0
+        self.broadcaster: Broadcaster | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- life cycle ----------------------------------------------------------
+
+    @classmethod
+    async def start(
+        cls,
+        *,
+        config: ServerConfig,
+        ident: Identity,
+        storage: Storage,
+        signer: Signer,
+        clock: Callable[[], float],
+        metrics: Metrics,
+    ) -> LedgerService:
+        if signer.public_key != ident.log_public_key:
+            raise StorageError("the log key file does not match the log public key in server.json")
+        meta = await storage.meta()
+        if meta.log_public_key != ident.log_public_key:
+            raise StorageError("the ledger database was initialised with another log key")
+        sig_pool = ThreadPoolExecutor(2, thread_name_prefix="writ-verify")
+        try:
+            loaded = await load_ledger(storage, anchor=ident.anchor, origin=ident.origin, executor=sig_pool)
+            note = await storage.latest_checkpoint()
+            floor = checkpoint_timestamp(note, ident.origin, ident.log_public_key) if note else 0
+            self = cls(
+                config=config,
+                ident=ident,
+                storage=storage,
+                signer=signer,
+                loaded=loaded,
+                clock=clock,
+                metrics=metrics,
+                sig_pool=sig_pool,
+                ts_floor=floor,
+            )
+            await self._reset_tail()
+            for row in await storage.receipts():
+                self.receipts[row.device_grant_seq] = row
+            first = await self._sign_and_persist()
+            self.checkpoint = first
+            self._published_mono = time.monotonic()
+            self.broadcaster = Broadcaster(first)
+        except BaseException:
+            sig_pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        metrics.tree_size.set(self.levels.size)
+        metrics.bind_checkpoint_age(lambda: max(0.0, self.clock() - self.checkpoint.timestamp))
+        self._tasks = [
+            asyncio.create_task(self._writer_loop(), name="writ-writer"),
+            asyncio.create_task(self._ticker(), name="writ-checkpoints"),
+        ]
+        return self
+
+    def begin_shutdown(self) -> None:
+        """Stop taking appends and end the event streams; appends already queued still commit."""
+        self._closing = True
+        if self.broadcaster is not None:
+            self.broadcaster.close()
+
+    async def close(self) -> None:
+        self.begin_shutdown()
+        # finish the appends in flight (uvicorn already waited for the requests)
+        for _ in range(300):
+            if not self._queue and not self._lock.locked():
+                break
+            await asyncio.sleep(0.01)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for p in self._queue:
+            if not p.future.done():
+                p.future.set_exception(Problem("shutting-down", 503, "the server is shutting down"))
+        self._queue.clear()
+        self.writer_pool.shutdown(wait=True)
+        self.sig_pool.shutdown(wait=True)
+        await self.storage.close()
+
+    @property
+    def size(self) -> int:
+        return self.levels.size
+
+    @property
+    def root(self) -> bytes:
+        return self.state.root
+
+    # -- appends -------------------------------------------------------------
+
+    async def submit(self, raws: list[bytes]) -> AppendResult:
+        """Append ``raws`` (already decoded from the request) all or nothing; wait for the commit."""
+        if self._closing:
+            raise Problem("shutting-down", 503, "the server is shutting down", headers={"Retry-After": "5"})
+        if self._broken is not None:
+            raise StorageError(f"the ledger cannot take appends: {self._broken}")
+        fut: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(raws, fut))
+        self._wake.set()
+        return await asyncio.shield(fut)
+
+    async def _writer_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                group: list[_Pending] = []
+                n = 0
+                while self._queue and len(group) < GROUP_REQUESTS:
+                    k = len(self._queue[0].records)
+                    if group and n + k > GROUP_RECORDS:
+                        break
+                    group.append(self._queue.pop(0))
+                    n += k
+                try:
+                    async with self._lock:
+                        await self._commit_group(group)
+                except asyncio.CancelledError:
+                    for p in group:
+                        if not p.future.done():
+                            p.future.set_exception(
+                                Problem("shutting-down", 503, "the server is shutting down")
+                            )
+                    raise
+                except Exception as exc:  # a bug: answer 500 rather than leave requests hanging
+                    log.exception("append group failed")
+                    for p in group:
+                        if not p.future.done():
+                            p.future.set_exception(exc)
+
+    def _verify_group(self, base: LedgerState, group: list[_Pending], now: int) -> LedgerState:
+        """Worker thread: apply each request to a private copy of the state."""
+        work = base.copy()
+        for p in group:
+            first = work.size
+            try:
+                if len(p.records) == 1:
+                    p.outcome = [work.apply(p.records[0], now=now)]
+                else:
+                    trial = work.copy()
+                    index = [0]
+
+                    def count(_: SignedRecord, index: list[int] = index) -> None:
+                        index[0] += 1
+
+                    try:
+                        p.outcome = trial.apply_all(
+                            p.records, executor=self.sig_pool, now=now, on_record=count, chunk=256
+                        )
+                    except WritError as exc:
+                        exc.detail.setdefault("index", index[0])
+                        raise
+                    work = trial
+                p.first_seq = first
+            except WritError as exc:
+                p.outcome = exc
+        return work
+
+    async def _commit_group(self, group: list[_Pending]) -> None:
+        base = self.state
+        now = int(self.clock())
+        loop = asyncio.get_running_loop()
+        work = await loop.run_in_executor(self.writer_pool, self._verify_group, base, group, now)
+        accepted = [p for p in group if isinstance(p.outcome, list)]
+        rejected = [(p, p.outcome) for p in group if isinstance(p.outcome, WritError)]
+        batch = [rec for p in accepted if isinstance(p.outcome, list) for rec in p.outcome]
+        if not batch:
+            self._answer_rejected(rejected)
+            return
+        try:
+            await self.storage.append(Head(base.size, base.root), batch, work.root)
+        except Exception as exc:
+            await self._recover(accepted, exc)
+            self._answer_rejected(rejected)
+            return
+        self.state = work
+        self.levels.extend(rec.leaf_hash for rec in batch)
+        self._add_to_tail([rec.raw for rec in batch])
+        self.metrics.appends.inc(len(batch))
+        self.metrics.append_requests.inc(len(accepted))
+        self.metrics.group_size.observe(len(accepted))
+        self.metrics.tree_size.set(self.levels.size)
+        event = await self._publish(notify=False)
+        now_m = time.monotonic()
+        for p in accepted:
+            n = len(p.records)
+            self.metrics.append_latency.observe(now_m - p.enqueued)
+            if not p.future.done():
+                p.future.set_result(AppendResult(self.levels.size, self.state.root, n, p.first_seq))
+        self._answer_rejected(rejected)
+        self._notify(event)  # after the replies are scheduled: 20,000 streams must not delay them
+
+    def _answer_rejected(self, rejected: list[tuple[_Pending, WritError]]) -> None:
+        """Refused requests learn the head as it is after the group's commit (or its failure)."""
+        for p, exc in rejected:
+            if isinstance(exc, StaleHead):
+                exc.detail.update(size=self.levels.size, root=self.state.root.hex())
+            if not p.future.done():
+                p.future.set_exception(exc)
+
+    async def _recover(self, accepted: Sequence[_Pending], exc: Exception) -> None:
+        """The storage append failed: reload what storage really holds, answer 503 (or 409)."""
+        log.error(
+            "storage append failed (%s: %s); reloading the ledger from storage", type(exc).__name__, exc
+        )
+        try:
+            await self._reload()
+        except Exception as reload_exc:
+            self._broken = f"reload after a storage failure failed: {type(reload_exc).__name__}"
+            log.exception("reload after a storage failure failed; refusing appends")
+        for p in accepted:
+            if p.future.done():
+                continue
+            if isinstance(exc, HeadConflict):
+                p.future.set_exception(
+                    HeadConflict(
+                        "another writer moved the head", size=self.levels.size, root=self.state.root.hex()
+                    )
+                )
+            else:
+                p.future.set_exception(StorageError("the append could not be stored; nothing was appended"))
+
+    async def _reload(self) -> None:
+        loaded = await load_ledger(
+            self.storage, anchor=self.anchor, origin=self.origin, executor=self.sig_pool
+        )
+        grew = loaded.levels.size != self.levels.size
+        self.state = loaded.state
+        self.levels = loaded.levels
+        self._bundles.clear()
+        await self._reset_tail()
+        self.metrics.tree_size.set(self.levels.size)
+        if grew:
+            await self._publish()
+
+    # -- records -------------------------------------------------------------
+
+    async def _reset_tail(self) -> None:
+        size = self.levels.size
+        self._tail_start = size - size % TILE_WIDTH
+        self._tail = await self.storage.read(self._tail_start, size)
+
+    def _add_to_tail(self, raws: list[bytes]) -> None:
+        for raw in raws:
+            self._tail.append(raw)
+            if len(self._tail) == TILE_WIDTH:
+                self._cache_bundle(self._tail_start // TILE_WIDTH, self._tail)
+                self._tail_start += TILE_WIDTH
+                self._tail = []
+
+    def _cache_bundle(self, index: int, raws: list[bytes]) -> None:
+        self._bundles[index] = raws
+        self._bundles.move_to_end(index)
+        while len(self._bundles) > BUNDLE_CACHE:
+            self._bundles.popitem(last=False)
+
+    async def read_records(self, start: int, end: int) -> list[bytes]:
+        """Record bytes of seqs ``start .. end-1`` (``end`` clamped to the size), verbatim."""
+        end = min(end, self.levels.size)
+        out: list[bytes] = []
+        pos = start
+        while pos < end:
+            index = pos // TILE_WIDTH
+            lo = index * TILE_WIDTH
+            hi = min(end, lo + TILE_WIDTH)
+            if lo == self._tail_start:
+                chunk = self._tail[pos - lo : hi - lo]
+            else:
+                bundle = self._bundles.get(index)
+                if bundle is None:
+                    bundle = await self.storage.read(lo, lo + TILE_WIDTH)
+                    if len(bundle) == TILE_WIDTH:
+                        self._cache_bundle(index, bundle)
+                chunk = bundle[pos - lo : hi - lo]
+            if not chunk:
+                break
+            out.extend(chunk)
+            pos += len(chunk)
+        return out
+
+    # -- checkpoints ---------------------------------------------------------
+
+    async def _sign_and_persist(self) -> CheckpointEvent:
+        size, root = self.levels.size, self.state.root
+        ts = max(int(self.clock()), self._ts_floor)
+        note = notes.sign_checkpoint(notes.Checkpoint(self.origin, size, root), self.origin, self.signer, ts)
+        try:
+            await self.storage.put_checkpoint(size, note)
+        except Exception as exc:  # the records are durable; the note is re-signed and re-persisted later
+            log.warning("could not persist the checkpoint of size %d: %s: %s", size, type(exc).__name__, exc)
+        self._ts_floor = ts
+        self.metrics.checkpoints.inc()
+        return CheckpointEvent(size, root, ts, note)
+
+    async def _publish(self, *, notify: bool = True) -> CheckpointEvent:
+        """Sign, persist and serve a checkpoint of the current head; wake the event streams."""
+        event = await self._sign_and_persist()
+        self.checkpoint = event
+        self._published_mono = time.monotonic()
+        if notify:
+            self._notify(event)
+        return event
+
+    def _notify(self, event: CheckpointEvent) -> None:
+        if self.broadcaster is not None:
+            self.broadcaster.publish(event)
+
+    async def _ticker(self) -> None:
+        interval = self.config.checkpoint_interval
+        while True:
+            wait = self._published_mono + interval - time.monotonic()
+            await asyncio.sleep(max(0.01, wait))
+            if time.monotonic() - self._published_mono >= interval * 0.99:
+                try:
+                    async with self._lock:
+                        await self._publish()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("re-signing the checkpoint failed")
+
+    # -- receipts ------------------------------------------------------------
+
+    async def accept_receipt(self, raw: bytes) -> dict[str, object]:
+        r = messages.parse_receipt(raw)
+        state = self.state
+        g = state.grants.get(r.device_grant_seq)
+        if (
+            g is None
+            or g.role != records.ROLE_DEVICE
+            or state.is_revoked(g.seq)
+            or state.key_revoked(g.subject)
+        ):
+            raise UnknownDevice(f"seq {r.device_grant_seq} is not an unrevoked device grant")
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(
+            self.sig_pool, crypto.check, g.subject, crypto.RECEIPT_DOMAIN, r.body, r.signature
+        )
+        if not ok:
+            raise BadSignature("the receipt is not signed by the device's granted key")
+        levels = self.levels
+        if r.size > levels.size or levels.root(r.size) != r.root:
+            raise UnknownHead(f"({r.size}, {r.root.hex()[:16]}…) is not a head of this ledger")
+        received = int(self.clock())
+        await self.storage.put_receipt(r.device_grant_seq, r.size, r.root, r.time, raw, received)
+        if receipt_is_newer(r.size, r.time, self.receipts.get(r.device_grant_seq)):
+            self.receipts[r.device_grant_seq] = ReceiptRow(
+                r.device_grant_seq, r.size, r.root, r.time, raw, received
+            )
+        self.metrics.receipts.inc()
+        return {"accepted": True, "device_grant_seq": r.device_grant_seq, "size": r.size}

@@ -1,0 +1,398 @@
+"""Test helpers for anything that needs a Writ ledger server.
+
+Stable API (other test modules use it):
+
+``make_ledger(root, origin, log_key, n_grants=0, *, time=None) -> list[bytes]``
+    Record bytes of a new ledger: a genesis signed by ``root`` (a
+    :class:`~ledger.crypto.SeedSigner` whose public key is the anchor), a grant
+    of role ``log`` to ``log_key`` (32 bytes; the server's log public key),
+    then ``n_grants`` operator grants named ``grant-0``, ``grant-1``, ... to
+    fresh random keys. ``prev``/``seq`` come from a
+    :class:`~ledger.state.LedgerState` that applies each record.
+
+``Mirror(root, origin, *, time=None)``
+    Builds further records on top of a ledger: ``genesis()``, ``grant(subject,
+    role, name, scope="", not_before=0, not_after=0)``, ``revoke(target,
+    reason=0, signer=None)`` each sign, apply to the mirror's state and return
+    the record bytes; ``extend(raws)`` applies records made elsewhere;
+    ``.state``, ``.records``.
+
+``async with inprocess_server(tmp_path, anchor, origin, storage=None, *, clock=None,
+        limits=None, checkpoint_interval=10.0, data_dir=None) as (client, app):``
+    A server app (``api.app.create_app``) with its lifespan running, and an
+    ``httpx.AsyncClient`` on it through ``httpx.ASGITransport`` (base URL
+    ``http://writ.test``). ``storage`` defaults to SQLite in a new data
+    directory under ``tmp_path``; pass a :class:`~ledger.storage.MemoryStorage`
+    (it is initialised for you if new). ``data_dir`` reuses a directory from
+    an earlier call (a restart). ``app.state.service`` is the
+    :class:`api.service.LedgerService`.
+
+``async with sse_stream(app, "/v1/events?records=1", headers={...}) as stream:``
+    ``await stream.next_event(timeout=2.0)`` -> ``SSEEvent(event, id, data, comment)``
+    (httpx's ASGITransport buffers whole responses, so SSE goes through this).
+
+``with running_server(tmp_path, anchor, origin, **flags) as srv:``
+    Runs ``writ server init`` and the real ``writ serve`` process on a free
+    port, waits until ``GET /checkpoint`` is 200, yields ``srv`` =
+    ``RunningServer(url, log_public_key, data_dir, process)`` (a NamedTuple:
+    unpack it or use the names), and stops it with SIGTERM, asserting it exits
+    within 10 s. ``flags`` become ``writ serve`` options
+    (``checkpoint_interval=1`` -> ``--checkpoint-interval 1``).
+    ``start_server(data_dir, **flags)`` / ``stop_server(srv)`` restart one on
+    an existing data directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time as _time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import httpx
+from starlette.applications import Starlette
+
+from api.app import create_app
+from api.cli import create_data_dir
+from api.config import Limits, ServerConfig, read_identity
+from ledger import records
+from ledger.crypto import SeedSigner
+from ledger.errors import LedgerMissing
+from ledger.records import Genesis, Grant, Revoke
+from ledger.state import LedgerState
+from ledger.storage import Storage
+
+BASE_URL = "http://writ.test"
+
+# --- building ledgers -----------------------------------------------------------
+
+
+class Mirror:
+    """A signing tool's mirror: builds records on top of ``state`` with ``root``."""
+
+    def __init__(self, root: SeedSigner, origin: str, *, time: int | None = None) -> None:
+        self.root = root
+        self.origin = origin
+        self.time = time
+        self.state = LedgerState(root.public_key, origin=origin)
+        self.records: list[bytes] = []
+
+    def _now(self) -> int:
+        return self.time if self.time is not None else int(_time.time())
+
+    def _head(self) -> tuple[int, bytes, int]:
+        return self.state.size, self.state.root, max(self._now(), self.state.last_time)
+
+    def _add(self, raw: bytes) -> bytes:
+        self.state.apply(raw)
+        self.records.append(raw)
+        return raw
+
+    def extend(self, raws: Sequence[bytes]) -> None:
+        for raw in raws:
+            self._add(raw)
+
+    def genesis(self, next_root_digest: bytes | None = None) -> bytes:
+        seq, prev, t = self._head()
+        body = Genesis(seq, prev, t, self.origin, self.root.public_key, next_root_digest)
+        return self._add(records.sign(body, self.root))
+
+    def grant(
+        self,
+        subject: bytes,
+        role: str,
+        name: str,
+        scope: str = "",
+        not_before: int = 0,
+        not_after: int = 0,
+    ) -> bytes:
+        seq, prev, t = self._head()
+        body = Grant(seq, prev, t, subject, role, scope, name, not_before, not_after)
+        return self._add(records.sign(body, self.root))
+
+    def revoke(
+        self, target: int | bytes, reason: int = 0, signer: tuple[int, SeedSigner] | None = None
+    ) -> bytes:
+        """Revoke ``target`` (a grant seq or a subject key); ``signer`` = (revoker grant seq, its key)."""
+        seq, prev, t = self._head()
+        body = Revoke(seq, prev, t, signer[0] if signer else 0, target, reason)
+        return self._add(records.sign(body, signer[1] if signer else self.root))
+
+
+def make_ledger(
+    root: SeedSigner, origin: str, log_key: bytes, n_grants: int = 0, *, time: int | None = None
+) -> list[bytes]:
+    """Genesis, the log grant, then ``n_grants`` operator grants (see the module docstring)."""
+    m = Mirror(root, origin, time=time)
+    m.genesis()
+    m.grant(log_key, records.ROLE_LOG, "log")
+    for i in range(n_grants):
+        m.grant(secrets.token_bytes(32), records.ROLE_OPERATOR, f"grant-{i}")
+    return m.records
+
+
+# --- in process -----------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def inprocess_server(
+    tmp_path: Path,
+    anchor: bytes,
+    origin: str,
+    storage: Storage | None = None,
+    *,
+    clock: Any = None,
+    limits: Limits | None = None,
+    checkpoint_interval: float = 10.0,
+    data_dir: Path | None = None,
+) -> AsyncIterator[tuple[httpx.AsyncClient, Starlette]]:
+    if data_dir is None:
+        data_dir = Path(tempfile.mkdtemp(prefix="server-", dir=tmp_path)) / "data"
+    if not (data_dir / "server.json").exists():
+        await create_data_dir(data_dir, anchor, origin, storage=storage)
+    elif storage is not None:
+        try:
+            await storage.meta()
+        except LedgerMissing:
+            await storage.init(origin, anchor, read_identity(data_dir).log_public_key)
+    config = ServerConfig(
+        data_dir=data_dir, checkpoint_interval=checkpoint_interval, limits=limits or Limits()
+    )
+    kwargs: dict[str, Any] = {"storage": storage}
+    if clock is not None:
+        kwargs["clock"] = clock
+    app = create_app(config, **kwargs)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
+            yield client, app
+
+
+@dataclass(frozen=True)
+class SSEEvent:
+    event: str | None
+    id: str | None
+    data: str
+    comment: str | None = None
+
+
+class SSEStream:
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.headers: dict[str, str] = {}
+        self.chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._buf = b""
+
+    async def next_event(self, timeout: float = 2.0, *, comments: bool = False) -> SSEEvent:
+        """The next event (or comment, with ``comments``); TimeoutError when none comes."""
+        async with asyncio.timeout(timeout):
+            while True:
+                while b"\n\n" in self._buf:
+                    block, self._buf = self._buf.split(b"\n\n", 1)
+                    ev = _parse_block(block.decode("utf-8"))
+                    if ev is None:
+                        continue
+                    if ev.comment is not None and not comments:
+                        continue
+                    return ev
+                chunk = await self.chunks.get()
+                if chunk is None:
+                    raise EOFError("the stream ended")
+                self._buf += chunk
+
+
+def _parse_block(block: str) -> SSEEvent | None:
+    event = ident = comment = None
+    data: list[str] = []
+    for line in block.split("\n"):
+        if line.startswith(":"):
+            comment = line[1:].strip()
+        elif line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("id: "):
+            ident = line[4:]
+        elif line.startswith("data: "):
+            data.append(line[6:])
+        elif line.startswith("retry: "):
+            return None
+    if event is None and ident is None and not data and comment is None:
+        return None
+    return SSEEvent(event, ident, "\n".join(data), comment if event is None and not data else None)
+
+
+@contextlib.asynccontextmanager
+async def sse_stream(
+    app: Starlette, path: str, headers: Mapping[str, str] | None = None
+) -> AsyncIterator[SSEStream]:
+    """Run one GET on ``app`` directly over ASGI and stream its body (see the module docstring)."""
+    raw_path, _, query = path.partition("?")
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+        "scheme": "http",
+        "path": raw_path,
+        "raw_path": raw_path.encode(),
+        "query_string": query.encode(),
+        "server": ("writ.test", 80),
+        "client": ("127.0.0.1", 12345),
+        "root_path": "",
+        "app": app,
+    }
+    stream = SSEStream()
+    started = asyncio.Event()
+    disconnect = asyncio.Event()
+    sent_request = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent_request
+        if not sent_request:
+            sent_request = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Mapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            stream.status = message["status"]
+            stream.headers = {k.decode().lower(): v.decode() for k, v in message.get("headers", [])}
+            started.set()
+        elif message["type"] == "http.response.body":
+            if message.get("body"):
+                stream.chunks.put_nowait(message["body"])
+            if not message.get("more_body", False):
+                stream.chunks.put_nowait(None)
+
+    task = asyncio.create_task(app(scope, receive, send))
+    try:
+        async with asyncio.timeout(5):
+            await started.wait()
+        yield stream
+    finally:
+        disconnect.set()
+        try:
+            async with asyncio.timeout(5):
+                await task
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+# --- a real process -------------------------------------------------------------
+
+
+class RunningServer(NamedTuple):
+    url: str
+    log_public_key: bytes
+    data_dir: Path
+    process: subprocess.Popen[bytes]
+
+
+def writ_command() -> list[str]:
+    """The ``writ`` executable of this environment."""
+    exe = Path(sys.executable).parent / "writ"
+    if exe.exists():
+        return [str(exe)]
+    return [sys.executable, "-c", "from ledger.cli.main import main; main()"]
+
+
+def run_writ(*args: str, timeout: float = 60.0) -> tuple[int, dict[str, Any], str]:
+    """Run ``writ ARGS``; returns (exit code, the JSON it printed, stderr)."""
+    proc = subprocess.run([*writ_command(), *args], capture_output=True, timeout=timeout, check=False)
+    out = proc.stdout.decode().strip().splitlines()
+    doc = json.loads(out[-1]) if out else {}
+    return proc.returncode, doc, proc.stderr.decode()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _flags(flags: Mapping[str, Any]) -> list[str]:
+    out: list[str] = []
+    for k, v in flags.items():
+        out += ["--" + k.replace("_", "-"), str(v)]
+    return out
+
+
+def start_server(
+    data_dir: Path, *, port: int | None = None, ready_timeout: float = 20.0, **flags: Any
+) -> RunningServer:
+    """Start ``writ serve`` on ``data_dir`` and wait until it answers ``GET /checkpoint``."""
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(data_dir.parent / f"serve-{port}.log", "ab")  # noqa: SIM115 - the process owns it
+    proc = subprocess.Popen(
+        [*writ_command(), "serve", "--data", str(data_dir), "--port", str(port), *_flags(flags)],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    log.close()
+    deadline = _time.monotonic() + ready_timeout
+    while True:
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode() if proc.stdout else ""
+            raise RuntimeError(f"writ serve exited with {proc.returncode}: {out}")
+        try:
+            if httpx.get(url + "/checkpoint", timeout=1.0).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if _time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError("writ serve did not become ready")
+        _time.sleep(0.05)
+    ident = read_identity(data_dir)
+    return RunningServer(url, ident.log_public_key, data_dir, proc)
+
+
+def stop_server(srv: RunningServer, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+    """Signal the server and wait; asserts it exits within ``timeout`` seconds. Returns its exit code."""
+    proc = srv.process
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(
+                f"writ serve did not exit within {timeout} s of {signal.Signals(sig).name}"
+            ) from None
+    if proc.stdout is not None:
+        proc.stdout.close()
+    return proc.returncode
+
+
+@contextlib.contextmanager
+def running_server(tmp_path: Path, anchor: bytes, origin: str, **flags: Any) -> Iterator[RunningServer]:
+    data_dir = Path(tempfile.mkdtemp(prefix="serve-", dir=tmp_path)) / "data"
+    code, doc, err = run_writ(
+        "server", "init", "--data", str(data_dir), "--anchor", anchor.hex(), "--origin", origin
+    )
+    assert code == 0, (doc, err)
+    srv = start_server(data_dir, **flags)
+    assert srv.log_public_key.hex() == doc["log_public_key"]
+    try:
+        yield srv
+    finally:
+        stop_server(srv)
