@@ -57,7 +57,7 @@ from ledger.state import LedgerState
 from ledger.storage import Head, ReceiptRow, Storage, receipt_is_newer
 from ledger.storage.load import Loaded, load_ledger
 from ledger.tiles import TILE_WIDTH
-from ledger.tree import MerkleLevels
+from ledger.tree import MerkleLevels, leaf_hash
 
 from .broadcast import Broadcaster, CheckpointEvent
 from .config import Identity, ServerConfig
@@ -361,6 +361,13 @@ class LedgerService:
         for p in accepted:
             if p.future.done():
                 continue
+            if self._broken is None and self._stored(p):
+                # the failure came after the commit (fail-but-persist): the
+                # records are durable, so the client is told they are.
+                p.future.set_result(
+                    AppendResult(self.levels.size, self.state.root, len(p.records), p.first_seq)
+                )
+                continue
             if isinstance(exc, HeadConflict):
                 p.future.set_exception(
                     HeadConflict(
@@ -369,6 +376,13 @@ class LedgerService:
                 )
             else:
                 p.future.set_exception(StorageError("the append could not be stored; nothing was appended"))
+
+    def _stored(self, p: _Pending) -> bool:
+        """Does the (reloaded) ledger hold ``p``'s records at their seqs?"""
+        end = p.first_seq + len(p.records)
+        if not p.records or end > self.levels.size:
+            return False
+        return all(self.levels.leaf(p.first_seq + i) == leaf_hash(raw) for i, raw in enumerate(p.records))
 
     async def _reload(self) -> None:
         loaded = await load_ledger(
