@@ -20,6 +20,7 @@ import copy as _copy
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any
 
 from . import crypto, encoding, records
 from .errors import (
@@ -479,31 +480,77 @@ class LedgerState:
 
     @classmethod
     def restore(cls, data: bytes) -> LedgerState:
-        """The inverse of :meth:`snapshot`; raises BadMessage on any damage."""
+        """The inverse of :meth:`snapshot`; raises BadMessage on any damage.
+
+        Every field is type-checked, so a damaged snapshot is refused here
+        rather than failing later inside :meth:`apply`."""
+
+        def u(v: Any) -> int:
+            if type(v) is not int:
+                raise BadMessage("damaged state snapshot (expected an integer)")
+            return v
+
+        def k32(v: Any) -> bytes:
+            if type(v) is not bytes or len(v) != 32:
+                raise BadMessage("damaged state snapshot (expected 32 bytes)")
+            return v
+
+        def opt(check: Callable[[Any], Any], v: Any) -> Any:
+            return None if v is None else check(v)
+
+        def text(v: Any) -> str:
+            if type(v) is not str:
+                raise BadMessage("damaged state snapshot (expected text)")
+            return v
+
+        def rows(v: Any, width: int) -> list[list[Any]]:
+            if type(v) is not list or any(type(r) is not list or len(r) != width for r in v):
+                raise BadMessage("damaged state snapshot (expected a table)")
+            return v
+
+        f = encoding.unpack_array(data, min_len=17, max_len=17, max_depth=3, error=BadMessage)
+        if f[0] != 1:
+            raise BadMessage("unknown state snapshot version")
+        keep = f[3]
+        if keep is not None and (type(keep) is not list or not all(type(r) is str for r in keep)):
+            raise BadMessage("damaged state snapshot (keep_roles)")
         try:
-            f = encoding.unpack_array(data, min_len=17, max_len=17, max_depth=3, error=BadMessage)
-            if f[0] != 1:
-                raise BadMessage("unknown state snapshot version")
-            st = cls(f[1], origin=f[2], keep_roles=f[3])
-            st.origin = f[4]
-            st.size = f[5]
+            st = cls(k32(f[1]), origin=opt(text, f[2]), keep_roles=keep)
+        except InvalidField:
+            raise BadMessage("damaged state snapshot (anchor)") from None
+        st.origin = opt(text, f[4])
+        st.size = u(f[5])
+        if type(f[6]) is not bytes:
+            raise BadMessage("damaged state snapshot (frontier)")
+        try:
             st.frontier = CompactRange.from_bytes(f[6])
-            st.root = f[7]
-            st.last_time = f[8]
-            st.roots = [(s, k) for s, k in f[9]]
-            st.pending_digest = f[10]
-            st.grants = {g[0]: GrantInfo(*g) for g in f[11]}
-            if type(f[12]) is not bytes or type(f[13]) is not bytes:
-                raise BadMessage("damaged state snapshot (bitmaps)")
-            st.grant_bits = Bits(f[12])
-            st.revoked = Bits(f[13])
-            st.revoked_keys = {k: s for k, s in f[14]}
-            st.revocations = {r[0]: Revocation(r[1], r[0], r[2], r[3], r[4]) for r in f[15]}
-            st.counts = {k: int(n) for k, n in zip(Kind, f[16], strict=True)}
-        except BadMessage:
-            raise
-        except (WritError, TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
-            raise BadMessage(f"damaged state snapshot ({type(exc).__name__})") from None
+        except WritError:
+            raise BadMessage("damaged state snapshot (frontier)") from None
+        st.root = k32(f[7])
+        st.last_time = u(f[8])
+        st.roots = [(u(s), k32(k)) for s, k in rows(f[9], 2)]
+        st.pending_digest = opt(k32, f[10])
+        st.grants = {}
+        for g in rows(f[11], 9):
+            info = GrantInfo(
+                u(g[0]), k32(g[1]), text(g[2]), text(g[3]), text(g[4]), u(g[5]), u(g[6]), u(g[7]), k32(g[8])
+            )
+            st.grants[info.seq] = info
+        if type(f[12]) is not bytes or type(f[13]) is not bytes:
+            raise BadMessage("damaged state snapshot (bitmaps)")
+        st.grant_bits = Bits(f[12])
+        st.revoked = Bits(f[13])
+        st.revoked_keys = {k32(k): u(s) for k, s in rows(f[14], 2)}
+        st.revocations = {}
+        for r in rows(f[15], 5):
+            target = r[0] if type(r[0]) is int else k32(r[0])
+            st.revocations[target] = Revocation(u(r[1]), target, u(r[2]), u(r[3]), u(r[4]))
+        counts = f[16]
+        if type(counts) is not list or len(counts) != len(Kind):
+            raise BadMessage("damaged state snapshot (counts)")
+        st.counts = {k: u(n) for k, n in zip(Kind, counts, strict=True)}
+        if (st.size == 0) != (not st.roots) or (st.size > 0 and st.origin is None):
+            raise BadMessage("damaged state snapshot (roots)")
         if st.frontier.size != st.size or st.frontier.root() != st.root:
             raise BadMessage("damaged state snapshot (frontier does not match the root)")
         return st
