@@ -60,6 +60,11 @@ async def _recent(svc: LedgerService) -> str:
     return "<table><tr><th>seq</th><th>kind</th><th>time</th><th>what</th></tr>" + "".join(rows) + "</table>"
 
 
+def _grant_name(svc: LedgerService, seq: int) -> str:
+    g = svc.state.grants.get(seq)
+    return f"{g.name} (#{seq}, {g.role})" if g is not None else f"grant #{seq}"
+
+
 def _credentials(svc: LedgerService, q: str) -> str:
     state = svc.state
     now = int(svc.clock())
@@ -74,7 +79,12 @@ def _credentials(svc: LedgerService, q: str) -> str:
         rev = cred["revocation"]
         why = ""
         if isinstance(rev, dict):
-            why = f"by #{rev['seq']} ({escape(str(rev['reason']))}, by {escape(str(rev['by']))})"
+            signer = int(rev["signer"])
+            who = "the root" if signer == 0 else _grant_name(svc, signer)
+            why = (
+                f"#{rev['seq']}: {escape(str(rev['reason']))}, revoked by {escape(str(rev['by']))}, "
+                f"signed by {escape(who)}"
+            )
         css = "revoked" if status == "revoked" else "active"
         rows.append(
             f"<tr><td>{g.seq}</td><td>{escape(g.name)}</td><td>{escape(g.role)}</td><td>{escape(g.scope)}</td>"
