@@ -74,6 +74,10 @@ GROUP_REQUESTS = 256
 BUNDLE_CACHE = 256
 
 
+#: seconds after a commit by which the streams are woken even if no reply flushed them.
+NOTIFY_BACKSTOP = 0.05
+
+
 @dataclass(frozen=True, slots=True)
 class AppendResult:
     size: int
@@ -140,6 +144,10 @@ class LedgerService:
         self._wake = asyncio.Event()
         self._closing = False
         self._broken: str | None = None
+        self._pending_event: CheckpointEvent | None = None
+        self._receipt_batch: list[ReceiptRow] = []
+        self._receipt_done: asyncio.Future[None] | None = None
+        self._receipt_lock = asyncio.Lock()
         self._ts_floor = ts_floor
         self._bundles: OrderedDict[int, list[bytes]] = OrderedDict()
         self._tail: list[bytes] = []  # records of the current partial entry bundle
@@ -338,7 +346,11 @@ class LedgerService:
             if not p.future.done():
                 p.future.set_result(AppendResult(self.levels.size, self.state.root, n, p.first_seq))
         self._answer_rejected(rejected)
-        self._notify(event)  # after the replies are scheduled: 20,000 streams must not delay them
+        # The event streams are woken after the replies have gone out (the
+        # append route's background task calls flush_notify), so 20,000
+        # streams never delay an acknowledgement; a timer is the backstop.
+        self._pending_event = event
+        asyncio.get_running_loop().call_later(NOTIFY_BACKSTOP, self.flush_notify)
 
     def _answer_rejected(self, rejected: list[tuple[_Pending, WritError]]) -> None:
         """Refused requests learn the head as it is after the group's commit (or its failure)."""
@@ -466,8 +478,18 @@ class LedgerService:
         return event
 
     def _notify(self, event: CheckpointEvent) -> None:
+        self._pending_event = None
         if self.broadcaster is not None:
             self.broadcaster.publish(event)
+
+    def flush_notify(self) -> None:
+        """Wake the event streams for a commit whose replies were sent."""
+        event = self._pending_event
+        if event is not None:
+            self._notify(event)
+
+    async def flush_notify_after_reply(self) -> None:
+        self.flush_notify()
 
     async def _ticker(self) -> None:
         interval = self.config.checkpoint_interval
@@ -484,6 +506,25 @@ class LedgerService:
                     log.exception("re-signing the checkpoint failed")
 
     # -- receipts ------------------------------------------------------------
+
+    async def _store_receipt(self, row: ReceiptRow) -> None:
+        """Durably store ``row`` before the reply, group-committed: receipts that
+        arrive while a transaction is running share the next one (one fsync for
+        a whole fleet's burst instead of one each)."""
+        self._receipt_batch.append(row)
+        fut = self._receipt_done
+        if fut is None:
+            fut = self._receipt_done = asyncio.get_running_loop().create_future()
+            async with self._receipt_lock:
+                batch, self._receipt_batch = self._receipt_batch, []
+                self._receipt_done = None
+                try:
+                    await self.storage.put_receipts(batch)
+                except Exception as exc:
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(None)
+        await fut
 
     async def accept_receipt(self, raw: bytes) -> dict[str, object]:
         r = messages.parse_receipt(raw)
@@ -505,11 +546,9 @@ class LedgerService:
         levels = self.levels
         if r.size > levels.size or levels.root(r.size) != r.root:
             raise UnknownHead(f"({r.size}, {r.root.hex()[:16]}…) is not a head of this ledger")
-        received = int(self.clock())
-        await self.storage.put_receipt(r.device_grant_seq, r.size, r.root, r.time, raw, received)
+        row = ReceiptRow(r.device_grant_seq, r.size, r.root, r.time, raw, int(self.clock()))
+        await self._store_receipt(row)
         if receipt_is_newer(r.size, r.time, self.receipts.get(r.device_grant_seq)):
-            self.receipts[r.device_grant_seq] = ReceiptRow(
-                r.device_grant_seq, r.size, r.root, r.time, raw, received
-            )
+            self.receipts[r.device_grant_seq] = row
         self.metrics.receipts.inc()
         return {"accepted": True, "device_grant_seq": r.device_grant_seq, "size": r.size}

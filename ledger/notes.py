@@ -42,6 +42,7 @@ import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .crypto import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Signer, check, sha256, sign
 from .errors import BadNote, MissingCosignatures, UntrustedCheckpoint, WrongOrigin
@@ -133,11 +134,22 @@ def _check_name(name: str, what: str = "key name") -> None:
     """signed-note key names: non-empty, no '+', no Unicode space, no control character."""
     if not name:
         raise BadNote(f"{what} is empty")
+    problem = _name_problem(name)
+    if problem is not None:
+        raise BadNote(
+            f"{what} {problem}" if problem.startswith("is ") else f"{what} {_short(name)} {problem}"
+        )
+
+
+@lru_cache(maxsize=1024)
+def _name_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid key name (cached: a verifier sees the same few names)."""
     for ch in name:
         if ch == "+" or ch.isspace() or unicodedata.category(ch) == "Cc":
-            raise BadNote(f"{what} {_short(name)} contains a space, '+' or a control character")
+            return "contains a space, '+' or a control character"
         if 0xD800 <= ord(ch) <= 0xDFFF:
-            raise BadNote(f"{what} is not valid UTF-8")
+            return "is not valid UTF-8"
+    return None
 
 
 def _encode_text(text: str, what: str) -> bytes:

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from ledger.crypto import SeedSigner
 from ledger.errors import BadKeyFile, CorruptLedger, StorageError
 from ledger.records import Grant
 from ledger.state import LedgerState
-from ledger.storage import MemoryStorage
+from ledger.storage import MemoryStorage, ReceiptRow
 from tests.helpers.server import Mirror, inprocess_server, make_ledger, sse_stream
 from tests.vectors_data import ledger_vectors
 
@@ -608,6 +608,32 @@ async def test_receipts_accepted_refused_and_latest_kept(loaded: tuple[httpx.Asy
     fleet = (await client.get("/v1/fleet")).json()
     assert all(r["applied"] == r["total"] == 2 and r["stragglers"] == [] for r in fleet["revocations"])
     assert "writ_receipts_total 4.0" in (await client.get("/metrics")).text
+
+
+class CountingStorage(MemoryStorage):
+    def __init__(self) -> None:
+        super().__init__()
+        self.receipt_transactions = 0
+
+    async def put_receipts(self, rows: Sequence[ReceiptRow]) -> None:
+        self.receipt_transactions += 1
+        await asyncio.sleep(0.01)  # a transaction takes time: receipts arriving meanwhile wait for the next
+        await super().put_receipts(rows)
+
+
+async def test_concurrent_receipts_share_transactions(tmp_path: Path) -> None:
+    storage = CountingStorage()
+    async with inprocess_server(tmp_path, V.anchor, V.origin, storage, clock=Clock()) as (client, app):
+        await post(client, V.records)
+        plc1, plc2 = V.signer("plc_1"), V.signer("plc_2")
+        raws = [
+            receipt(plc1 if i % 2 else plc2, 3 if i % 2 else 4, 10, FINAL_ROOT, T0 + i) for i in range(40)
+        ]
+        results = await asyncio.gather(*(post_receipt(client, raw) for raw in raws))
+        assert all(r.status_code == 200 for r in results)
+        assert storage.receipt_transactions < 20  # grouped: far fewer transactions than receipts
+        rows = {r.device_grant_seq: r for r in await storage.receipts()}
+        assert rows[3].time == T0 + 39 and rows[4].time == T0 + 38  # the latest of each device kept
 
 
 async def test_receipts_survive_a_restart(tmp_path: Path) -> None:

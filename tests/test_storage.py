@@ -576,6 +576,23 @@ async def test_receipts_keep_the_latest_per_device(backend: Backend, store: AnyS
     ]
 
 
+async def test_receipts_in_one_batch_keep_the_latest_per_device(backend: Backend, store: AnyStorage) -> None:
+    """put_receipts (one transaction) keeps the same rows as one put_receipt after another."""
+    root = b"\x22" * 32
+    await store.put_receipt(3, 6, root, 50, b"old", 1)
+    await store.put_receipts(
+        [
+            ReceiptRow(3, 5, root, 100, b"smaller", 2),  # smaller than stored: ignored
+            ReceiptRow(4, 2, root, 10, b"a", 3),
+            ReceiptRow(4, 2, root, 20, b"b", 4),  # same batch, later: kept
+            ReceiptRow(4, 1, root, 30, b"c", 5),  # same batch, smaller: ignored
+            ReceiptRow(5, 9, root, 1, b"d", 6),
+        ]
+    )
+    store = await backend.reopen(store)
+    assert [(r.device_grant_seq, r.raw) for r in await store.receipts()] == [(3, b"old"), (4, b"b"), (5, b"d")]
+
+
 async def test_receipt_arguments_are_checked(store: AnyStorage) -> None:
     with pytest.raises(StorageError):
         await store.put_receipt(3, 1, b"short", 1, b"r", 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -54,7 +55,9 @@ async def post_records(request: Request) -> Response:
         raise Problem(
             "overloaded", 503, "the append is still queued; it may yet commit: check the head before retrying"
         ) from None
-    return c.json_response(result.to_json())
+    response = c.json_response(result.to_json())
+    response.background = BackgroundTask(svc.flush_notify_after_reply)
+    return response
 
 
 async def get_records(request: Request) -> Response:

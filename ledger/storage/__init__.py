@@ -176,6 +176,10 @@ class Storage(Protocol):
         """Keep this receipt if it is the device's latest (larger size; equal size: later time)."""
         ...
 
+    async def put_receipts(self, rows: Sequence[ReceiptRow]) -> None:
+        """:meth:`put_receipt` for many receipts in one transaction (one fsync)."""
+        ...
+
     async def receipts(self) -> list[ReceiptRow]:
         """The latest receipt of every device, by device grant seq."""
         ...
@@ -458,12 +462,15 @@ class MemoryStorage:
     async def put_receipt(
         self, device_grant_seq: int, size: int, root: bytes, time: int, raw: bytes, received_at: int
     ) -> None:
-        check_receipt(device_grant_seq, size, root, time, raw, received_at)
+        await self.put_receipts([ReceiptRow(device_grant_seq, size, root, time, raw, received_at)])
+
+    async def put_receipts(self, rows: Sequence[ReceiptRow]) -> None:
+        for r in rows:
+            check_receipt(r.device_grant_seq, r.size, r.root, r.time, r.raw, r.received_at)
         self._current()
-        if receipt_is_newer(size, time, self._receipts.get(device_grant_seq)):
-            self._receipts[device_grant_seq] = ReceiptRow(
-                device_grant_seq, size, root, time, raw, received_at
-            )
+        for r in rows:
+            if receipt_is_newer(r.size, r.time, self._receipts.get(r.device_grant_seq)):
+                self._receipts[r.device_grant_seq] = r
 
     async def receipts(self) -> list[ReceiptRow]:
         self._open()

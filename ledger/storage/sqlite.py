@@ -370,22 +370,31 @@ class SqliteStorage:
     async def put_receipt(
         self, device_grant_seq: int, size: int, root: bytes, time: int, raw: bytes, received_at: int
     ) -> None:
-        check_receipt(device_grant_seq, size, root, time, raw, received_at)
-        async with self._transaction("put_receipt") as db:
+        await self.put_receipts([ReceiptRow(device_grant_seq, size, root, time, raw, received_at)])
+
+    async def put_receipts(self, rows: Sequence[ReceiptRow]) -> None:
+        latest: dict[int, ReceiptRow] = {}
+        for r in rows:
+            check_receipt(r.device_grant_seq, r.size, r.root, r.time, r.raw, r.received_at)
+            if receipt_is_newer(r.size, r.time, latest.get(r.device_grant_seq)):
+                latest[r.device_grant_seq] = r
+        if not latest:
+            return
+        async with self._transaction("put_receipts") as db:
             await self._current()
-            rows = await self._rows(
-                "SELECT device_grant_seq, size, root, time, raw, received_at FROM receipts "
-                "WHERE device_grant_seq = ?",
-                (device_grant_seq,),
-            )
-            old = _receipt(rows[0]) if rows else None
-            if receipt_is_newer(size, time, old):
-                await _exec(
-                    db,
-                    "INSERT OR REPLACE INTO receipts (device_grant_seq, size, root, time, raw, received_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (device_grant_seq, size, root, _i64(time), raw, _i64(received_at)),
+            for r in latest.values():
+                found = await self._rows(
+                    "SELECT device_grant_seq, size, root, time, raw, received_at FROM receipts "
+                    "WHERE device_grant_seq = ?",
+                    (r.device_grant_seq,),
                 )
+                if receipt_is_newer(r.size, r.time, _receipt(found[0]) if found else None):
+                    await _exec(
+                        db,
+                        "INSERT OR REPLACE INTO receipts "
+                        "(device_grant_seq, size, root, time, raw, received_at) VALUES (?, ?, ?, ?, ?, ?)",
+                        (r.device_grant_seq, r.size, r.root, _i64(r.time), r.raw, _i64(r.received_at)),
+                    )
 
     async def receipts(self) -> list[ReceiptRow]:
         async with self._lock:
