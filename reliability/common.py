@@ -1,0 +1,123 @@
+"""Helpers shared by the reliability runners and tests: reading a server back, percentiles."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ledger import encoding, notes, tiles
+from ledger.tree import MerkleLevels, leaf_hash
+from tests.helpers.server import writ_command
+
+PAGE = 1000
+
+
+def fetch_records(client: httpx.Client, url: str, start: int = 0) -> list[bytes]:
+    """Every record the server at ``url`` serves from ``start`` on (``GET /v1/records``, paged)."""
+    out: list[bytes] = []
+    pos = start
+    while True:
+        r = client.get(f"{url}/v1/records", params={"start": pos, "limit": PAGE})
+        r.raise_for_status()
+        page = encoding.unpack_records(r.content, max_count=PAGE)
+        out.extend(page)
+        pos += len(page)
+        if len(page) < PAGE:
+            return out
+
+
+def verify_checkpoint(
+    client: httpx.Client, url: str, origin: str, log_key: bytes, size: int, root: bytes
+) -> notes.VerifiedCheckpoint:
+    """``GET /checkpoint`` verifies under ``log_key`` and names exactly (``size``, ``root``)."""
+    r = client.get(f"{url}/checkpoint")
+    r.raise_for_status()
+    vc = notes.verify_checkpoint(r.text, origin, [log_key])
+    if (vc.checkpoint.size, vc.checkpoint.root) != (size, root):
+        raise AssertionError(
+            f"torn checkpoint: it names size {vc.checkpoint.size}, the records make {size}"
+            + ("" if vc.checkpoint.size != size else " (same size, other root)")
+        )
+    return vc
+
+
+def check_tiles(
+    client: httpx.Client, url: str, served: Sequence[bytes], levels: MerkleLevels, index: int
+) -> None:
+    """Entry bundle and level-0 hash tile ``index`` of the tree of ``len(served)`` match the records."""
+    size = len(served)
+    first = index * tiles.TILE_WIDTH
+    width = min(tiles.TILE_WIDTH, size - first)
+    if width <= 0:
+        return
+    r = client.get(f"{url}/{tiles.entries_path(index, width)}")
+    if r.status_code != 200:
+        raise AssertionError(f"entry bundle {index} (width {width}) answered {r.status_code}")
+    if tiles.decode_entry_bundle(r.content, width) != list(served[first : first + width]):
+        raise AssertionError(f"entry bundle {index} does not hold the records served")
+    r = client.get(f"{url}/{tiles.tile_path(0, index, width)}")
+    if r.status_code != 200:
+        raise AssertionError(f"hash tile 0/{index} (width {width}) answered {r.status_code}")
+    want = [levels.leaf(i) for i in range(first, first + width)]
+    if tiles.decode_hash_tile(r.content, width) != want:
+        raise AssertionError(f"hash tile 0/{index} does not hold the leaf hashes of the records")
+    assert want == [leaf_hash(x) for x in served[first : first + width]]
+
+
+def writ_audit_data(data_dir: Path, anchor: bytes, timeout: float = 300.0) -> dict[str, Any]:
+    """``writ audit --data DIR --anchor HEX --json``: its JSON (raises when it does not exit 0)."""
+    p = subprocess.run(
+        [*writ_command(), "audit", "--data", str(data_dir), "--anchor", anchor.hex(), "--json"],
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+    lines = p.stdout.decode().strip().splitlines()
+    doc: dict[str, Any] = json.loads(lines[-1]) if lines else {}
+    if p.returncode != 0 or not doc.get("ok"):
+        raise AssertionError(f"writ audit --data failed ({p.returncode}): {doc} {p.stderr.decode()[-2000:]}")
+    return doc
+
+
+def percentiles(values: Sequence[float], ps: Sequence[float] = (50, 90, 99, 100)) -> dict[str, float]:
+    """Nearest-rank percentiles (``p100`` is the maximum); empty input gives NaN."""
+    s = sorted(values)
+    out: dict[str, float] = {}
+    for p in ps:
+        if not s:
+            out[f"p{p:g}"] = float("nan")
+            continue
+        k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))
+        out[f"p{p:g}"] = s[k]
+    return out
+
+
+@dataclass(frozen=True)
+class Machine:
+    cpus: int
+    python: str
+    system: str
+    date: str
+
+    def line(self) -> str:
+        return f"{self.date}, {self.cpus} CPUs, {self.system}, Python {self.python}"
+
+
+def machine() -> Machine:
+    import os
+
+    return Machine(
+        os.cpu_count() or 0,
+        platform.python_version(),
+        f"{platform.system()} {platform.release()}",
+        time.strftime("%Y-%m-%d"),
+    )
