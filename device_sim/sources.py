@@ -44,6 +44,7 @@ from ledger.errors import (
     UsageError,
     VerificationError,
 )
+from ledger.transport import IDENTITY, BoundedBody
 from ledger.view import Evidence
 
 from .device import Device, SyncResult
@@ -121,12 +122,10 @@ async def _read_limited(resp: httpx.Response, limit: int, what: str) -> bytes:
     length = resp.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise ResponseTooLarge(f"{what} announces {length} bytes, more than the {limit} allowed", limit=limit)
-    buf = bytearray()
-    async for chunk in resp.aiter_bytes():
-        buf += chunk
-        if len(buf) > limit:
-            raise ResponseTooLarge(f"{what} is larger than the {limit} bytes allowed", limit=limit)
-    return bytes(buf)
+    body = BoundedBody(resp.headers.get("content-encoding"), limit, what)
+    async for chunk in resp.aiter_raw():
+        body.feed(chunk)
+    return body.finish()
 
 
 def _problem_type(body: bytes) -> str | None:
@@ -152,6 +151,7 @@ async def _request(
     Transport failures raise TransportError (ResponseTooLarge for the cap)."""
     try:
         async with asyncio.timeout(timeout):
+            headers = {**IDENTITY, **(headers or {})}
             async with client.stream(method, url, headers=headers, content=content, timeout=timeout) as resp:
                 body = await _read_limited(resp, limit, f"{method} {url}")
                 return resp.status_code, body
@@ -343,7 +343,9 @@ async def _sse_events(resp: httpx.Response, max_event: int) -> AsyncIterator[_Ev
     ev_type = ""
     data: list[str] = []
     size = 0
-    async for chunk in resp.aiter_bytes():
+    if resp.headers.get("content-encoding", "identity").strip().lower() != "identity":
+        raise TransportError("the event stream is compressed; Writ reads event streams only uncompressed")
+    async for chunk in resp.aiter_raw():
         buf += chunk
         while True:
             m = _LINE.search(buf)
@@ -442,7 +444,7 @@ class SseSource:
 
     async def _connect(self, have: Callable[[], int]) -> AsyncIterator[Update]:
         url = _url(self.base_url, "v1/events") + ("?records=1" if self.records else "")
-        headers = {"Accept": "text/event-stream", "Last-Event-ID": str(have())}
+        headers = {**IDENTITY, "Accept": "text/event-stream", "Last-Event-ID": str(have())}
         t = httpx.Timeout(self.timeout, read=self.idle_timeout)
         self.connections += 1
         try:

@@ -538,13 +538,6 @@ def test_raw_attacks_are_refused_in_time_and_memory(
         assert o.attack.out["limit"] == (MAX_CHECKPOINT if attack.on == "checkpoint" else MAX_ENTRY_BUNDLE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="device_sim/sources.py reads bodies with httpx aiter_bytes(), which inflates each network "
-    "chunk through every Content-Encoding layer with no output bound before the byte cap is checked: "
-    "a 'gzip, gzip' body of a few KB makes the device allocate GBs (MemoryError under the 1 GiB limit "
-    "here). Fix: send Accept-Encoding: identity, refuse any other Content-Encoding, read aiter_raw().",
-)
 def test_nested_gzip_bomb_is_capped_too(outcomes: dict[str, Outcome | BaseException]) -> None:
     assert len(NESTED_BOMB) < 16 * 1024
     assert_refused(outcome(outcomes, "raw-nested-gzip-bomb"), 4, "response-too-large")
@@ -612,12 +605,6 @@ def test_frozen_view_through_the_cli_syncs_but_goes_stale(tmp_path: Path) -> Non
     assert (r.code, r.out["accepted"], r.out["reason"]) == (1, False, "stale")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ledger/cli/common.py Client.request reads with httpx iter_bytes() (decoded, unbounded per "
-    "chunk): `writ audit --server` against a 'gzip, gzip' bomb dies of MemoryError with a traceback. "
-    "Same fix as the device: Accept-Encoding: identity, refuse other encodings, iter_raw().",
-)
 def test_the_integrator_cli_against_a_nested_gzip_bomb() -> None:
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (DEVICE_AS_LIMIT, DEVICE_AS_LIMIT))

@@ -43,6 +43,7 @@ from ..errors import (
     by_type,
 )
 from ..state import LedgerState
+from ..transport import IDENTITY, BoundedBody
 from .main import EXIT_FAILED, EXIT_USAGE, CommandFailed
 
 if TYPE_CHECKING:
@@ -429,17 +430,18 @@ class Client:
         url = self.base + path
         for attempt in range(retries + 1):
             try:
-                with self._http.stream(method, url, params=params, content=content, headers=headers) as r:
+                with self._http.stream(
+                    method, url, params=params, content=content, headers={**IDENTITY, **(headers or {})}
+                ) as r:
                     declared = r.headers.get("content-length")
                     if declared is not None and declared.isdigit() and int(declared) > cap:
                         raise ResponseTooLarge(f"the server's answer to {path} is larger than {cap} bytes")
-                    body = bytearray()
-                    for chunk in r.iter_bytes():
-                        body += chunk
-                        if len(body) > cap:
-                            raise ResponseTooLarge(
-                                f"the server's answer to {path} is larger than {cap} bytes"
-                            )
+                    reader = BoundedBody(
+                        r.headers.get("content-encoding"), cap, f"the server's answer to {path}"
+                    )
+                    for chunk in r.iter_raw():
+                        reader.feed(chunk)
+                    body = reader.finish()
                     status, hdrs = r.status_code, r.headers
             except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
                 raise UsageError(f"bad server URL: {_clean(exc, 120)}") from None
