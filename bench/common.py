@@ -15,17 +15,30 @@ from ledger.state import LedgerState
 ORIGIN = "bench.writ.example/ledger"
 
 
-def build_ledger(n: int, *, seed: bytes = b"\x01" * 32, start_time: int = 1_767_000_000) -> tuple[SeedSigner, list[bytes]]:
+def build_ledger(
+    n: int, *, seed: bytes = b"\x01" * 32, start_time: int = 1_767_000_000
+) -> tuple[SeedSigner, list[bytes]]:
     """A ledger of ``n`` records: genesis, a log grant, then grants and some revokes."""
+
+    root, recs = build_signed(n, seed=seed, start_time=start_time)
+    return root, [r.raw for r in recs]
+
+
+def build_signed(
+    n: int, *, seed: bytes = b"\x01" * 32, start_time: int = 1_767_000_000
+) -> tuple[SeedSigner, list[records.SignedRecord]]:
+    """:func:`build_ledger` as :class:`~ledger.records.SignedRecord` values (what storage takes).
+
+    The records are applied with their signature marked pre-checked: they were
+    signed a moment ago, so building costs the signing only."""
 
     root = SeedSigner(seed)
     st = LedgerState(root.public_key, origin=ORIGIN)
-    out: list[bytes] = []
+    out: list[records.SignedRecord] = []
 
     def add(body: records.Body) -> None:
         raw = records.sign(body, root)
-        st.apply(raw)
-        out.append(raw)
+        out.append(st.apply(raw, prechecked=(root.public_key, True)))
 
     add(records.Genesis(0, st.root, start_time, ORIGIN, root.public_key, None))
     i = 1
