@@ -227,6 +227,7 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
         workers=1,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
         log_level=args.log_level,
+        log_config=None,  # every log line, access log included, goes to stderr: stdout is for JSON
         access_log=args.log_level == "debug",
         proxy_headers=True,
         server_header=False,

@@ -81,12 +81,5 @@ def test_the_sse_cap_sheds_streams_opened_one_by_one_with_503(tmp_path: Path) ->
     _sse_cap(tmp_path, sse=80, connect_batch=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="api/routes/events.py checks hub.clients against max_sse_clients in the handler but counts "
-    "the stream only when its body starts, so connections arriving together all pass the check "
-    "(65 to 200 of 200 admitted with a cap of 50). Fix: reserve the slot right after the check, "
-    "release it when the response ends (even one cancelled before its first chunk).",
-)
 def test_the_sse_cap_holds_for_streams_opened_at_once(tmp_path: Path) -> None:
     _sse_cap(tmp_path, sse=200, connect_batch=200)

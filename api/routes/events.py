@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from ..broadcast import Broadcaster, CheckpointEvent
 from ..problems import Problem, bad_request
@@ -67,6 +69,22 @@ def _since(request: Request) -> int | None:
     return None
 
 
+class _SlotStream(StreamingResponse):
+    """A streaming response that gives its connection slot back when it ends."""
+
+    def __init__(self, release: Callable[[], None], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._release: Callable[[], None] | None = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()
+
+
 async def get_events(request: Request) -> Response:
     """Server-Sent Events of new checkpoints."""
     svc = c.service(request)
@@ -83,35 +101,38 @@ async def get_events(request: Request) -> Response:
     if hub.clients >= lim.max_sse_clients:
         raise Problem("overloaded", 503, "too many event streams", headers={"Retry-After": "10"})
     metrics = svc.metrics
+    # the slot is taken here, with no await since the check, and given back when
+    # the response ends however it ends (even before its first byte)
+    hub.clients += 1
+    metrics.sse_clients.set(hub.clients)
+
+    def release() -> None:
+        hub.clients -= 1
+        metrics.sse_clients.set(hub.clients)
 
     async def stream() -> AsyncIterator[bytes]:
-        hub.clients += 1
-        metrics.sse_clients.set(hub.clients)
         known = since
-        try:
-            yield b"retry: 2000\n\n"
+        yield b"retry: 2000\n\n"
+        while True:
+            changed = hub.changed  # taken before reading latest: no publication is missed
+            if hub.closed:
+                break
+            ev = hub.latest
+            if want_records and known is not None and ev.size > known:
+                rec = await records_event(svc, hub, known, ev.size, lim.max_page)
+                if rec is not None:
+                    yield rec
+            yield hub.encoded(ev, checkpoint_event)
+            known = ev.size
             while True:
-                changed = hub.changed  # taken before reading latest: no publication is missed
-                if hub.closed:
+                try:
+                    await asyncio.wait_for(changed.wait(), lim.sse_heartbeat)
                     break
-                ev = hub.latest
-                if want_records and known is not None and ev.size > known:
-                    rec = await records_event(svc, hub, known, ev.size, lim.max_page)
-                    if rec is not None:
-                        yield rec
-                yield hub.encoded(ev, checkpoint_event)
-                known = ev.size
-                while True:
-                    try:
-                        await asyncio.wait_for(changed.wait(), lim.sse_heartbeat)
-                        break
-                    except TimeoutError:
-                        yield b": hb\n\n"
-        finally:
-            hub.clients -= 1
-            metrics.sse_clients.set(hub.clients)
+                except TimeoutError:
+                    yield b": hb\n\n"
 
-    return StreamingResponse(
+    return _SlotStream(
+        release,
         stream(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
