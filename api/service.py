@@ -195,9 +195,7 @@ class LedgerService:
             await self._reset_tail()
             for row in await storage.receipts():
                 self.receipts[row.device_grant_seq] = row
-            first = await self._sign_and_persist()
-            self.checkpoint = first
-            self._published_mono = time.monotonic()
+            first = await self._publish(notify=False)
             self.broadcaster = Broadcaster(first)
         except BaseException:
             sig_pool.shutdown(wait=False, cancel_futures=True)
@@ -325,8 +323,9 @@ class LedgerService:
         if not batch:
             self._answer_rejected(rejected)
             return
+        event = self._sign(work.size, work.root)
         try:
-            await self.storage.append(Head(base.size, base.root), batch, work.root)
+            await self.storage.append(Head(base.size, base.root), batch, work.root, event.note)
         except Exception as exc:
             await self._recover(accepted, exc)
             self._answer_rejected(rejected)
@@ -338,7 +337,7 @@ class LedgerService:
         self.metrics.append_requests.inc(len(accepted))
         self.metrics.group_size.observe(len(accepted))
         self.metrics.tree_size.set(self.levels.size)
-        event = await self._publish(notify=False)
+        self._signed(event)  # persisted with the records, in the same transaction
         now_m = time.monotonic()
         for p in accepted:
             n = len(p.records)
@@ -456,23 +455,30 @@ class LedgerService:
 
     # -- checkpoints ---------------------------------------------------------
 
-    async def _sign_and_persist(self) -> CheckpointEvent:
-        size, root = self.levels.size, self.state.root
+    def _sign(self, size: int, root: bytes) -> CheckpointEvent:
+        """A new checkpoint of (size, root), its timestamp never below the last one."""
         ts = max(int(self.clock()), self._ts_floor)
         note = notes.sign_checkpoint(notes.Checkpoint(self.origin, size, root), self.origin, self.signer, ts)
-        try:
-            await self.storage.put_checkpoint(size, note)
-        except Exception as exc:  # the records are durable; the note is re-signed and re-persisted later
-            log.warning("could not persist the checkpoint of size %d: %s: %s", size, type(exc).__name__, exc)
-        self._ts_floor = ts
-        self.metrics.checkpoints.inc()
         return CheckpointEvent(size, root, ts, note)
+
+    def _signed(self, event: CheckpointEvent) -> CheckpointEvent:
+        """``event`` is durable: serve it from now on."""
+        self._ts_floor = max(self._ts_floor, event.timestamp)
+        self.metrics.checkpoints.inc()
+        self.checkpoint = event
+        self._published_mono = time.monotonic()
+        return event
 
     async def _publish(self, *, notify: bool = True) -> CheckpointEvent:
         """Sign, persist and serve a checkpoint of the current head; wake the event streams."""
-        event = await self._sign_and_persist()
-        self.checkpoint = event
-        self._published_mono = time.monotonic()
+        event = self._sign(self.levels.size, self.state.root)
+        try:
+            await self.storage.put_checkpoint(event.size, event.note)
+        except Exception as exc:  # the records are durable; the note is re-signed and re-persisted later
+            log.warning(
+                "could not persist the checkpoint of size %d: %s: %s", event.size, type(exc).__name__, exc
+            )
+        self._signed(event)
         if notify:
             self._notify(event)
         return event

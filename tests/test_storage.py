@@ -590,7 +590,11 @@ async def test_receipts_in_one_batch_keep_the_latest_per_device(backend: Backend
         ]
     )
     store = await backend.reopen(store)
-    assert [(r.device_grant_seq, r.raw) for r in await store.receipts()] == [(3, b"old"), (4, b"b"), (5, b"d")]
+    assert [(r.device_grant_seq, r.raw) for r in await store.receipts()] == [
+        (3, b"old"),
+        (4, b"b"),
+        (5, b"d"),
+    ]
 
 
 async def test_receipt_arguments_are_checked(store: AnyStorage) -> None:
@@ -615,6 +619,25 @@ async def test_checkpoint_is_persisted_and_never_goes_back(backend: Backend, sto
         await store.put_checkpoint(chain.state.size + 1, "beyond the ledger\n")
     store = await backend.reopen(store)
     assert await store.latest_checkpoint() == "note at 12, re-signed\n"
+
+
+async def test_checkpoint_appended_with_the_records_in_one_transaction(
+    backend: Backend, store: AnyStorage
+) -> None:
+    chain = await loaded_chain(store, grants=2)
+    batch = chain.grants(3)
+    await store.append(batch.expected, batch.records, batch.new_root, "note of the new head\n")
+    chain.commit(batch)
+    assert await store.latest_checkpoint() == "note of the new head\n"
+    # a failed append leaves the old note: the two are written together or not at all
+    failing = chain.grants(2)
+    store.fault = crash_at("head")
+    with pytest.raises(InjectedCrash):
+        await store.append(failing.expected, failing.records, failing.new_root, "never stored\n")
+    store.fault = None
+    store = await backend.reopen(store)
+    assert await store.latest_checkpoint() == "note of the new head\n"
+    assert (await store.head()) == chain.head
 
 
 # --- crash injection ------------------------------------------------------------------

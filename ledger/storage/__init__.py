@@ -136,10 +136,18 @@ class Storage(Protocol):
         """The current head (size 0, SHA-256("") for a new ledger)."""
         ...
 
-    async def append(self, expected: Head, records: Sequence[SignedRecord], new_root: bytes) -> Head:
+    async def append(
+        self,
+        expected: Head,
+        records: Sequence[SignedRecord],
+        new_root: bytes,
+        checkpoint: str | None = None,
+    ) -> Head:
         """Store ``records`` (already verified) all or nothing, durably, if the
         head is still ``expected`` (else :class:`HeadConflict`, nothing written).
-        Returns the new head (size + len(records), ``new_root``)."""
+        ``checkpoint``, the signed note of the new head, is stored in the same
+        transaction (one fsync). Returns the new head (size + len(records),
+        ``new_root``)."""
         ...
 
     async def read(self, start: int, end: int) -> list[bytes]:
@@ -389,8 +397,16 @@ class MemoryStorage:
     async def head(self) -> Head:
         return self._current()
 
-    async def append(self, expected: Head, records: Sequence[SignedRecord], new_root: bytes) -> Head:
+    async def append(
+        self,
+        expected: Head,
+        records: Sequence[SignedRecord],
+        new_root: bytes,
+        checkpoint: str | None = None,
+    ) -> Head:
         rows = prepare(expected, records, new_root)
+        if checkpoint is not None and type(checkpoint) is not str:
+            raise StorageError("a checkpoint note is text")
         current = self._current()
         # One "transaction": nothing below awaits, and nothing touches self
         # until every step before "commit" has passed.
@@ -414,6 +430,8 @@ class MemoryStorage:
                 if r.revocation.target_key is not None:
                     self._rev_key.setdefault(r.revocation.target_key, []).append(r.seq)
         self._head = new_head
+        if checkpoint is not None:
+            self._checkpoint = (new_head.size, checkpoint)
         self._step("commit")
         return new_head
 

@@ -242,8 +242,16 @@ class SqliteStorage:
             with _db_errors("head"):
                 return await self._current()
 
-    async def append(self, expected: Head, records: Sequence[SignedRecord], new_root: bytes) -> Head:
+    async def append(
+        self,
+        expected: Head,
+        records: Sequence[SignedRecord],
+        new_root: bytes,
+        checkpoint: str | None = None,
+    ) -> Head:
         rows = prepare(expected, records, new_root)
+        if checkpoint is not None and type(checkpoint) is not str:
+            raise StorageError("a checkpoint note is text")
         new_head = Head(expected.size + len(rows), new_root)
         async with self._transaction("append") as db:
             self._step("begin")
@@ -301,6 +309,12 @@ class SqliteStorage:
             )
             if changed != 1:
                 raise StorageError("the head row did not take the update")
+            if checkpoint is not None:
+                await _exec(
+                    db,
+                    "INSERT OR REPLACE INTO checkpoint (id, size, note) VALUES (0, ?, ?)",
+                    (new_head.size, checkpoint),
+                )
             self._step("head")
         # committed and fsynced (synchronous = FULL) by the end of the block
         self._step("commit")
