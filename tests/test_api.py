@@ -623,7 +623,7 @@ class CountingStorage(MemoryStorage):
 
 async def test_concurrent_receipts_share_transactions(tmp_path: Path) -> None:
     storage = CountingStorage()
-    async with inprocess_server(tmp_path, V.anchor, V.origin, storage, clock=Clock()) as (client, app):
+    async with inprocess_server(tmp_path, V.anchor, V.origin, storage, clock=Clock()) as (client, _):
         await post(client, V.records)
         plc1, plc2 = V.signer("plc_1"), V.signer("plc_2")
         raws = [
