@@ -123,6 +123,8 @@ async def _read_limited(resp: httpx.Response, limit: int, what: str) -> bytes:
     if length is not None and length.isdigit() and int(length) > limit:
         raise ResponseTooLarge(f"{what} announces {length} bytes, more than the {limit} allowed", limit=limit)
     body = BoundedBody(resp.headers.get("content-encoding"), limit, what)
+    if resp.is_stream_consumed:  # an in-memory response (a test or in-process transport): already read
+        return body.decoded(resp.content)
     async for chunk in resp.aiter_raw():
         body.feed(chunk)
     return body.finish()
@@ -345,7 +347,8 @@ async def _sse_events(resp: httpx.Response, max_event: int) -> AsyncIterator[_Ev
     size = 0
     if resp.headers.get("content-encoding", "identity").strip().lower() != "identity":
         raise TransportError("the event stream is compressed; Writ reads event streams only uncompressed")
-    async for chunk in resp.aiter_raw():
+    chunks = resp.aiter_bytes() if resp.is_stream_consumed else resp.aiter_raw()
+    async for chunk in chunks:
         buf += chunk
         while True:
             m = _LINE.search(buf)

@@ -43,6 +43,12 @@ class BoundedBody:
             f"{self.what} is larger than the {self.limit} bytes allowed", limit=self.limit
         )
 
+    def decoded(self, body: bytes) -> bytes:
+        """A body some transport already read and decoded in memory: only the cap applies."""
+        if len(body) > self.limit:
+            raise self._too_large()
+        return body
+
     def feed(self, chunk: bytes) -> None:
         data = chunk
         for d in self._decoders:
