@@ -121,6 +121,12 @@ def verify(
         raise error(f"{what} does not verify under key {public_key.hex()[:16]}…")
 
 
+def check_batch(items: Sequence[tuple[bytes, bytes, bytes, bytes] | None]) -> list[bool]:
+    """:func:`check` over a list (None: nothing to check, False). A module-level
+    function, so a process pool can run it as well as a thread pool."""
+    return [check(*it) if it is not None else False for it in items]
+
+
 def check_many(
     items: Sequence[tuple[bytes, bytes, bytes, bytes]],
     executor: Executor | None = None,

@@ -78,14 +78,21 @@ class Reason(IntEnum):
 # --- field rules ------------------------------------------------------------
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def _has_control(text: str) -> bool:
-    return any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text)
+    """C0, DEL or C1 control characters."""
+    return _CONTROL.search(text) is not None
 
 
 def check_text(what: str, value: object, max_bytes: int, *, min_bytes: int = 0) -> str:
     if type(value) is not str:
         raise InvalidField(f"{what} must be text")
-    n = len(value.encode("utf-8"))
+    try:
+        n = len(value) if value.isascii() else len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidField(f"{what} must be valid UTF-8 text") from None
     if n > max_bytes or n < min_bytes:
         raise InvalidField(f"{what} must be {min_bytes} to {max_bytes} bytes")
     if _has_control(value):

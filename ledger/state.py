@@ -377,15 +377,20 @@ class LedgerState:
         """
 
         envs, items = self._guess_keys(raws)
-        spans = [(i, min(i + chunk, len(raws))) for i in range(0, len(raws), chunk)]
+        # small spans first, so this thread starts applying while the pool is
+        # still checking the rest (no pipeline bubble at the start of a call)
+        spans: list[tuple[int, int]] = []
+        a, size = 0, min(64, chunk)
+        while a < len(raws):
+            spans.append((a, min(a + size, len(raws))))
+            a, size = a + size, min(size * 2, chunk)
 
-        def run(a: int, b: int) -> list[bool]:
-            return [crypto.check(*it) if it is not None else False for it in items[a:b]]
-
-        futures = [executor.submit(run, a, b) for a, b in spans] if executor is not None else None
+        futures = None
+        if executor is not None:
+            futures = [executor.submit(crypto.check_batch, items[a:b]) for a, b in spans]
         out: list[SignedRecord] = []
         for k, (a, b) in enumerate(spans):
-            results = futures[k].result() if futures is not None else run(a, b)
+            results = futures[k].result() if futures is not None else crypto.check_batch(items[a:b])
             for i in range(a, b):
                 it = items[i]
                 rec = self.apply(
