@@ -7,8 +7,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ledger.state import GrantInfo
+from ledger.views import credential
 
-from .. import views
 from ..problems import Problem, bad_request
 from ..service import LedgerService
 from . import _common as c
@@ -16,7 +16,7 @@ from . import _common as c
 
 async def _one(svc: LedgerService, g: GrantInfo, now: int) -> dict[str, object]:
     raws = await svc.read_records(g.seq, g.seq + 1)
-    return views.credential(svc.state, g, now, raws[0] if raws else None)
+    return credential(svc.state, g, now, raws[0] if raws else None)
 
 
 async def get_credential(request: Request) -> Response:

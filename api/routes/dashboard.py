@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from ledger import records
 from ledger.errors import WritError
+from ledger.views import credential
 
 from .. import views
 from ..service import LedgerService
@@ -74,7 +75,7 @@ def _credentials(svc: LedgerService, q: str) -> str:
     )
     rows = []
     for g in grants[:MAX_CREDENTIALS]:
-        cred = views.credential(state, g, now, None)
+        cred = credential(state, g, now, None)
         status = str(cred["status"])
         rev = cred["revocation"]
         why = ""

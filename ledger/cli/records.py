@@ -26,6 +26,7 @@ from ..crypto import Signer
 from ..errors import UsageError, WritError
 from ..records import EMPTY_HASH, Genesis, Grant, Reason, Revoke
 from ..state import GrantInfo, LedgerState
+from ..views import credential
 from . import common, keys
 from .common import (
     Builder,
@@ -58,40 +59,8 @@ def _root_only(state: LedgerState, signer: Signer, what: str) -> None:
         )
 
 
-def grant_status(state: LedgerState, g: GrantInfo, now: int) -> str:
-    if state.is_revoked(g.seq) or state.key_revoked(g.subject):
-        return "revoked"
-    if g.not_after and now >= g.not_after:
-        return "expired"
-    if now < g.not_before:
-        return "not-yet-valid"
-    return "active"
-
-
-def revocation_of(state: LedgerState, g: GrantInfo) -> dict[str, Any] | None:
-    r = state.revocations.get(g.seq)
-    by = "id"
-    if r is None and g.subject in state.revoked_keys:
-        r = state.revocations.get(g.subject)
-        by = "key"
-    if r is None:
-        return None
-    return {"seq": r.seq, "reason": Reason.label(r.reason), "time": r.time, "signer": r.signer, "by": by}
-
-
 def credential_json(state: LedgerState, g: GrantInfo, now: int) -> dict[str, Any]:
-    return {
-        "seq": g.seq,
-        "name": g.name,
-        "role": g.role,
-        "scope": g.scope,
-        "subject": g.subject.hex(),
-        "not_before": g.not_before,
-        "not_after": g.not_after,
-        "granted_at": g.time,
-        "status": grant_status(state, g, now),
-        "revocation": revocation_of(state, g),
-    }
+    return credential(state, g, now, None)
 
 
 def _is_active(state: LedgerState, g: GrantInfo) -> bool:
