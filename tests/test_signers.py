@@ -17,7 +17,6 @@ import socket
 import stat
 import struct
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +44,9 @@ from ledger.errors import (
 )
 from ledger.signers import agent as agent_mod
 from ledger.signers import file as file_mod
+from tests.fixtures_keys import short_tmp, ssh_agent
+
+__all__ = ["short_tmp", "ssh_agent"]  # pytest fixtures shared with the CLI tests
 from ledger.signers import pkcs11 as p11_mod
 
 SEED = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")  # RFC 8032 test 1
@@ -762,41 +764,6 @@ requires_openssh = pytest.mark.skipif(
     any(shutil.which(tool) is None for tool in ("ssh-agent", "ssh-add", "ssh-keygen")),
     reason="openssh-client is not installed (apt-get install openssh-client)",
 )
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A short directory path: unix socket paths are limited to ~100 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="writ-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def ssh_agent(short_tmp: Path) -> Iterator[str]:
-    sock = short_tmp / "agent.sock"
-    proc = subprocess.Popen(
-        ["ssh-agent", "-D", "-a", str(sock)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("ssh-agent did not start")
-            time.sleep(0.01)
-        yield str(sock)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def openssh_key_file(directory: Path, seed: bytes, name: str = "id_ed25519") -> Path:
