@@ -148,6 +148,7 @@ class LedgerService:
         self._receipt_batch: list[ReceiptRow] = []
         self._receipt_done: asyncio.Future[None] | None = None
         self._receipt_lock = asyncio.Lock()
+        self._receipt_tasks: set[asyncio.Task[None]] = set()
         self._ts_floor = ts_floor
         self._bundles: OrderedDict[int, list[bytes]] = OrderedDict()
         self._tail: list[bytes] = []  # records of the current partial entry bundle
@@ -516,21 +517,35 @@ class LedgerService:
     async def _store_receipt(self, row: ReceiptRow) -> None:
         """Durably store ``row`` before the reply, group-committed: receipts that
         arrive while a transaction is running share the next one (one fsync for
-        a whole fleet's burst instead of one each)."""
+        a whole fleet's burst instead of one each). The flush runs in its own
+        task, so a request cancelled while it waits can never strand the others."""
         self._receipt_batch.append(row)
         fut = self._receipt_done
         if fut is None:
             fut = self._receipt_done = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(self._flush_receipts(fut), name="writ-receipts")
+            self._receipt_tasks.add(task)
+            task.add_done_callback(self._receipt_tasks.discard)
+        await asyncio.shield(fut)
+
+    async def _flush_receipts(self, fut: asyncio.Future[None]) -> None:
+        try:
             async with self._receipt_lock:
                 batch, self._receipt_batch = self._receipt_batch, []
+                if self._receipt_done is fut:
+                    self._receipt_done = None
+                await self.storage.put_receipts(batch)
+        except BaseException as exc:
+            if not fut.done():
+                fut.set_exception(exc if isinstance(exc, Exception) else StorageError("receipts not stored"))
+                fut.exception()  # its waiters may all be gone: never "exception was never retrieved"
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            fut.set_result(None)
+        finally:
+            if self._receipt_done is fut:  # cancelled before it took the batch
                 self._receipt_done = None
-                try:
-                    await self.storage.put_receipts(batch)
-                except Exception as exc:
-                    fut.set_exception(exc)
-                else:
-                    fut.set_result(None)
-        await fut
 
     async def accept_receipt(self, raw: bytes) -> dict[str, object]:
         r = messages.parse_receipt(raw)

@@ -113,10 +113,10 @@ def split_record(raw: bytes) -> tuple[bytes, bytes, list[Any]]:
     if type(outer) is not list or len(outer) != 2:
         raise NotCanonical("a record is a 2-element array [body, signature]")
     body, sig = outer
+    if type(body) is bytes and len(body) > MAX_BODY:  # step 1 comes before step 2's shape check
+        raise TooLarge(f"body is {len(body)} bytes, the limit is {MAX_BODY}")
     if type(body) is not bytes or type(sig) is not bytes or len(sig) != 64:
         raise NotCanonical("a record is [body: bin, signature: bin(64)]")
-    if len(body) > MAX_BODY:
-        raise TooLarge(f"body is {len(body)} bytes, the limit is {MAX_BODY}")
     fields = unpack_array(body, min_len=6, max_depth=1)
     return body, sig, fields
 

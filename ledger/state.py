@@ -155,9 +155,8 @@ class LedgerState:
         return found
 
     def is_root_key(self, key: bytes) -> bool:
-        return any(k == key for _, k in self.roots) or (
-            self.pending_digest is not None and crypto.sha256(key) == self.pending_digest
-        )
+        """A root key, current or past (PROTOCOL step 12)."""
+        return any(k == key for _, k in self.roots)
 
     def is_grant(self, seq: int) -> bool:
         return seq in self.grant_bits
@@ -269,14 +268,16 @@ class LedgerState:
                     f"signer {env.signer} is not an active revoker grant at this time", seq=seq
                 )
             return g.subject
+        new_root: bytes = b""
+        if env.kind is Kind.ROTATE:  # step 10 for a rotate: new_root's type, signer == 0, the digest
+            if type(env.extra[0]) is not bytes or len(env.extra[0]) != 32:
+                raise InvalidField("new_root must be 32 bytes", seq=seq)
+            new_root = env.extra[0]
         if env.signer != 0:
             raise UnauthorizedSigner("only a revoke may name a signer other than the root", seq=seq)
         if env.kind is Kind.GENESIS:
             return self.anchor
         if env.kind is Kind.ROTATE:
-            new_root = env.extra[0]
-            if type(new_root) is not bytes or len(new_root) != 32:
-                raise InvalidField("new_root must be 32 bytes", seq=seq)
             if self.pending_digest is None:
                 raise UnauthorizedSigner("no successor root is committed: no rotation is possible", seq=seq)
             if crypto.sha256(new_root) != self.pending_digest:

@@ -636,6 +636,37 @@ async def test_concurrent_receipts_share_transactions(tmp_path: Path) -> None:
         assert rows[3].time == T0 + 39 and rows[4].time == T0 + 38  # the latest of each device kept
 
 
+async def test_a_cancelled_receipt_request_strands_no_other(tmp_path: Path) -> None:
+    """A request cancelled while its receipt waits for the next group commit must not
+    leave the requests that joined its group (or later ones) waiting forever."""
+    storage = CountingStorage()
+    async with inprocess_server(tmp_path, V.anchor, V.origin, storage, clock=Clock()) as (client, app):
+        await post(client, V.records)
+        svc = service(app)
+        plc1, plc2 = V.signer("plc_1"), V.signer("plc_2")
+        rows = [
+            ReceiptRow(
+                3 if i % 2 else 4,
+                10,
+                FINAL_ROOT,
+                T0 + i,
+                receipt(plc1 if i % 2 else plc2, 3 if i % 2 else 4, 10, FINAL_ROOT, T0 + i),
+                T0,
+            )
+            for i in range(4)
+        ]
+        first = asyncio.create_task(svc._store_receipt(rows[0]))  # holds the transaction
+        await asyncio.sleep(0)
+        leader = asyncio.create_task(svc._store_receipt(rows[1]))  # leads the next group
+        follower = asyncio.create_task(svc._store_receipt(rows[2]))  # joins it
+        await asyncio.sleep(0)
+        leader.cancel()
+        await asyncio.wait_for(asyncio.gather(first, follower), 2)
+        await asyncio.wait_for(svc._store_receipt(rows[3]), 2)  # and later receipts still flow
+        kept = {r.device_grant_seq: r.time for r in await storage.receipts()}
+        assert kept == {3: T0 + 3, 4: T0 + 2}
+
+
 async def test_receipts_survive_a_restart(tmp_path: Path) -> None:
     storage = MemoryStorage()
     async with inprocess_server(tmp_path, V.anchor, V.origin, storage, clock=Clock()) as (client, app):

@@ -202,3 +202,41 @@ def test_damaged_snapshot_is_refused() -> None:
         LedgerState.restore(snap[:-3])
     with pytest.raises(errors.BadMessage):
         LedgerState.restore(b"\x93\x01\x02\x03")
+
+
+def test_the_pending_successor_key_is_not_a_root_key_yet() -> None:
+    """Step 12 forbids root keys current or past: the committed successor is neither,
+    so a grant to it (or a revoke of it by key) follows the table like any other key."""
+    st = applied(9)  # after the rotate to root_next; root_next_2 is pending
+    successor = V.public("root_next_2")
+    assert st.pending_digest == crypto.sha256(successor)
+    body = Grant(st.size, st.root, st.last_time, successor, "operator", "", "odd-but-legal", 0, 0)
+    st.copy().apply(records.sign(body, V.signer("root_next")))
+    with pytest.raises(errors.InvalidField):  # a current root key stays refused
+        st.copy().apply(
+            records.sign(
+                Grant(st.size, st.root, st.last_time, V.public("root_next"), "operator", "", "x", 0, 0),
+                V.signer("root_next"),
+            )
+        )
+
+
+def test_an_oversized_body_is_too_large_even_with_a_bad_signature_shape() -> None:
+    """Step 1 (sizes) comes before step 2 (shape): a 513-byte body beside a 63-byte signature."""
+    body = encoding.pack([1, 1, 1, b"\x00" * 32, 0, 0, b"x" * 32, "operator", "s" * 400, "n", 0, 0])
+    big = encoding.pack(
+        [1, 1, 1, b"\x00" * 32, 0, 0, b"x" * 32, "operator", "s" * (400 + 513 - len(body)), "n", 0, 0]
+    )
+    assert len(big) > encoding.MAX_BODY
+    raw = encoding.pack([big, b"\x01" * 63])
+    assert len(raw) <= encoding.MAX_RECORD
+    with pytest.raises(errors.TooLarge):
+        records.parse(raw)
+
+
+def test_rotate_with_a_malformed_new_root_is_invalid_field_before_the_signer_rule() -> None:
+    st = applied(8)
+    body = encoding.pack([1, 3, st.size, st.root, st.last_time, 7, b"short", None])
+    raw = encoding.join_record(body, b"\x00" * 64)
+    with pytest.raises(errors.InvalidField):
+        st.apply(raw)

@@ -524,6 +524,17 @@ def test_witness_cosignatures_counted() -> None:
     assert verify_checkpoint(note, ORIGIN, [LOG_PUB]).cosigners == ()
 
 
+@pytest.mark.parametrize("name", ["", "witness one", "a+b", "tab\there"])
+def test_a_witness_grant_whose_name_cannot_be_a_key_name_is_ignored(name: str) -> None:
+    """A grant name may hold spaces or '+'; a note key name may not. Such a witness
+    can sign nothing verifiable, so it is ignored: it must never make every
+    checkpoint of the ledger unacceptable (a denial of service by one grant)."""
+    witnesses = ((name, W1.public_key), ("w2.example", W2.public_key))
+    note = add_signatures(CP_NOTE, [cosign(FINAL, "w2.example", W2, CP_TIME + 1)])
+    got = verify_checkpoint(note, ORIGIN, [LOG_PUB], witnesses, require_witnesses=1)
+    assert got.cosigners == ("w2.example",) and got.timestamp == CP_TIME
+
+
 def test_cosign_line_shape() -> None:
     line = cosign(FINAL, "w1.example", W1, 1679315147)
     assert line.startswith("— w1.example ") and line.endswith("\n")

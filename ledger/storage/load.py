@@ -22,6 +22,7 @@ runs (the server loads before it listens).
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -89,7 +90,9 @@ async def load_ledger(
                 )
                 break
         try:
-            applied = state.apply_all(raws, executor=executor)
+            # the in-order rules run in a worker thread: a reload inside a serving
+            # process must not stall its event loop
+            applied = await asyncio.to_thread(state.apply_all, raws, executor=executor)
         except WritError as exc:
             # records before the bad one stay applied: state.size is the bad position
             raise CorruptLedger(
