@@ -101,6 +101,7 @@ from ledger.records import Genesis, Grant, Kind, Revoke
 from ledger.state import LedgerState
 from ledger.view import AcceptedView, Evidence
 
+from .cli import _seconds
 from .device import DEFAULT_MAX_STALENESS, Device, OwnGrant
 from .sources import (
     DEFAULT_TIMEOUT,
@@ -1757,16 +1758,6 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError("expected a positive integer")
     return int(text)
-
-
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected a number of seconds") from None
-    if not 0 < v <= 3600:
-        raise argparse.ArgumentTypeError("expected 0 < seconds <= 3600")
-    return v
 
 
 def _share(text: str) -> float:

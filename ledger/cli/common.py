@@ -42,6 +42,7 @@ from ..errors import (
     WritError,
     by_type,
 )
+from ..signers.file import create_private
 from ..state import LedgerState
 from ..transport import IDENTITY, BoundedBody
 from .main import EXIT_FAILED, EXIT_USAGE, CommandFailed
@@ -310,24 +311,7 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
 
 def write_new(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     """Create ``path`` (refusing an existing file) with ``mode``."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    except FileExistsError:
-        raise UsageError(f"refusing to overwrite the existing file {path}") from None
-    except OSError as exc:
-        raise UsageError(f"cannot create {path}: {exc.strerror}") from None
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except OSError as exc:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
-    os.close(fd)
+    create_private(path, data, mode=mode)
 
 
 def fsync_dir(directory: Path) -> None:

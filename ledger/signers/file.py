@@ -37,7 +37,7 @@ import nacl.secret
 import nacl.utils
 
 from ..crypto import PUBLIC_KEY_SIZE, SEED_SIZE, SeedSigner
-from ..errors import BadKeyFile, UsageError, WrongPassphrase
+from ..errors import BadKeyFile, UsageError, WritError, WrongPassphrase
 
 FORMAT: Final = "writ-key/v1"
 KDF: Final = "argon2id13"
@@ -159,14 +159,31 @@ def write_key_file(
     data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
     target = os.fspath(path)
+    create_private(target, data, error=BadKeyFile, what="key file ")
+    _fsync_dir(os.path.dirname(os.path.abspath(target)))
+    return public_key
+
+
+def create_private(
+    path: str | os.PathLike[str],
+    data: bytes,
+    *,
+    mode: int = 0o600,
+    error: type[WritError] = UsageError,
+    what: str = "",
+) -> None:
+    """Create ``path`` exclusively with ``mode`` (never more permissive, whatever
+    the umask), write and fsync ``data``; on failure nothing is left behind.
+    Refuses an existing file with UsageError; other failures raise ``error``."""
+    target = os.fspath(path)
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     except FileExistsError:
         raise UsageError(f"refusing to overwrite the existing file {target}") from None
     except OSError as e:
-        raise BadKeyFile(f"cannot create key file {target}: {e.strerror}") from None
+        raise error(f"cannot create {what}{target}: {e.strerror}") from None
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
@@ -175,10 +192,8 @@ def write_key_file(
         os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(target)
-        raise BadKeyFile(f"cannot write key file {target}: {e.strerror}") from None
+        raise error(f"cannot write {what}{target}: {e.strerror}") from None
     os.close(fd)
-    _fsync_dir(os.path.dirname(os.path.abspath(target)))
-    return public_key
 
 
 def _fsync_dir(directory: str) -> None:

@@ -285,13 +285,17 @@ def missing_records(start: int, end: int, seqs: Sequence[int]) -> CorruptLedger 
     return None
 
 
-def prepare(expected: Head, records: Sequence[SignedRecord], new_root: bytes) -> list[PreparedRecord]:
+def prepare(
+    expected: Head, records: Sequence[SignedRecord], new_root: bytes, checkpoint: str | None = None
+) -> list[PreparedRecord]:
     """Check an append's arguments and derive the rows to store; raises
     :class:`StorageError` (a caller's bug, not a rejection: the records were
     verified before) when the batch is empty, not contiguous from
     ``expected.size``, or carries a leaf hash that is not its bytes'."""
 
     check_head(expected)
+    if checkpoint is not None and type(checkpoint) is not str:
+        raise StorageError("a checkpoint note is text")
     check_hash("new_root", new_root)
     if isinstance(records, str | bytes) or len(records) == 0:
         raise StorageError("an append needs at least one record")
@@ -404,9 +408,7 @@ class MemoryStorage:
         new_root: bytes,
         checkpoint: str | None = None,
     ) -> Head:
-        rows = prepare(expected, records, new_root)
-        if checkpoint is not None and type(checkpoint) is not str:
-            raise StorageError("a checkpoint note is text")
+        rows = prepare(expected, records, new_root, checkpoint)
         current = self._current()
         # One "transaction": nothing below awaits, and nothing touches self
         # until every step before "commit" has passed.

@@ -249,9 +249,7 @@ class SqliteStorage:
         new_root: bytes,
         checkpoint: str | None = None,
     ) -> Head:
-        rows = prepare(expected, records, new_root)
-        if checkpoint is not None and type(checkpoint) is not str:
-            raise StorageError("a checkpoint note is text")
+        rows = prepare(expected, records, new_root, checkpoint)
         new_head = Head(expected.size + len(rows), new_root)
         async with self._transaction("append") as db:
             self._step("begin")
