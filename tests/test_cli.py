@@ -35,6 +35,7 @@ from ledger.mirror import Mirror, default_dir
 from ledger.records import Grant
 from ledger.signers import load_key_file
 from ledger.state import LedgerState
+from ledger.tree import leaf_hash, mth
 from tests.fixtures_keys import (
     PIN,
     requires_openssh,
@@ -655,6 +656,75 @@ def test_audit_ok_then_tampered_database(writ: Writ, ledger: Ledger) -> None:
     t = writ("audit --data", srv.data_dir, "--anchor", ledger.anchor.hex())
     assert (t.code, t.doc["error"], t.doc["seq"]) == (3, "bad-signature", 3)
     assert "Traceback" not in t.err
+
+
+def _backup_copy(srv: Server, dest: Path) -> Path:
+    """A consistent copy of the server's database in ``dest`` (as the backup script makes it)."""
+    dest.mkdir()
+    src = sqlite3.connect(srv.data_dir / "ledger.db")
+    dst = sqlite3.connect(dest / "ledger.db")
+    src.backup(dst)
+    src.close()
+    dst.close()
+    return dest
+
+
+def test_audit_data_refuses_a_stored_leaf_hash_that_serve_refuses(
+    writ: Writ, ledger: Ledger, tmp_path: Path
+) -> None:
+    """One routine for both: a backup whose stored leaf hash is not its record's fails the audit."""
+    copy = _backup_copy(ledger.srv, tmp_path / "backup")
+    assert writ.ok("audit --data", copy, "--anchor", ledger.anchor.hex())["size"] == 2
+    db = sqlite3.connect(copy / "ledger.db")
+    db.execute("UPDATE records SET leaf_hash = ? WHERE seq = 1", (b"\x00" * 32,))
+    db.commit()
+    db.close()
+    t = writ("audit --data", copy, "--anchor", ledger.anchor.hex())
+    assert (t.code, t.doc["error"], t.doc["seq"]) == (3, "leaf-hash-mismatch", 1)
+    assert "Traceback" not in t.err
+
+
+def test_audit_data_of_a_truncated_ledger_names_the_first_missing_seq(
+    writ: Writ, ledger: Ledger, tmp_path: Path
+) -> None:
+    for i in range(4):
+        writ.ok(
+            "grant --server",
+            ledger.srv.url,
+            "--subject",
+            f"{i + 1:02x}" * 32,
+            "--role operator --name",
+            f"t-{i}",
+            *ledger.key(),
+        )
+    copy = _backup_copy(ledger.srv, tmp_path / "backup")  # 6 records, checkpoint of size 6
+    db = sqlite3.connect(copy / "ledger.db")
+    db.execute("DELETE FROM records WHERE seq >= 4")
+    db.commit()
+    db.close()
+    t = writ("audit --data", copy, "--anchor", ledger.anchor.hex())
+    assert (t.code, t.doc["seq"]) == (3, 4)
+    # and when the head row was cut back too, the signed checkpoint still names what is missing
+    db = sqlite3.connect(copy / "ledger.db")
+    db.execute("UPDATE head SET size = 4, root = ?", (mth([leaf_hash(r) for r in ledger.srv.records()[:4]]),))
+    db.commit()
+    db.close()
+    t = writ("audit --data", copy, "--anchor", ledger.anchor.hex())
+    assert (t.code, t.doc["seq"]) == (3, 4)
+
+
+def test_audit_data_opens_read_only_and_creates_no_side_files(
+    writ: Writ, ledger: Ledger, tmp_path: Path
+) -> None:
+    copy = _backup_copy(ledger.srv, tmp_path / "backup")
+    (copy / "ledger.db").chmod(0o444)
+    copy.chmod(0o555)  # a read-only mount, as far as a non-root auditor can tell
+    try:
+        d = writ.ok("audit --data", copy, "--anchor", ledger.anchor.hex())
+        assert d["size"] == 2
+        assert sorted(p.name for p in copy.iterdir()) == ["ledger.db"]  # no -wal, no -shm
+    finally:
+        copy.chmod(0o755)
 
 
 def test_show_and_log_explain_the_history(writ: Writ, ledger: Ledger) -> None:

@@ -248,11 +248,23 @@ async def assert_stored(store: Storage, chain: Chain) -> None:
     """Storage holds exactly the chain: head, bytes, leaf hashes, and it audits clean."""
     assert await store.head() == chain.head
     assert await store.read(0, 1 << 40) == chain.raws
-    assert await store.leaf_hashes(0, 1 << 40) == [leaf_hash(r) for r in chain.raws]
+    assert [h for batch in [b async for b in store.scan()] for _, _, h in batch] == [
+        leaf_hash(r) for r in chain.raws
+    ]
     loaded = await load_ledger(store, anchor=V.anchor, origin=V.origin)
     assert loaded.head == chain.head
     assert loaded.state.root == chain.state.root and loaded.state.size == chain.state.size
     assert loaded.levels.size == chain.state.size and loaded.levels.root() == chain.state.root
+
+
+async def stored_grants(store: Storage, name: str) -> list[int]:
+    """Seqs of the stored grants named ``name``, read back from the records themselves."""
+    out = []
+    for seq, raw in enumerate(await store.read(0, 1 << 40)):
+        env = records.parse(raw)
+        if env.kind == records.Kind.GRANT and env.extra[3] == name:
+            out.append(seq)
+    return out
 
 
 # --- identity ---------------------------------------------------------------------
@@ -268,7 +280,6 @@ async def test_new_ledger(backend: Backend, store: AnyStorage) -> None:
     assert meta.created_at > 1_700_000_000
     assert await store.head() == EMPTY_HEAD == Head(0, sha256(b""))
     assert await store.read(0, 10) == []
-    assert await store.leaf_hashes(0, 10) == []
     assert [b async for b in store.scan()] == []
     assert await store.latest_checkpoint() is None
     assert await store.receipts() == []
@@ -319,7 +330,7 @@ async def test_uninitialised_is_ledger_missing(backend: Backend) -> None:
         store.append(EMPTY_HEAD, batch.records, batch.new_root),
         store.read(0, 1),
         store.put_checkpoint(0, "x"),
-        store.put_receipt(3, 1, b"\x00" * 32, 1, b"r", 1),
+        store.put_receipts([ReceiptRow(3, 1, b"\x00" * 32, 1, b"r", 1)]),
     ):
         with pytest.raises(LedgerMissing):
             await call
@@ -353,7 +364,6 @@ async def test_append_read_round_trip_verbatim(backend: Backend, store: AnyStora
     assert await store.read(77, 80) == []
     assert await store.read(9, 9) == []
     assert await store.read(12, 3) == []
-    assert await store.leaf_hashes(5, 6) == [leaf_hash(raws[5])]
     # scan: every record in order, in batches of the asked size
     batches = [b async for b in store.scan(batch=10)]
     assert [len(b) for b in batches] == [10] * 7 + [7]
@@ -367,7 +377,7 @@ async def test_negative_range_is_refused(store: AnyStorage) -> None:
     with pytest.raises(StorageError):
         await store.read(-1, 3)
     with pytest.raises(StorageError):
-        await store.leaf_hashes(0, -3)
+        await store.read(0, -3)
     with pytest.raises(StorageError):
         async for _ in store.scan(batch=0):
             pass
@@ -402,7 +412,7 @@ async def test_stale_expected_head_is_head_conflict_and_writes_nothing(store: An
     assert info.value.type == "stale-head"
     assert info.value.detail == {"size": before.size, "root": before.root.hex()}
     await assert_stored(store, chain)
-    assert await store.grants_named("fresh") == []
+    assert await stored_grants(store, "fresh") == []
     await push(store, chain, fresh)
 
 
@@ -424,8 +434,8 @@ async def test_concurrent_appends_for_one_head_exactly_one_wins(backend: Backend
     chain.commit(winner)
     await assert_stored(store, chain)
     loser_name = "team-b" if winner is a else "team-a"
-    assert await store.grants_named(loser_name) == []
-    assert len(await store.grants_named("team-a" if winner is a else "team-b")) == len(winner.records)
+    assert await stored_grants(store, loser_name) == []
+    assert len(await stored_grants(store, "team-a" if winner is a else "team-b")) == len(winner.records)
     store = await backend.reopen(store)
     await assert_stored(store, chain)
 
@@ -451,7 +461,7 @@ async def test_many_concurrent_writers_serialise(store: AnyStorage) -> None:
     await asyncio.gather(*(writer(i) for i in range(6)))
     await assert_stored(store, chain)
     for i in range(6):
-        assert len(await store.grants_named(f"writer-{i}")) == 2
+        assert len(await stored_grants(store, f"writer-{i}")) == 2
 
 
 def _reordered(b: Batch) -> list[SignedRecord]:
@@ -503,51 +513,12 @@ async def test_uint64_edges_survive_storage(backend: Backend, store: AnyStorage)
     await push(store, chain, g)
     seq = g.records[0].seq
     await push(store, chain, chain.revoke(seq, reason=top))
-    await store.put_receipt(3, chain.state.size, chain.state.root, top, b"receipt", top)
+    await store.put_receipts([ReceiptRow(3, chain.state.size, chain.state.root, top, b"receipt", top)])
     store = await backend.reopen(store)
-    assert await store.grants_named("forever") == [seq]
-    assert await store.revocations_of(seq) == [chain.state.size - 1]
-    assert await store.revocations_of(top) == []
+    assert await stored_grants(store, "forever") == [seq]
     [row] = await store.receipts()
     assert (row.time, row.received_at) == (top, top)
     await assert_stored(store, chain)
-
-
-# --- indexes ---------------------------------------------------------------------
-
-
-async def test_index_lookups_match_the_verified_state(backend: Backend, store: AnyStorage) -> None:
-    chain = await loaded_chain(store, grants=6)
-    shared = chain.random_key()
-    await push(store, chain, chain.grants(3, name="fleet"))
-    await push(store, chain, chain.grants(2, subject=shared, role="operator"))
-    fleet = await store.grants_named("fleet")
-    assert len(fleet) == 3
-    await push(store, chain, chain.revoke(fleet[1]))
-    await push(store, chain, chain.revoke(chain.random_key(), reason=int(Reason.KEY_COMPROMISE)))
-    store = await backend.reopen(store)
-
-    st_ = chain.state
-    names = {g.name for g in st_.grants.values()}
-    assert {"plc-1", "plc-2", "tablet-07", "tablet-08", "ledger-server", "oncall-laptop", "fleet"} <= names
-    for name in names:
-        assert await store.grants_named(name) == sorted(g.seq for g in st_.grants_named(name))
-    for subject in {g.subject for g in st_.grants.values()}:
-        assert await store.grants_of(subject) == sorted(g.seq for g in st_.grants_of(subject))
-    assert len(await store.grants_of(shared)) == 2
-    for target, rev in st_.revocations.items():
-        if isinstance(target, int):
-            assert await store.revocations_of(target) == [rev.seq]
-        else:
-            assert await store.revocations_of_key(target) == [rev.seq]
-    # the vectors' own: the revoker's revoke of tablet-07 (seq 5) is seq 6; the key revoke is seq 7
-    assert await store.revocations_of(5) == [6]
-    assert await store.revocations_of_key(records.parse(V.records[7]).extra[0]) == [7]
-    # unknowns
-    assert await store.grants_named("nobody") == []
-    assert await store.grants_of(b"\x07" * 32) == []
-    assert await store.revocations_of(3) == []
-    assert await store.revocations_of_key(b"\x07" * 32) == []
 
 
 # --- receipts and checkpoints --------------------------------------------------------
@@ -566,7 +537,7 @@ async def test_receipts_keep_the_latest_per_device(backend: Backend, store: AnyS
         ((4, 1, 1), (1, 1)),  # another device
     ]
     for i, ((dev, size, time), kept) in enumerate(steps):
-        await store.put_receipt(dev, size, root, time, f"raw-{i}".encode(), 1_000 + i)
+        await store.put_receipts([ReceiptRow(dev, size, root, time, f"raw-{i}".encode(), 1_000 + i)])
         rows = {r.device_grant_seq: r for r in await store.receipts()}
         assert (rows[dev].size, rows[dev].time) == kept, steps[i]
     store = await backend.reopen(store)
@@ -579,7 +550,7 @@ async def test_receipts_keep_the_latest_per_device(backend: Backend, store: AnyS
 async def test_receipts_in_one_batch_keep_the_latest_per_device(backend: Backend, store: AnyStorage) -> None:
     """put_receipts (one transaction) keeps the same rows as one put_receipt after another."""
     root = b"\x22" * 32
-    await store.put_receipt(3, 6, root, 50, b"old", 1)
+    await store.put_receipts([ReceiptRow(3, 6, root, 50, b"old", 1)])
     await store.put_receipts(
         [
             ReceiptRow(3, 5, root, 100, b"smaller", 2),  # smaller than stored: ignored
@@ -599,9 +570,9 @@ async def test_receipts_in_one_batch_keep_the_latest_per_device(backend: Backend
 
 async def test_receipt_arguments_are_checked(store: AnyStorage) -> None:
     with pytest.raises(StorageError):
-        await store.put_receipt(3, 1, b"short", 1, b"r", 1)
+        await store.put_receipts([ReceiptRow(3, 1, b"short", 1, b"r", 1)])
     with pytest.raises(StorageError):
-        await store.put_receipt(-3, 1, b"\x00" * 32, 1, b"r", 1)
+        await store.put_receipts([ReceiptRow(-3, 1, b"\x00" * 32, 1, b"r", 1)])
     assert await store.receipts() == []
 
 
@@ -673,14 +644,14 @@ async def test_crash_at_each_step(backend: Backend, step: str, n: int) -> None:
     # the same connection, before any restart, already shows all or nothing
     assert await store.head() == (batch.head if persisted else batch.expected)
     assert len(await store.read(0, 1 << 40)) == (batch.head if persisted else batch.expected).size
-    assert len(await store.grants_named("faulted")) == (n if persisted else 0)
+    assert len(await stored_grants(store, "faulted")) == (n if persisted else 0)
     store = await backend.reopen(store)
 
     if persisted:
         chain.commit(batch)
     await assert_stored(store, chain)  # audits clean, wholly present or wholly absent
     assert (await store.read(0, len(acknowledged))) == acknowledged
-    assert await store.grants_named("faulted") == ([r.seq for r in batch.records] if persisted else [])
+    assert await stored_grants(store, "faulted") == ([r.seq for r in batch.records] if persisted else [])
     # the storage is usable: the next append with the right head works
     await push(store, chain, chain.grants(3))
     store = await backend.reopen(store)
@@ -710,7 +681,7 @@ async def test_cancelled_append_is_all_or_nothing(backend: Backend) -> None:
             chain.commit(batch)
         assert await store.read(0, 1 << 40) == chain.raws
         assert (
-            await store.grants_named(f"cancel-{ticks}")
+            await stored_grants(store, f"cancel-{ticks}")
             == [r.seq for r in batch.records][: 4 * (head == batch.head)]
         )
     await push(store, chain, chain.grants(1))
@@ -801,7 +772,7 @@ async def test_read_over_a_missing_row_is_corrupt_ledger(backend: Backend) -> No
     await loaded_chain(store, grants=5)
     s = await backend.delete(store, 4)
     assert len(await s.read(0, 4)) == 4
-    for call in (s.read(0, 15), s.read(4, 5), s.leaf_hashes(2, 9)):
+    for call in (s.read(0, 15), s.read(4, 5), s.read(2, 9)):
         with pytest.raises(CorruptLedger) as info:
             await call
         assert (info.value.seq, info.value.cause) == (4, "missing-record")
@@ -855,16 +826,14 @@ async def test_sqlite_connection_is_durable(tmp_path: Path) -> None:
 
 def test_schema_is_package_data_with_every_table() -> None:
     sql = schema_sql()
-    for table in ("meta", "records", "head", "grants", "revocations", "receipts", "checkpoint"):
+    for table in ("meta", "records", "head", "receipts", "checkpoint"):
         assert f"CREATE TABLE IF NOT EXISTS {table} " in sql
+    assert "grants" not in sql.split("--")[-1] and "CREATE INDEX" not in sql
     con = sqlite3.connect(":memory:")
     try:
         con.executescript(sql)
-        indexes = {
-            r[0]: r[1] for r in con.execute("SELECT name, tbl_name FROM sqlite_master WHERE type='index'")
-        }
-        assert {indexes[n] for n in indexes if not n.startswith("sqlite_")} == {"grants", "revocations"}
-        assert len([n for n in indexes if not n.startswith("sqlite_")]) == 4
+        indexes = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='index'")]
+        assert [n for n in indexes if not n.startswith("sqlite_")] == []  # no secondary index to keep
         assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         with pytest.raises(sqlite3.IntegrityError):
             con.execute("INSERT INTO head (id, size, root) VALUES (1, 0, ?)", (b"\x00" * 32,))
@@ -917,28 +886,6 @@ async def test_sqlite_open_without_create(tmp_path: Path) -> None:
     (tmp_path / "empty.db").touch()
     with pytest.raises(LedgerMissing):
         await SqliteStorage.open(tmp_path / "empty.db")
-
-
-async def test_sqlite_online_backup_is_a_loadable_copy(tmp_path: Path) -> None:
-    s = await SqliteStorage.open(tmp_path / "live.db", create=True)
-    try:
-        await s.init(V.origin, V.anchor, LOG_KEY)
-        chain = await loaded_chain(s, grants=30)
-        await s.put_checkpoint(40, "note\n")
-        await s.online_backup(tmp_path / "copy.db")
-        with pytest.raises(StorageError):
-            await s.online_backup(tmp_path / "copy.db")  # never overwrites
-        await push(s, chain, chain.grants(2))  # the live one goes on
-    finally:
-        await s.close()
-    copy = await SqliteStorage.open(tmp_path / "copy.db")
-    try:
-        loaded = await load_ledger(copy, anchor=V.anchor, origin=V.origin)
-        assert loaded.head.size == 40
-        assert await copy.latest_checkpoint() == "note\n"
-        assert (await copy.pragmas())["user_version"] == SCHEMA_VERSION
-    finally:
-        await copy.close()
 
 
 _KILLED = 77
@@ -1036,7 +983,6 @@ def test_any_batching_reads_back_the_same(cuts: list[int], ranges: list[tuple[in
         raws = [r.raw for r in recs]
         for start, end in ranges:
             assert await store.read(start, end) == raws[start:end]
-            assert await store.leaf_hashes(start, end) == [r.leaf_hash for r in recs[start:end]]
         loaded = await load_ledger(store, anchor=V.anchor, origin=V.origin)
         assert loaded.head == Head(len(recs), levels.root())
         await store.close()
@@ -1048,3 +994,104 @@ def test_any_batching_reads_back_the_same(cuts: list[int], ranges: list[tuple[in
             await run(await SqliteStorage.open(Path(d) / "p.db", create=True))
 
         asyncio.run(sqlite_run())
+
+
+# --- schema v1 -> v2 and read-only opens -------------------------------------------------
+
+_V1_INDEX_TABLES = """
+CREATE TABLE grants (seq INTEGER PRIMARY KEY REFERENCES records (seq), subject BLOB NOT NULL,
+    role TEXT NOT NULL, scope TEXT NOT NULL, name TEXT NOT NULL, not_before INTEGER NOT NULL,
+    not_after INTEGER NOT NULL, time INTEGER NOT NULL);
+CREATE INDEX grants_by_name ON grants (name);
+CREATE INDEX grants_by_subject ON grants (subject);
+CREATE TABLE revocations (seq INTEGER PRIMARY KEY REFERENCES records (seq), target_seq INTEGER,
+    target_key BLOB, reason INTEGER NOT NULL, signer INTEGER NOT NULL, time INTEGER NOT NULL);
+CREATE INDEX revocations_by_target_seq ON revocations (target_seq);
+CREATE INDEX revocations_by_target_key ON revocations (target_key);
+PRAGMA user_version = 1;
+"""
+
+
+async def _as_v1_file(tmp_path: Path) -> tuple[Path, Chain]:
+    """A ledger file as version 1 of the schema left it (with its index tables)."""
+    path = tmp_path / "v1.db"
+    s = await SqliteStorage.open(path, create=True)
+    await s.init(V.origin, V.anchor, LOG_KEY)
+    chain = await loaded_chain(s, grants=12)
+    await s.close()
+    con = sqlite3.connect(path)
+    con.executescript(_V1_INDEX_TABLES)
+    con.close()
+    return path, chain
+
+
+async def test_a_v1_file_is_migrated_in_place_and_keeps_every_record(tmp_path: Path) -> None:
+    path, chain = await _as_v1_file(tmp_path)
+    s = await SqliteStorage.open(path)
+    try:
+        assert (await s.pragmas())["user_version"] == SCHEMA_VERSION == 2
+        await assert_stored(s, chain)
+        await push(s, chain, chain.grants(2))  # and appends go on
+    finally:
+        await s.close()
+    con = sqlite3.connect(path)
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    con.close()
+    assert "grants" not in tables and "revocations" not in tables
+
+
+async def test_read_only_open_reads_a_v1_file_without_changing_it(tmp_path: Path) -> None:
+    path, chain = await _as_v1_file(tmp_path)
+    before = path.read_bytes()
+    s = await SqliteStorage.open(path, read_only=True)
+    try:
+        await assert_stored(s, chain)
+    finally:
+        await s.close()
+    assert path.read_bytes() == before
+
+
+async def test_read_only_open_creates_no_side_files_and_refuses_writes(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    s = await SqliteStorage.open(path, create=True)
+    await s.init(V.origin, V.anchor, LOG_KEY)
+    chain = await loaded_chain(s, grants=3)
+    await s.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.db"]  # a clean close leaves no WAL
+    tmp_path.chmod(0o555)  # a read-only directory (root ignores it: the side-file check below holds anyway)
+    try:
+        ro = await SqliteStorage.open(path, read_only=True)
+        try:
+            await assert_stored(ro, chain)
+            batch = chain.grants(1)
+            for call in (
+                ro.append(batch.expected, batch.records, batch.new_root),
+                ro.put_checkpoint(0, "x"),
+                ro.put_receipts([ReceiptRow(3, 1, b"\x00" * 32, 1, b"r", 1)]),
+            ):
+                with pytest.raises(StorageError):
+                    await call
+        finally:
+            await ro.close()
+    finally:
+        tmp_path.chmod(0o755)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.db"]
+    with pytest.raises(StorageError):
+        await SqliteStorage.open(path, create=True, read_only=True)
+
+
+async def test_read_only_open_sees_a_running_writers_latest_commit(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    writer = await SqliteStorage.open(path, create=True)
+    try:
+        await writer.init(V.origin, V.anchor, LOG_KEY)
+        chain = await loaded_chain(writer, grants=3)
+        ro = await SqliteStorage.open(path, read_only=True)
+        try:
+            await assert_stored(ro, chain)
+            await push(writer, chain, chain.grants(4))  # committed in the writer's WAL
+            await assert_stored(ro, chain)
+        finally:
+            await ro.close()
+    finally:
+        await writer.close()

@@ -4,21 +4,20 @@
 through :func:`ledger.audit.audit` (the same rules as the server and the
 devices), from a server (``--server``: the checkpoint, then every record up
 to its size, in pages) or straight from a server's database (``--data``:
-``DIR/ledger.db`` opened read-only with the ``sqlite3`` module, without the
-server's storage code, so the auditor stays independent of what it audits).
+``DIR/ledger.db`` opened read-only, checked by the same routine ``writ serve``
+runs before it serves, so a backup that passes is one the server will serve).
 Exit 0 with a summary, or exit 3 with ``{"error": TYPE, "seq": FIRST_BAD_SEQ}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime
 import os
-import sqlite3
 import time
-import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,8 @@ from ..errors import (
 )
 from ..records import Genesis, Grant, Reason, Revoke, Rotate
 from ..state import LedgerState
+from ..storage.load import load_ledger
+from ..storage.sqlite import SqliteStorage
 from . import common
 from .common import PAGE, Client, parse_hex, say
 from .main import EXIT_VERIFY, CommandFailed
@@ -89,73 +90,53 @@ class ServerSource(Source):
 
 
 class DatabaseSource(Source):
-    """``DIR/ledger.db``, read-only, with nothing but the sqlite3 module."""
+    """``DIR/ledger.db`` through the server's own storage code, opened read-only
+    (:meth:`SqliteStorage.open <ledger.storage.sqlite.SqliteStorage.open>` with
+    ``read_only``: no write, no ``-wal``/``-shm`` file created, and it works
+    while ``writ serve`` runs on the same directory). The audit of a database
+    is :func:`~ledger.storage.load.load_ledger`, the very check ``writ serve``
+    runs before it serves: a backup that passes is one the server will serve."""
 
     def __init__(self, directory: str) -> None:
         path = Path(directory) / "ledger.db"
         if not path.is_file():
             raise UsageError(f"no ledger database at {path}")
-        uri = "file:" + urllib.parse.quote(str(path.resolve())) + "?mode=ro"
-        try:
-            self.db = sqlite3.connect(uri, uri=True, check_same_thread=False)
-            self.db.execute("PRAGMA query_only = ON")
-            self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        except sqlite3.Error as exc:
-            raise UsageError(f"cannot open {path} read-only: {exc}") from None
         self.path = path
-
-    def _q(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        self._runner = asyncio.Runner()
         try:
-            return self.db.execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise CorruptLedger(f"cannot read {self.path}: {exc}") from None
+            self.store = self._runner.run(SqliteStorage.open(path, read_only=True))
+        except BaseException:
+            self._runner.close()
+            raise
 
     def checkpoint(self) -> str | None:
-        try:
-            rows = self.db.execute("SELECT note FROM checkpoint WHERE id = 0").fetchall()
-        except sqlite3.Error:
-            return None
-        if not rows:
-            return None
-        note = rows[0][0]
-        if isinstance(note, bytes):
-            try:
-                note = note.decode("utf-8")
-            except UnicodeDecodeError:
-                raise BadMessage("the stored checkpoint is not UTF-8") from None
-        if not isinstance(note, str):
-            raise BadMessage("the stored checkpoint is not text")
-        return note
+        return self._runner.run(self.store.latest_checkpoint())
 
     def count(self) -> int | None:
-        rows = self._q("SELECT count(*) FROM records")
-        return int(rows[0][0])
+        return self._runner.run(self.store.head()).size
 
     def pages(self, start: int, end: int | None) -> Iterator[list[bytes]]:
-        sql = "SELECT seq, raw FROM records WHERE seq >= ? ORDER BY seq"
-        params: list[Any] = [start]
-        if end is not None:
-            sql = "SELECT seq, raw FROM records WHERE seq >= ? AND seq < ? ORDER BY seq"
-            params.append(end)
-        try:
-            cur = self.db.execute(sql, params)
-            while True:
-                rows = cur.fetchmany(PAGE)
-                if not rows:
-                    return
-                # The bytes are what is audited; a row's own seq column is not trusted
-                # (a missing or duplicated row shows up as a stale-head at its position).
-                yield [raw if isinstance(raw, bytes) else _not_bytes(raw) for _, raw in rows]
-        except sqlite3.Error as exc:
-            raise CorruptLedger(f"cannot read {self.path}: {exc}") from None
+        stop = self.count() if end is None else end
+        assert stop is not None
+        for lo in range(start, stop, PAGE):
+            page = self._runner.run(self.store.read(lo, min(stop, lo + PAGE)))
+            if not page:
+                return
+            yield page
+
+    def load(
+        self, anchor: bytes, executor: ThreadPoolExecutor, progress: Callable[[int], None] | None
+    ) -> LedgerState:
+        loaded = self._runner.run(load_ledger(self.store, anchor=anchor, origin=None, executor=executor))
+        if progress is not None:
+            progress(loaded.state.size)
+        return loaded.state
 
     def close(self) -> None:
-        self.db.close()
-
-
-def _not_bytes(value: object) -> bytes:
-    # a row whose raw is not a BLOB: audited as bytes that cannot be a record
-    return str(value).encode("utf-8", errors="replace") if value is not None else b""
+        try:
+            self._runner.run(self.store.close())
+        finally:
+            self._runner.close()
 
 
 @contextlib.contextmanager
@@ -189,10 +170,12 @@ def _anchor(args: argparse.Namespace, required: bool) -> bytes | None:
 
 def _fail(exc: WritError) -> CommandFailed:
     seq = exc.detail.get("seq") if isinstance(exc, RecordRejected | CorruptLedger) else None
-    say(
-        f"writ: AUDIT FAILED: {exc.type}" + (f" at seq {seq}" if seq is not None else "") + f": {exc.message}"
-    )
-    out = {"error": exc.type, "seq": seq if type(seq) is int else None, "message": exc.message}
+    # a stored ledger that fails is reported by what failed (the rejection type of its
+    # first bad record, or leaf-hash-mismatch, missing-record, ...), as from a server
+    cause = exc.detail.get("cause") if isinstance(exc, CorruptLedger) else None
+    kind = cause if isinstance(cause, str) else exc.type
+    say(f"writ: AUDIT FAILED: {kind}" + (f" at seq {seq}" if seq is not None else "") + f": {exc.message}")
+    out = {"error": kind, "seq": seq if type(seq) is int else None, "message": exc.message}
     return CommandFailed(out, EXIT_VERIFY)
 
 
@@ -217,17 +200,24 @@ def run_audit(
 
     checked: dict[str, Any] | None = None
     with ThreadPoolExecutor(2) as executor:
-        st, _ = core_audit.audit(pages(0, cp_size), anchor=anchor, executor=executor, progress=progress)
         vc = None
-        if note is not None and st.origin is None and cp_size:
-            raise Rollback(f"the checkpoint names {cp_size} records but no genesis was served")
-        if note is not None and st.origin is not None:
-            vc = core_audit.check_checkpoint(st, note)
-        if not isinstance(source, ServerSource):
-            # a database may hold records appended after its last signed checkpoint
-            st, _ = core_audit.audit(
-                pages(st.size, None), anchor=anchor, executor=executor, progress=progress, state=st
-            )
+        if isinstance(source, DatabaseSource):
+            # everything `writ serve` checks before serving, by the same routine
+            st = source.load(anchor, executor, progress)
+            if note is not None and cp_size is not None and cp_size > st.size:
+                raise CorruptLedger(
+                    f"the stored checkpoint names {cp_size} records but the database holds {st.size}",
+                    seq=st.size,
+                    cause="missing-record",
+                )
+            if note is not None and st.origin is not None:
+                vc = core_audit.check_checkpoint(st, note)
+        else:
+            st, _ = core_audit.audit(pages(0, cp_size), anchor=anchor, executor=executor, progress=progress)
+            if note is not None and st.origin is None and cp_size:
+                raise Rollback(f"the checkpoint names {cp_size} records but no genesis was served")
+            if note is not None and st.origin is not None:
+                vc = core_audit.check_checkpoint(st, note)
         if vc is not None:
             checked = {
                 "size": vc.checkpoint.size,

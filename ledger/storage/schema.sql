@@ -1,4 +1,4 @@
--- Writ ledger storage, schema version 1 (PRAGMA user_version = 1).
+-- Writ ledger storage, schema version 2 (PRAGMA user_version = 2).
 --
 -- Applied once, atomically, to a new database by ledger/storage/sqlite.py,
 -- which refuses to open a file whose user_version it does not know or whose
@@ -6,9 +6,9 @@
 --
 -- `records` is the ledger: each record's bytes exactly as verified and
 -- signed, and its RFC 6962 leaf hash. `head` is the single (size, root) row
--- every append compares-and-swaps. `grants` and `revocations` are indexes
--- derived from the records in the same transaction; the records are the
--- truth and every start re-verifies them. Unsigned 64-bit protocol integers
+-- every append compares-and-swaps. The records are the only truth (every
+-- start re-verifies them); version 1 also kept `grants` and `revocations`
+-- index tables, which sqlite.py's migration drops. Unsigned 64-bit protocol integers
 -- (times, validity windows, reasons) are stored as two's-complement signed
 -- 64-bit values, since SQLite integers are signed; the code maps them back.
 
@@ -36,31 +36,6 @@ CREATE TABLE IF NOT EXISTS head (
     root BLOB    NOT NULL CHECK (typeof(root) = 'blob' AND length(root) = 32)
 );
 
-CREATE TABLE IF NOT EXISTS grants (
-    seq        INTEGER PRIMARY KEY REFERENCES records (seq),
-    subject    BLOB    NOT NULL CHECK (length(subject) = 32),
-    role       TEXT    NOT NULL,
-    scope      TEXT    NOT NULL,
-    name       TEXT    NOT NULL,
-    not_before INTEGER NOT NULL,
-    not_after  INTEGER NOT NULL,
-    time       INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS grants_by_name ON grants (name);
-CREATE INDEX IF NOT EXISTS grants_by_subject ON grants (subject);
-
-CREATE TABLE IF NOT EXISTS revocations (
-    seq        INTEGER PRIMARY KEY REFERENCES records (seq),
-    target_seq INTEGER,
-    target_key BLOB CHECK (target_key IS NULL OR length(target_key) = 32),
-    reason     INTEGER NOT NULL,
-    signer     INTEGER NOT NULL,
-    time       INTEGER NOT NULL,
-    CHECK ((target_seq IS NULL) <> (target_key IS NULL))
-);
-CREATE INDEX IF NOT EXISTS revocations_by_target_seq ON revocations (target_seq);
-CREATE INDEX IF NOT EXISTS revocations_by_target_key ON revocations (target_key);
-
 -- the latest receipt of each device (larger size wins; equal size: later time)
 CREATE TABLE IF NOT EXISTS receipts (
     device_grant_seq INTEGER PRIMARY KEY CHECK (device_grant_seq >= 0),
@@ -78,6 +53,6 @@ CREATE TABLE IF NOT EXISTS checkpoint (
     note TEXT    NOT NULL
 );
 
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;
 
 COMMIT;

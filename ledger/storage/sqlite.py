@@ -3,7 +3,7 @@
 Durability: WAL journal, ``synchronous = FULL`` (every commit is fsynced
 before :meth:`SqliteStorage.append` returns), ``foreign_keys = ON`` and a
 ``busy_timeout``. Every append is one ``BEGIN IMMEDIATE`` transaction: the
-compare-and-swap on the head row, the record and index inserts, the head
+compare-and-swap on the head row, the record inserts, the head
 update, ``COMMIT``. One process writes; reads go through the same connection.
 
 One connection is one sequence of statements, so an :class:`asyncio.Lock`
@@ -32,12 +32,7 @@ import aiosqlite
 
 from ..errors import LedgerExists, LedgerMissing, StorageError, WritError
 from ..records import SignedRecord
-from . import (
-    EMPTY_HEAD,
-    Fault,
-    Head,
-    Meta,
-    ReceiptRow,
+from .checks import (
     check_checkpoint,
     check_identity,
     check_range,
@@ -48,9 +43,24 @@ from . import (
     prepare,
     receipt_is_newer,
 )
+from .contract import EMPTY_HEAD, Fault, Head, Meta, ReceiptRow
 
-#: the schema version this code writes and reads (``PRAGMA user_version``).
-SCHEMA_VERSION = 1
+#: the schema version this code writes (``PRAGMA user_version``).
+SCHEMA_VERSION = 2
+#: older versions this code opens: a writable open migrates them in one
+#: transaction (:data:`MIGRATIONS`); a read-only open reads them as they are.
+MIGRATIONS: dict[int, str] = {
+    # v1 kept `grants` and `revocations` index tables that nothing read: the
+    # records are the truth, and the server keeps its indexes in memory.
+    1: """
+        DROP INDEX IF EXISTS grants_by_name;
+        DROP INDEX IF EXISTS grants_by_subject;
+        DROP TABLE IF EXISTS grants;
+        DROP INDEX IF EXISTS revocations_by_target_seq;
+        DROP INDEX IF EXISTS revocations_by_target_key;
+        DROP TABLE IF EXISTS revocations;
+    """,
+}
 #: ``PRAGMA application_id``: 'Writ'.
 APPLICATION_ID = int.from_bytes(b"Writ", "big")
 BUSY_TIMEOUT_MS = 5000
@@ -93,6 +103,7 @@ class SqliteStorage:
         self._db: aiosqlite.Connection | None = db
         self.path = path
         self.fault = fault
+        self.read_only = False
         self._lock = asyncio.Lock()
 
     def __repr__(self) -> str:
@@ -106,6 +117,7 @@ class SqliteStorage:
         path: str | os.PathLike[str],
         create: bool = False,
         *,
+        read_only: bool = False,
         fault: Fault | None = None,
         busy_timeout_ms: int = BUSY_TIMEOUT_MS,
     ) -> SqliteStorage:
@@ -115,26 +127,46 @@ class SqliteStorage:
         (``init`` then writes the ledger's identity). Without it a missing
         file, or one with no schema, is :class:`LedgerMissing`. A file of an
         unknown schema version or another application is :class:`StorageError`.
+
+        ``read_only`` (the auditor's ``--data``, a backup on a read-only mount):
+        SQLite is never asked to write, and no ``-wal``/``-shm`` file is
+        created beside the database (such files, made by root, could lock the
+        service user out). When a writer is running (its ``-wal`` file exists)
+        the database is read through that writer's WAL, a consistent snapshot
+        per read; when none is, the file is opened ``immutable``. Writing
+        methods then raise :class:`StorageError`.
         """
 
+        if create and read_only:
+            raise StorageError("a read-only open cannot create a database")
         p = Path(path)
         if not create and not p.exists():
             raise LedgerMissing(f"no ledger database at {p}")
-        # without create, mode=rw: SQLite itself never makes the file
-        uri = p.resolve().as_uri() + ("?mode=rwc" if create else "?mode=rw")
+        uri = p.resolve().as_uri()
+        if read_only:
+            wal = p.with_name(p.name + "-wal")
+            shm = p.with_name(p.name + "-shm")
+            uri += "?mode=ro" if wal.exists() and shm.exists() else "?mode=ro&immutable=1"
+        else:
+            # without create, mode=rw: SQLite itself never makes the file
+            uri += "?mode=rwc" if create else "?mode=rw"
         with _db_errors(f"opening {p}"):
             db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
         try:
             with _db_errors(f"opening {p}"):
-                await cls._setup(db, p, create, busy_timeout_ms)
+                await cls._setup(db, p, create, busy_timeout_ms, read_only=read_only)
         except BaseException:
             with contextlib.suppress(Exception):
                 await db.close()
             raise
-        return cls(db, p, fault=fault)
+        store = cls(db, p, fault=fault)
+        store.read_only = read_only
+        return store
 
     @staticmethod
-    async def _setup(db: aiosqlite.Connection, path: Path, create: bool, busy_timeout_ms: int) -> None:
+    async def _setup(
+        db: aiosqlite.Connection, path: Path, create: bool, busy_timeout_ms: int, *, read_only: bool
+    ) -> None:
         await _exec(db, f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         version = await _pragma(db, "user_version")
         app = await _pragma(db, "application_id")
@@ -146,12 +178,16 @@ class SqliteStorage:
                 raise LedgerMissing(f"{path} holds no ledger")
         elif app != APPLICATION_ID:
             raise StorageError(f"{path} is not a Writ ledger database (application_id {app})")
-        elif version != SCHEMA_VERSION:
+        elif version != SCHEMA_VERSION and version not in MIGRATIONS:
             raise StorageError(
-                f"{path} has schema version {version}; this Writ knows only version {SCHEMA_VERSION}"
+                f"{path} has schema version {version}; this Writ knows versions "
+                f"{', '.join(map(str, [*sorted(MIGRATIONS), SCHEMA_VERSION]))}"
                 + (" (it was written by a newer Writ)" if version > SCHEMA_VERSION else ""),
                 schema_version=version,
             )
+        if read_only:
+            await _exec(db, "PRAGMA query_only = ON")
+            return
         mode = await db.execute_fetchall("PRAGMA journal_mode = WAL")
         if not mode or str(next(iter(mode))[0]).lower() != "wal":
             raise StorageError(f"{path}: could not switch to WAL journal mode")
@@ -159,8 +195,14 @@ class SqliteStorage:
         await _exec(db, "PRAGMA foreign_keys = ON")
         if version == 0:
             await db.executescript(schema_sql())  # one transaction; sets user_version
-            if await _pragma(db, "user_version") != SCHEMA_VERSION:
-                raise StorageError(f"{path}: schema.sql does not set user_version {SCHEMA_VERSION}")
+        while version in MIGRATIONS:
+            # each step and its new user_version in one transaction: a crash leaves either version
+            await db.executescript(
+                f"BEGIN IMMEDIATE; {MIGRATIONS[version]} PRAGMA user_version = {version + 1}; COMMIT;"
+            )
+            version = await _pragma(db, "user_version")
+        if await _pragma(db, "user_version") != SCHEMA_VERSION:
+            raise StorageError(f"{path}: schema.sql does not set user_version {SCHEMA_VERSION}")
 
     # -- plumbing ------------------------------------------------------------
 
@@ -200,6 +242,8 @@ class SqliteStorage:
     @contextlib.asynccontextmanager
     async def _transaction(self, what: str) -> AsyncIterator[aiosqlite.Connection]:
         """``BEGIN IMMEDIATE`` .. ``COMMIT`` under the lock; any exception rolls back."""
+        if self.read_only:
+            raise StorageError(f"{what}: {self.path} is open read-only")
         async with self._lock:
             db = self._conn()
             await self._rollback()  # a transaction left open by a failure we could not roll back
@@ -261,44 +305,6 @@ class SqliteStorage:
                 "INSERT INTO records (seq, raw, leaf_hash) VALUES (?, ?, ?)",
                 [(r.seq, r.raw, r.leaf_hash) for r in rows],
             )
-            grants = [r.grant for r in rows if r.grant is not None]
-            if grants:
-                await _execmany(
-                    db,
-                    "INSERT INTO grants (seq, subject, role, scope, name, not_before, not_after, time) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            g.seq,
-                            g.subject,
-                            g.role,
-                            g.scope,
-                            g.name,
-                            _i64(g.not_before),
-                            _i64(g.not_after),
-                            _i64(g.time),
-                        )
-                        for g in grants
-                    ],
-                )
-            revocations = [r.revocation for r in rows if r.revocation is not None]
-            if revocations:
-                await _execmany(
-                    db,
-                    "INSERT INTO revocations (seq, target_seq, target_key, reason, signer, time) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            v.seq,
-                            None if v.target_seq is None else _i64(v.target_seq),
-                            v.target_key,
-                            _i64(v.reason),
-                            _i64(v.signer),
-                            _i64(v.time),
-                        )
-                        for v in revocations
-                    ],
-                )
             self._step("insert")
             changed = await _exec(
                 db,
@@ -318,7 +324,7 @@ class SqliteStorage:
         self._step("commit")
         return new_head
 
-    async def _range(self, column: str, start: int, end: int) -> list[bytes]:
+    async def read(self, start: int, end: int) -> list[bytes]:
         check_range(start, end)
         async with self._lock:
             with _db_errors("read"):
@@ -326,19 +332,13 @@ class SqliteStorage:
                 if start >= end:
                     return []
                 rows = await self._rows(
-                    f"SELECT seq, {column} FROM records WHERE seq >= ? AND seq < ? ORDER BY seq",  # noqa: S608
+                    "SELECT seq, raw FROM records WHERE seq >= ? AND seq < ? ORDER BY seq",
                     (start, end),
                 )
         bad = missing_records(start, end, [r[0] for r in rows])
         if bad is not None:
             raise bad
         return [bytes(r[1]) for r in rows]
-
-    async def read(self, start: int, end: int) -> list[bytes]:
-        return await self._range("raw", start, end)
-
-    async def leaf_hashes(self, start: int, end: int) -> list[bytes]:
-        return await self._range("leaf_hash", start, end)
 
     async def scan(self, batch: int = 5000) -> AsyncIterator[list[tuple[int, bytes, bytes]]]:
         if type(batch) is not int or batch < 1:
@@ -356,33 +356,7 @@ class SqliteStorage:
             after = rows[-1][0]
             yield [(seq, bytes(raw), bytes(lh)) for seq, raw, lh in rows]
 
-    async def _seqs(self, sql: str, param: Any) -> list[int]:
-        async with self._lock:
-            with _db_errors("index lookup"):
-                return [r[0] for r in await self._rows(sql, (param,))]
-
-    async def grants_named(self, name: str) -> list[int]:
-        return await self._seqs("SELECT seq FROM grants WHERE name = ? ORDER BY seq", name)
-
-    async def grants_of(self, subject: bytes) -> list[int]:
-        return await self._seqs("SELECT seq FROM grants WHERE subject = ? ORDER BY seq", subject)
-
-    async def revocations_of(self, target_seq: int) -> list[int]:
-        if type(target_seq) is not int or not 0 <= target_seq < _U64:
-            return []
-        return await self._seqs(
-            "SELECT seq FROM revocations WHERE target_seq = ? ORDER BY seq", _i64(target_seq)
-        )
-
-    async def revocations_of_key(self, key: bytes) -> list[int]:
-        return await self._seqs("SELECT seq FROM revocations WHERE target_key = ? ORDER BY seq", key)
-
     # -- receipts and checkpoints ---------------------------------------------
-
-    async def put_receipt(
-        self, device_grant_seq: int, size: int, root: bytes, time: int, raw: bytes, received_at: int
-    ) -> None:
-        await self.put_receipts([ReceiptRow(device_grant_seq, size, root, time, raw, received_at)])
 
     async def put_receipts(self, rows: Sequence[ReceiptRow]) -> None:
         latest: dict[int, ReceiptRow] = {}
@@ -453,23 +427,6 @@ class SqliteStorage:
                 ):
                     out[name] = await _pragma(db, name)
         return out
-
-    async def online_backup(self, dest_path: str | os.PathLike[str]) -> None:
-        """Copy the whole database to a new file ``dest_path`` with SQLite's
-        online backup API: a consistent snapshot, taken between appends (the
-        lock is held for the copy), while the server keeps running."""
-
-        dest = Path(dest_path)
-        if dest.exists():
-            raise StorageError(f"{dest} exists; a backup never overwrites a file")
-        async with self._lock:
-            with _db_errors("online backup"):
-                db = self._conn()
-                target = await asyncio.to_thread(sqlite3.connect, dest, check_same_thread=False)
-                try:
-                    await db.backup(target, pages=-1)
-                finally:
-                    await asyncio.to_thread(target.close)
 
     async def close(self) -> None:
         db, self._db = self._db, None
