@@ -23,6 +23,7 @@ from ledger import records
 from ledger.crypto import SeedSigner
 from ledger.encoding import MAX_RECORD
 from ledger.errors import BadKeyFile, InvalidField, LedgerExists, LedgerMissing, StorageError, UsageError
+from ledger.fileio import create_private
 
 SERVER_JSON = "server.json"
 LOCK_FILE = "server.lock"
@@ -124,12 +125,8 @@ def read_identity(data_dir: Path) -> Identity:
 
 def write_identity(data_dir: Path, ident: Identity) -> None:
     doc = {"origin": ident.origin, "anchor": ident.anchor.hex(), "log_public_key": ident.log_public_key.hex()}
-    path = data_dir / SERVER_JSON
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(json.dumps(doc, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    data = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+    create_private(data_dir / SERVER_JSON, data, mode=0o644, exists=LedgerExists, error=StorageError)
 
 
 def create_log_key(data_dir: Path) -> SeedSigner:
@@ -137,15 +134,8 @@ def create_log_key(data_dir: Path) -> SeedSigner:
     signer = SeedSigner.generate()
     path = data_dir / LOG_KEY
     doc = {"version": 1, "seed": signer.seed().hex(), "public_key": signer.public_key.hex()}
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise LedgerExists(f"{path} exists; a log key is never overwritten") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        os.fchmod(f.fileno(), 0o600)
-        f.write(json.dumps(doc) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    data = (json.dumps(doc) + "\n").encode("utf-8")
+    create_private(path, data, mode=0o600, exists=LedgerExists, error=StorageError, what="the log key ")
     return signer
 
 

@@ -42,10 +42,12 @@ from ledger.errors import (
     CheckpointRejected,
     Fork,
     StaleHead,
+    StorageError,
     UsageError,
     VerificationError,
     WritError,
 )
+from ledger.fileio import create_private, read_capped, write_atomic
 from ledger.state import LedgerState
 from ledger.view import AcceptedView, Evidence
 
@@ -80,43 +82,18 @@ _MAX_EVIDENCE_FILE = 4 * 1024 * 1024
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new
-    content: write a temporary file, fsync it, rename it over ``path``, fsync
-    the directory."""
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content."""
+    write_atomic(path, data, mode=mode, error=StorageError)
 
 
 def _read_capped(path: Path, limit: int, what: str) -> bytes:
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise BadMessage(f"{what} is larger than {limit} bytes")
-    return data
+    return read_capped(path, limit, error=BadMessage, what=what, missing_is_error=False)
 
 
 def _write_key(path: Path, signer: SeedSigner) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(signer.seed().hex() + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    create_private(
+        path, (signer.seed().hex() + "\n").encode("ascii"), error=StorageError, what="the device key "
+    )
 
 
 def _read_key(path: Path) -> SeedSigner:
@@ -550,7 +527,7 @@ class Device:
         self.evidence = [*self.evidence, ev][-MAX_EVIDENCE:]
         if self.directory is not None:
             body = json.dumps([e.to_json() for e in self.evidence], indent=1).encode()
-            with contextlib.suppress(OSError):  # losing evidence must not hide the refusal itself
+            with contextlib.suppress(OSError, StorageError):  # losing evidence must not hide the refusal
                 atomic_write(self.directory / EVIDENCE_FILE, body, 0o644)
 
     def _save_state(self, state: LedgerState, accepted: AcceptedView | None, own: Sequence[OwnGrant]) -> None:

@@ -50,6 +50,7 @@ from .errors import (
     VerificationError,
     WritError,
 )
+from .fileio import write_atomic
 from .notes import parse_checkpoint_body, parse_note
 from .state import LedgerState
 from .tree import CompactRange, leaf_hash
@@ -357,7 +358,7 @@ class Mirror:
                 None if accepted is None else json.dumps(accepted.to_json()),
             ]
         )
-        _write_atomic(self.path / "state.bin", snapshot)
+        write_atomic(self.path / "state.bin", snapshot, error=StorageError, what="the mirror state ")
         self.state, self.view, self.records_bytes, self.new = new, accepted, nbytes, False
 
     def _evidence(self, exc: WritError, note: str | None, data: bytes | None = None) -> None:
@@ -411,21 +412,3 @@ def _load(state_file: Path) -> tuple[LedgerState, AcceptedView | None, int]:
             " remove the directory to rebuild it"
         ) from None
     return st, accepted, f[3]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view_ = memoryview(data)
-        while view_:
-            view_ = view_[os.write(fd, view_) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

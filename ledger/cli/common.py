@@ -42,7 +42,8 @@ from ..errors import (
     WritError,
     by_type,
 )
-from ..signers.file import create_private
+from ..fileio import create_private, read_capped
+from ..fileio import write_atomic as write_atomic  # re-exported for the command modules
 from ..state import LedgerState
 from ..transport import IDENTITY, BoundedBody
 from .main import EXIT_FAILED, EXIT_USAGE, CommandFailed
@@ -287,57 +288,13 @@ def pub_hex(doc: dict[str, Any] | None, field: str) -> bytes | None:
 # --- files --------------------------------------------------------------------
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
-    fsync_dir(path.parent)
-
-
 def write_new(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     """Create ``path`` (refusing an existing file) with ``mode``."""
     create_private(path, data, mode=mode)
 
 
-def fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def read_file(path: str, what: str, limit: int) -> bytes:
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(limit + 1)
-    except FileNotFoundError:
-        raise UsageError(f"no {what} at {path}") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read the {what} {path}: {exc.strerror}") from None
-    if len(data) > limit:
-        raise UsageError(f"the {what} {path} is larger than {limit} bytes")
-    return data
+    return read_capped(path, limit, what=what)
 
 
 def read_records_file(path: str) -> list[bytes]:

@@ -23,7 +23,6 @@ make loading take hours and gigabytes nor downgrade the cost).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
@@ -37,7 +36,8 @@ import nacl.secret
 import nacl.utils
 
 from ..crypto import PUBLIC_KEY_SIZE, SEED_SIZE, SeedSigner
-from ..errors import BadKeyFile, UsageError, WritError, WrongPassphrase
+from ..errors import BadKeyFile, UsageError, WrongPassphrase
+from ..fileio import create_private
 
 FORMAT: Final = "writ-key/v1"
 KDF: Final = "argon2id13"
@@ -160,53 +160,7 @@ def write_key_file(
 
     target = os.fspath(path)
     create_private(target, data, error=BadKeyFile, what="key file ")
-    _fsync_dir(os.path.dirname(os.path.abspath(target)))
     return public_key
-
-
-def create_private(
-    path: str | os.PathLike[str],
-    data: bytes,
-    *,
-    mode: int = 0o600,
-    error: type[WritError] = UsageError,
-    what: str = "",
-) -> None:
-    """Create ``path`` exclusively with ``mode`` (never more permissive, whatever
-    the umask), write and fsync ``data``; on failure nothing is left behind.
-    Refuses an existing file with UsageError; other failures raise ``error``."""
-    target = os.fspath(path)
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    except FileExistsError:
-        raise UsageError(f"refusing to overwrite the existing file {target}") from None
-    except OSError as e:
-        raise error(f"cannot create {what}{target}: {e.strerror}") from None
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except OSError as e:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(target)
-        raise error(f"cannot write {what}{target}: {e.strerror}") from None
-    os.close(fd)
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
