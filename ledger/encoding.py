@@ -31,6 +31,22 @@ def pack(value: Any) -> bytes:
     return out
 
 
+def _flat_ok(value: Any) -> bool:
+    """True when ``value`` is a flat array of allowed scalars (the common case,
+    checked without recursion); False sends it through :func:`_check_types`,
+    which names what is wrong."""
+    if type(value) is not list:
+        return False
+    for v in value:
+        t = type(v)
+        if t is int:
+            if v < 0:
+                return False
+        elif not (t is bytes or t is str or v is None):
+            return False
+    return True
+
+
 def _check_types(value: Any, depth: int, max_depth: int, error: type[VerificationError]) -> None:
     t = type(value)
     if t is int:
@@ -71,7 +87,8 @@ def unpack(
         )
     except Exception as exc:  # msgpack raises many unrelated types on hostile input
         raise error(f"not valid MessagePack ({type(exc).__name__})") from None
-    _check_types(value, 0, max_depth, error)
+    if max_depth < 1 or not _flat_ok(value):
+        _check_types(value, 0, max_depth, error)
     try:
         again = pack(value)
     except Exception:
@@ -99,24 +116,54 @@ def unpack_array(
     return value
 
 
-def split_record(raw: bytes) -> tuple[bytes, bytes, list[Any]]:
-    """Steps 1 and 2 of PROTOCOL section 3: sizes, then canonical decoding.
+def _frame(raw: bytes) -> tuple[bytes, bytes] | None:
+    """The (body, signature) of a record whose outer array is framed exactly as
+    the canonical encoder frames it: ``0x92``, the body as bin8 (under 256
+    bytes) or bin16 (256..512), the signature as bin8 of 64 bytes, nothing
+    after. Those bytes decode to ``[body, signature]`` and re-encode to
+    themselves, so they need no MessagePack round trip; anything else returns
+    None and takes the strict path, which names what is wrong."""
+    n = len(raw)
+    if n < 69 or raw[0] != 0x92:
+        return None
+    tag = raw[1]
+    if tag == 0xC4:
+        length, start = raw[2], 3
+    elif tag == 0xC5:
+        length, start = (raw[2] << 8) | raw[3], 4
+        if length < 256 or length > MAX_BODY:
+            return None
+    else:
+        return None
+    end = start + length
+    if n != end + 66 or raw[end] != 0xC4 or raw[end + 1] != 64:
+        return None
+    return raw[start:end], raw[end + 2 :]
 
-    Returns (body bytes, signature, decoded body array).
+
+def split_record(raw: bytes, *, fast: bool = True) -> tuple[bytes, bytes, list[Any]]:
+    """Steps 1 and 2 of the validity table: sizes, then canonical decoding.
+
+    Returns (body bytes, signature, decoded body array). ``fast=False`` skips
+    the framing fast path (:func:`_frame`), for the tests that show both agree.
     """
 
     if type(raw) is not bytes:
         raise NotCanonical("a record is bytes")
     if len(raw) > MAX_RECORD:
         raise TooLarge(f"record is {len(raw)} bytes, the limit is {MAX_RECORD}")
-    outer = unpack(raw, max_depth=1)
-    if type(outer) is not list or len(outer) != 2:
-        raise NotCanonical("a record is a 2-element array [body, signature]")
-    body, sig = outer
-    if type(body) is bytes and len(body) > MAX_BODY:  # step 1 comes before step 2's shape check
-        raise TooLarge(f"body is {len(body)} bytes, the limit is {MAX_BODY}")
-    if type(body) is not bytes or type(sig) is not bytes or len(sig) != 64:
-        raise NotCanonical("a record is [body: bin, signature: bin(64)]")
+    framed = _frame(raw) if fast else None
+    if framed is not None:
+        body, sig = framed
+    else:
+        outer = unpack(raw, max_depth=1)
+        if type(outer) is not list or len(outer) != 2:
+            raise NotCanonical("a record is a 2-element array [body, signature]")
+        body, sig = outer
+        if type(body) is bytes and len(body) > MAX_BODY:  # step 1 comes before step 2's shape check
+            raise TooLarge(f"body is {len(body)} bytes, the limit is {MAX_BODY}")
+        if type(body) is not bytes or type(sig) is not bytes or len(sig) != 64:
+            raise NotCanonical("a record is [body: bin, signature: bin(64)]")
     fields = unpack_array(body, min_len=6, max_depth=1)
     return body, sig, fields
 

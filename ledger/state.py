@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy as _copy
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,8 +130,11 @@ class LedgerState:
         self.grant_bits = Bits()
         self.revoked = Bits()
         self.revoked_keys: dict[bytes, int] = {}  # subject -> seq of the revoke
-        self.revocations: dict[int | bytes, Revocation] = {}  # kept targets only
+        self.revocations: dict[int | bytes, Revocation] = {}  # full states only: the details
         self.counts = {k: 0 for k in Kind}
+        # seq -> subject of every revoker grant, kept as records are applied, so
+        # the signature pre-check's key guess never rescans the grants
+        self.revokers: dict[int, bytes] = {}
 
     # -- queries -------------------------------------------------------------
 
@@ -332,6 +335,8 @@ class LedgerState:
             self.pending_digest = body.next_root_digest
         elif isinstance(body, Grant):
             self.grant_bits.add(body.seq)
+            if body.role == records.ROLE_REVOKER:
+                self.revokers[body.seq] = body.subject
             if self.keep_roles is None or body.role in ALWAYS_KEPT or body.role in self.keep_roles:
                 self.grants[body.seq] = GrantInfo(
                     body.seq,
@@ -346,14 +351,18 @@ class LedgerState:
                 )
         elif isinstance(body, Revoke):
             t = body.target
-            info = Revocation(body.seq, t, body.reason, body.time, body.signer)
+            # a compact (device) state keeps only what the rules and the credential
+            # check consult: the revoked bit and the revoked keys, not the details
+            full = self.keep_roles is None
+            info = Revocation(body.seq, t, body.reason, body.time, body.signer) if full else None
             if isinstance(t, int):
                 self.revoked.add(t)
-                if t in self.grants:
+                if info is not None and t in self.grants:
                     self.revocations[t] = info
             else:
                 self.revoked_keys[t] = body.seq
-                self.revocations[t] = info
+                if info is not None:
+                    self.revocations[t] = info
 
     # -- bulk ----------------------------------------------------------------
 
@@ -368,16 +377,16 @@ class LedgerState:
     ) -> list[SignedRecord]:
         """Apply ``raws`` in order, checking signatures ahead in parallel.
 
-        One cheap pass guesses each record's key from the records themselves;
-        a thread pool checks those signatures chunk by chunk while this thread
-        runs the rules in order. ``apply`` still decides which key each record
-        needs and uses a pre-check only for that very key, so a wrong guess
-        costs time, never correctness. On a rejection, the records before the
-        bad one stay applied; callers that need all or nothing apply to a
-        :meth:`copy`.
+        A pipeline: this thread parses a span of records and guesses each one's
+        key from the records themselves (:class:`_KeyGuess`), hands the span's
+        signatures to ``executor``, and runs the rules in order over an earlier
+        span while the pool checks the later ones. ``apply`` still decides which
+        key each record needs and uses a pre-check only for that very key, so a
+        wrong guess costs time, never correctness. On a rejection, the records
+        before the bad one stay applied; callers that need all or nothing apply
+        to a :meth:`copy`.
         """
 
-        envs, items = self._guess_keys(raws)
         # small spans first, so this thread starts applying while the pool is
         # still checking the rest (no pipeline bubble at the start of a call)
         spans: list[tuple[int, int]] = []
@@ -386,51 +395,29 @@ class LedgerState:
             spans.append((a, min(a + size, len(raws))))
             a, size = a + size, min(size * 2, chunk)
 
-        futures = None
-        if executor is not None:
-            futures = [executor.submit(crypto.check_batch, items[a:b]) for a, b in spans]
+        guess = _KeyGuess(self)
+        ahead: list[tuple[list[Envelope | None], list[_Item | None], Future[list[bool]] | None]] = []
+
+        def submit(k: int) -> None:
+            a, b = spans[k]
+            envs, items = guess.span(raws[a:b])
+            ahead.append((envs, items, executor.submit(crypto.check_batch, items) if executor else None))
+
+        depth = 3 if executor is not None else 1  # spans parsed and submitted ahead of the rules
         out: list[SignedRecord] = []
-        for k, (a, b) in enumerate(spans):
-            results = futures[k].result() if futures is not None else crypto.check_batch(items[a:b])
-            for i in range(a, b):
-                it = items[i]
+        for k, (a, _b) in enumerate(spans):
+            while len(ahead) < depth and k + len(ahead) < len(spans):
+                submit(k + len(ahead))
+            envs, items, fut = ahead.pop(0)
+            results = fut.result() if fut is not None else crypto.check_batch(items)
+            for j, it in enumerate(items):
                 rec = self.apply(
-                    raws[i], now=now, env=envs[i], prechecked=None if it is None else (it[0], results[i - a])
+                    raws[a + j], now=now, env=envs[j], prechecked=None if it is None else (it[0], results[j])
                 )
                 out.append(rec)
                 if on_record is not None:
                     on_record(rec)
         return out
-
-    def _guess_keys(
-        self, raws: Sequence[bytes]
-    ) -> tuple[list[Envelope | None], list[tuple[bytes, bytes, bytes, bytes] | None]]:
-        root = self.root_key
-        revokers = {s: g.subject for s, g in self.grants.items() if g.role == records.ROLE_REVOKER}
-        envs: list[Envelope | None] = []
-        out: list[tuple[bytes, bytes, bytes, bytes] | None] = []
-        for raw in raws:
-            try:
-                env = records.parse(raw)
-            except WritError:
-                envs.append(None)
-                out.append(None)
-                continue
-            envs.append(env)
-            key: bytes | None
-            e = env.extra
-            if env.kind is Kind.GENESIS:
-                key = root = self.anchor
-            elif env.kind is Kind.ROTATE:
-                key = root = e[0] if type(e[0]) is bytes and len(e[0]) == 32 else None
-            elif env.kind is Kind.REVOKE and env.signer != 0:
-                key = revokers.get(env.signer)
-            else:
-                key = root
-                if env.kind is Kind.GRANT and e[1] == records.ROLE_REVOKER and type(e[0]) is bytes:
-                    revokers[env.seq] = e[0]
-            out.append(None if key is None else (key, crypto.RECORD_DOMAIN, env.body_bytes, env.signature))
-        return envs, out
 
     def copy(self) -> LedgerState:
         """An independent copy (for all-or-nothing batches)."""
@@ -443,6 +430,7 @@ class LedgerState:
         new.revoked_keys = dict(self.revoked_keys)
         new.revocations = dict(self.revocations)
         new.counts = dict(self.counts)
+        new.revokers = dict(self.revokers)
         return new
 
     # -- persistence (a device's own state file) -------------------------------
@@ -551,6 +539,7 @@ class LedgerState:
         for r in rows(f[15], 5):
             target = r[0] if type(r[0]) is int else k32(r[0])
             st.revocations[target] = Revocation(u(r[1]), target, u(r[2]), u(r[3]), u(r[4]))
+        st.revokers = {g.seq: g.subject for g in st.grants.values() if g.role == records.ROLE_REVOKER}
         counts = f[16]
         if type(counts) is not list or len(counts) != len(Kind):
             raise BadMessage("damaged state snapshot (counts)")
@@ -560,3 +549,49 @@ class LedgerState:
         if st.frontier.size != st.size or st.frontier.root() != st.root:
             raise BadMessage("damaged state snapshot (frontier does not match the root)")
         return st
+
+
+#: what a signature pre-check takes: (public key, domain, message, signature).
+_Item = tuple[bytes, bytes, bytes, bytes]
+
+
+class _KeyGuess:
+    """Guesses, from the records alone and ahead of the rules, the key each
+    record of a run will be checked under: the root in force (a genesis sets
+    it to the anchor, a rotate to its ``new_root``), or for a revoke with a
+    signer the subject of that revoker grant (already applied, or earlier in
+    the run). A guess is only ever a hint for :meth:`LedgerState.apply`."""
+
+    __slots__ = ("added", "anchor", "revokers", "root")
+
+    def __init__(self, state: LedgerState) -> None:
+        self.anchor = state.anchor
+        self.root = state.root_key
+        self.revokers = state.revokers
+        self.added: dict[int, bytes] = {}  # revoker grants in the run, not applied yet
+
+    def span(self, raws: Sequence[bytes]) -> tuple[list[Envelope | None], list[_Item | None]]:
+        envs: list[Envelope | None] = []
+        out: list[_Item | None] = []
+        for raw in raws:
+            try:
+                env = records.parse(raw)
+            except WritError:
+                envs.append(None)
+                out.append(None)
+                continue
+            envs.append(env)
+            key: bytes | None
+            e = env.extra
+            if env.kind is Kind.GENESIS:
+                key = self.root = self.anchor
+            elif env.kind is Kind.ROTATE:
+                key = self.root = e[0] if type(e[0]) is bytes and len(e[0]) == 32 else None
+            elif env.kind is Kind.REVOKE and env.signer != 0:
+                key = self.revokers.get(env.signer) or self.added.get(env.signer)
+            else:
+                key = self.root
+                if env.kind is Kind.GRANT and e[1] == records.ROLE_REVOKER and type(e[0]) is bytes:
+                    self.added[env.seq] = e[0]
+            out.append(None if key is None else (key, crypto.RECORD_DOMAIN, env.body_bytes, env.signature))
+        return envs, out

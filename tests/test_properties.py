@@ -765,3 +765,44 @@ def test_every_decoder_error_is_a_writ_error() -> None:
     for cls in (RecordRejected, NotCanonical, InvalidField, BadMessage, BadNote, BadProof, BadTilePath):
         assert issubclass(cls, WritError)
     assert issubclass(CheckpointRejected, WritError)
+
+
+# --- the record framing fast path agrees with the strict decoder -------------------------------
+
+
+def _split_outcome(raw: bytes, fast: bool) -> object:
+    try:
+        return encoding.split_record(raw, fast=fast)
+    except WritError as exc:
+        return (type(exc), exc.type)
+
+
+@given(st.data())
+@settings(max_examples=3000, deadline=None)
+def test_record_framing_fast_path_agrees_with_the_strict_decoder(data: st.DataObject) -> None:
+    """Every record-shaped input (valid records, their mutations, truncations, other bin
+    headers and random bytes) splits to the same body, signature and fields, or the
+    same error class, with and without the fast path."""
+    body_len = data.draw(st.integers(0, 700))
+    body = data.draw(st.binary(min_size=body_len, max_size=body_len)) if body_len < 40 else bytes(body_len)
+    if data.draw(st.booleans()):
+        fields = data.draw(
+            st.lists(
+                st.one_of(st.integers(0, 2**64 - 1), st.binary(max_size=40), st.text(max_size=20)),
+                max_size=12,
+            )
+        )
+        body = encoding.pack(fields)
+    sig = data.draw(st.binary(min_size=60, max_size=68))
+    raw = encoding.pack([body, sig])
+    choice = data.draw(st.integers(0, 4))
+    if choice == 1 and raw:
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw = raw[:i] + bytes([data.draw(st.integers(0, 255))]) + raw[i + 1 :]
+    elif choice == 2:
+        raw = raw[: data.draw(st.integers(0, len(raw)))]
+    elif choice == 3:
+        raw = raw + data.draw(st.binary(min_size=1, max_size=4))
+    elif choice == 4:
+        raw = data.draw(st.binary(max_size=700))
+    assert _split_outcome(raw, True) == _split_outcome(raw, False)
