@@ -29,13 +29,13 @@ from .. import view
 from ..errors import (
     BadMessage,
     CorruptLedger,
-    RecordRejected,
     Rollback,
     UsageError,
     VerificationError,
     WritError,
 )
 from ..records import Genesis, Grant, Reason, Revoke, Rotate
+from ..redact import redact
 from ..state import LedgerState
 from . import common
 from .common import PAGE, Client, parse_hex, say
@@ -188,11 +188,15 @@ def _anchor(args: argparse.Namespace, required: bool) -> bytes | None:
 
 
 def _fail(exc: WritError) -> CommandFailed:
-    seq = exc.detail.get("seq") if isinstance(exc, RecordRejected | CorruptLedger) else None
+    """``{"error", "seq": FIRST_BAD_SEQ or null, "message", ...detail}``, exit 3."""
+    seq = exc.detail.get("seq")
+    seq = seq if type(seq) is int else None
     say(
         f"writ: AUDIT FAILED: {exc.type}" + (f" at seq {seq}" if seq is not None else "") + f": {exc.message}"
     )
-    out = {"error": exc.type, "seq": seq if type(seq) is int else None, "message": exc.message}
+    out = {"error": exc.type, "seq": seq, "message": exc.message}
+    for k, v in exc.detail.items():
+        out.setdefault(k, v)
     return CommandFailed(out, EXIT_VERIFY)
 
 
@@ -220,7 +224,7 @@ def run_audit(
         st, _ = core_audit.audit(pages(0, cp_size), anchor=anchor, executor=executor, progress=progress)
         vc = None
         if note is not None and st.origin is None and cp_size:
-            raise Rollback(f"the checkpoint names {cp_size} records but no genesis was served")
+            raise Rollback(f"the checkpoint names {cp_size} records but no genesis was served", seq=0)
         if note is not None and st.origin is not None:
             vc = core_audit.check_checkpoint(st, note)
         if not isinstance(source, ServerSource):
@@ -271,7 +275,7 @@ def cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
         raise _fail(BadMessage("no checkpoint could be verified"))
     out = report.to_json()
     out["checkpoint"] = checked
-    out["source"] = args.server or args.data
+    out["source"] = redact(args.server) if args.server else args.data
     out["seconds"] = round(seconds, 3)
     if con is not None:
         _print_report(con, out)

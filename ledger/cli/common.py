@@ -42,6 +42,7 @@ from ..errors import (
     WritError,
     by_type,
 )
+from ..redact import redact
 from ..signers.file import create_private
 from ..state import LedgerState
 from ..transport import IDENTITY, BoundedBody
@@ -357,7 +358,7 @@ def write_records_file(path: str, raws: list[bytes]) -> None:
 
 
 def _clean(text: object, limit: int = 300) -> str:
-    s = _CONTROL.sub(" ", str(text))
+    s = redact(_CONTROL.sub(" ", str(text)))
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
@@ -366,7 +367,7 @@ def normalise_server(url: str | None) -> str:
         raise UsageError("--server URL is required")
     u = url.strip().rstrip("/")
     if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", u):
-        raise UsageError(f"--server must be an http:// or https:// URL, not {_clean(url, 80)!r}")
+        raise UsageError(f"--server must be an http:// or https:// URL, not {redact(_clean(url, 80))!r}")
     return u
 
 
@@ -375,6 +376,7 @@ class Client:
 
     def __init__(self, server: str) -> None:
         self.base = normalise_server(server)
+        self.shown = redact(self.base)  # what messages name: never a password in the URL
         if client_factory is not None:
             self._http = client_factory(self.base)
             self._owns = False
@@ -433,14 +435,14 @@ class Client:
             except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
                 raise UsageError(f"bad server URL: {_clean(exc, 120)}") from None
             except httpx.TimeoutException:
-                raise TransportError(f"the server at {self.base} did not answer in time") from None
+                raise TransportError(f"the server at {self.shown} did not answer in time") from None
             except httpx.HTTPError as exc:
                 raise TransportError(
-                    f"the server at {self.base} is unreachable ({type(exc).__name__}: {_clean(exc, 120)})"
+                    f"the server at {self.shown} is unreachable ({type(exc).__name__}: {_clean(exc, 120)})"
                 ) from None
             except OSError as exc:
                 raise TransportError(
-                    f"the server at {self.base} is unreachable ({_clean(exc, 120)})"
+                    f"the server at {self.shown} is unreachable ({_clean(exc, 120)})"
                 ) from None
             if status in retry_on and attempt < retries:
                 wait = _retry_after(hdrs.get("retry-after"))
