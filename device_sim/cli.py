@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, NoReturn, cast
 
 from ledger.cli.main import EXIT_FAILED, CommandFailed, emit, exit_code
-from ledger.errors import HTTPStatusError, UsageError, WritError
+from ledger.errors import HTTPStatusError, Interrupted, IOFailure, UsageError, WritError
 
 from .device import DEFAULT_MAX_STALENESS, STALE_POLICIES, Device, SyncResult
 
@@ -250,9 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error_json(exc: WritError) -> dict[str, Any]:
-    out: dict[str, Any] = {"error": exc.type, "detail": exc.message}
-    for k, v in exc.detail.items():
-        out.setdefault(k, v)
+    """The one error shape of every command, ``writ``'s too: ``{"error", "message", ...}``
+    (plus the same text as ``detail``, for older readers)."""
+    out = exc.to_json()
+    out.setdefault("detail", exc.message)
     return out
 
 
@@ -272,10 +273,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"device_sim: {exc.message}\n")
         return exit_code(exc)
     except OSError as exc:
-        emit({"error": "io-error", "detail": f"{exc.strerror or exc} ({getattr(exc, 'filename', '')})"})
+        emit(_error_json(IOFailure(f"{exc.strerror or exc} ({getattr(exc, 'filename', '')})")))
         return EXIT_FAILED
     except KeyboardInterrupt:
-        emit({"error": "interrupted"})
+        emit(_error_json(Interrupted("interrupted")))
         return 130
 
 
