@@ -79,8 +79,8 @@ def stderr_is_tty() -> bool:
 
 
 def say(message: str) -> None:
-    """One plain line of explanation on stderr (always: warnings matter)."""
-    sys.stderr.write(message.rstrip("\n") + "\n")
+    """One plain line of explanation on stderr (always: warnings matter; never a secret of a URI)."""
+    sys.stderr.write(redact(message.rstrip("\n")) + "\n")
     sys.stderr.flush()
 
 

@@ -75,6 +75,11 @@ def exit_code(exc: WritError) -> int:
     return EXIT_FAILED
 
 
+def _redacted(error: dict[str, Any]) -> dict[str, Any]:
+    """An error's JSON with secrets out of its texts (a message may quote a URI or a file name)."""
+    return {k: redact(v) if isinstance(v, str) else v for k, v in error.items()}
+
+
 def emit(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(obj, sort_keys=False) + "\n")
     sys.stdout.flush()
@@ -109,11 +114,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         emit(handler(args))
         return EXIT_OK
     except CommandFailed as exc:
-        emit(exc.payload)
+        emit(_redacted(exc.payload))
         return exc.code
     except WritError as exc:
-        emit(exc.to_json())
-        sys.stderr.write(f"writ: {exc.message}\n")
+        emit(_redacted(exc.to_json()))
+        sys.stderr.write(f"writ: {redact(exc.message)}\n")
         return exit_code(exc)
     except KeyboardInterrupt:
         emit(Interrupted("interrupted").to_json())
