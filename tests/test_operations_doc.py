@@ -154,7 +154,9 @@ def test_every_writ_command_of_the_runbook_runs(scenario: Scenario) -> None:
     lines = writ_lines(text)
     assert lines == EXPECTED
     s = scenario
-    key = lambda name: ["--key", name, "--passphrase-env", "PW"]  # noqa: E731
+
+    def key(name: str) -> list[str]:
+        return ["--key", name, "--passphrase-env", "PW"]
 
     # the offline machine's root key (air-gapped.md), in the working directory as the page has it
     root = s.run("writ root init --out root.key --passphrase-env PW --no-successor")
