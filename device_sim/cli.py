@@ -29,7 +29,7 @@ from typing import Any, NoReturn, cast
 from ledger.cli.main import EXIT_FAILED, CommandFailed, emit, exit_code
 from ledger.errors import HTTPStatusError, Interrupted, IOFailure, UsageError, WritError
 
-from .device import DEFAULT_MAX_STALENESS, STALE_POLICIES, Device, SyncResult
+from .device import DEFAULT_MAX_STALENESS, STALE_POLICIES, Device, SyncResult, atomic_write
 
 __all__ = ["GROUPS", "build_parser", "main", "register", "run"]
 
@@ -112,7 +112,25 @@ def cmd_sync(args: argparse.Namespace) -> dict[str, Any]:
     import asyncio
 
     dev = Device.load(args.state)
-    return asyncio.run(_sync(dev, args, _now(args))).to_json()
+    now = _now(args)
+    out = asyncio.run(_sync(dev, args, now)).to_json()
+    if args.bundle is not None:
+        out["receipt"] = _bundle_receipt(dev, Path(args.bundle), now)
+    return out
+
+
+def _bundle_receipt(dev: Device, bundle: Path, now: int) -> str | None:
+    """A device synced from a bundle (a site with no network path) leaves its signed receipt
+    beside the bundle, ``BUNDLE.<key>.receipt``; `writ receipts import` posts it later."""
+    if dev.own_grant is None:
+        return None
+    path = bundle.with_name(f"{bundle.name}.{dev.public_key.hex()[:16]}.receipt")
+    try:
+        atomic_write(path, dev.receipt(now), 0o644)
+    except OSError as exc:
+        sys.stderr.write(f"device_sim: the receipt could not be written beside the bundle: {exc.strerror}\n")
+        return None
+    return str(path)
 
 
 def cmd_challenge(args: argparse.Namespace) -> dict[str, Any]:

@@ -384,35 +384,59 @@ def test_wrong_anchor_is_named_as_such_in_audit_and_mirror_import(
 # --- receipts from offline sites ------------------------------------------------------------
 
 
-def test_receipts_import_posts_receipt_files(env: Path) -> None:
-    root, device, stranger = SeedSigner.generate(), SeedSigner.generate(), SeedSigner.generate()
+def device_sim(*args: object) -> dict[str, Any]:
+    """``python -m device_sim``; a ``str`` argument is split on spaces, a Path is one word."""
+    words = [w for a in args for w in (a.split() if isinstance(a, str) else [str(a)])]
+    proc = subprocess.run(
+        [sys.executable, "-m", "device_sim", *words],
+        capture_output=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    doc: dict[str, Any] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    return doc
+
+
+def test_receipts_of_a_usb_only_site_are_carried_and_imported(env: Path) -> None:
+    """A device synced from a bundle leaves its signed receipt beside the bundle; `writ receipts
+    import` posts it, so the site is not a straggler forever. Per-file errors are reported."""
+    root, stranger = SeedSigner.generate(), SeedSigner.generate()
     with running_server(env, root.public_key, ORIGIN) as srv:
+        dev = device_sim(
+            "device init --state", env / "plc", "--anchor", root.public_key.hex(), "--origin", ORIGIN
+        )
         m = Mirror(root, ORIGIN)
         m.genesis()
         m.grant(srv.log_public_key, records.ROLE_LOG, "log")
-        m.grant(device.public_key, records.ROLE_DEVICE, "plc-1")
+        m.grant(bytes.fromhex(dev["public_key"]), records.ROLE_DEVICE, "plc-1")
         post(srv.url, m.records)
-        now = int(time.time())
-        good = env / "plc-1.receipt"
-        good.write_bytes(messages.make_receipt(device, 2, m.state.size, m.state.root, now))
+        bundle = env / "usb" / "site.bundle"
+        bundle.parent.mkdir()
+        ok("bundle export --server", srv.url, "--anchor", root.public_key.hex(), "--out", bundle)
+        synced = device_sim("device sync --state", env / "plc", "--bundle", bundle)
+        good = Path(synced["receipt"])
+        assert good.parent == bundle.parent and good.is_file()
+        before = httpx.get(srv.url + "/v1/fleet", timeout=10).json()
+
         forged = env / "forged.receipt"
-        forged.write_bytes(messages.make_receipt(stranger, 2, m.state.size, m.state.root, now))
+        forged.write_bytes(messages.make_receipt(stranger, 2, m.state.size, m.state.root, int(time.time())))
         junk = env / "junk.receipt"
         junk.write_bytes(b"not a receipt")
-
         r = writ("receipts import --server", srv.url, good, forged, junk, env / "missing.receipt")
         assert r.code != 0 and (r.doc["imported"], r.doc["failed"]) == (1, 3), r.doc
         by_file = {Path(x["file"]).name: x for x in r.doc["receipts"]}
-        assert by_file["plc-1.receipt"]["accepted"] is True
+        assert by_file[good.name]["accepted"] is True and by_file[good.name]["device_grant_seq"] == 2
         assert by_file["forged.receipt"]["error"] == "bad-signature"
         assert by_file["junk.receipt"]["error"] == "bad-message"
         assert by_file["missing.receipt"]["error"] == "usage"
         assert r.doc["error"] == "bad-signature" and "3 of 4" in r.doc["message"]
+        after = httpx.get(srv.url + "/v1/fleet", timeout=10).json()
+        assert after != before
 
         again = ok("receipts import --server", srv.url, good)
         assert (again["imported"], again["failed"]) == (1, 0)
-        fleet = httpx.get(srv.url + "/v1/fleet", timeout=10).json()
-        assert "plc-1" in json.dumps(fleet)
 
 
 # --- writ serve and exit codes ----------------------------------------------------------------
