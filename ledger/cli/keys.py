@@ -371,10 +371,10 @@ def _confirm_rotate(client: _WatchedClient, anchor: bytes) -> Callable[[], str |
         if client.uncertain is None:
             return None
         body = rec.decode_unverified(client.uncertain[-1]).body
-        assert isinstance(body, Rotate)
+        to = f" to {body.new_root.hex()[:16]}…" if isinstance(body, Rotate) else ""
         return (
             f"confirm with `writ log --server {client.shown} --anchor {anchor.hex()} --kind rotate`:"
-            f" if seq {body.seq} is a rotate to {body.new_root.hex()[:16]}…, the rotate was appended and"
+            f" if seq {body.seq} is a rotate{to}, the rotate was appended and"
             " these sheets are the only copy of the next successor (hand them to the custodians);"
             " if it is not, delete them and run `writ rotate` again"
         )
