@@ -18,6 +18,7 @@ checkpoint names (a truncated ledger).
 from __future__ import annotations
 
 import ast
+import contextlib
 import http.server
 import json
 import os
@@ -191,10 +192,10 @@ def proxies() -> Iterator[list[Proxy]]:
 # --- #7: the rotate's share sheets ------------------------------------------------------------
 
 
-def test_rotate_whose_answer_is_lost_keeps_the_new_share_sheets(env: Path, proxies: list[Proxy]) -> None:
-    """The server appends the rotate and dies before answering; the check-back fails too. The
-    rotate committed to the new sheets' digest, so deleting them would leave a root that can
-    never rotate again: they stay, and the error says where they are and how to confirm."""
+@contextlib.contextmanager
+def successor_ready(env: Path) -> Iterator[tuple[RunningServer, bytes]]:
+    """A root with successor sheets (root.key, s1/), a served ledger it opened, and the
+    successor recovered from two sheets into succ.key; yields (server, anchor)."""
     init = ok(
         "root init --out", env / "root.key", "--passphrase-env PW --shares 2-of-3 --shares-out", env / "s1"
     )
@@ -205,6 +206,14 @@ def test_rotate_whose_answer_is_lost_keeps_the_new_share_sheets(env: Path, proxi
             "root recover --shares", *init["shares"][:2], "--expect-digest", init["next_root_digest"],
             "--anchor", anchor.hex(), "--out", env / "succ.key", "--passphrase-env PW",
         )  # fmt: skip
+        yield srv, anchor
+
+
+def test_rotate_whose_answer_is_lost_keeps_the_new_share_sheets(env: Path, proxies: list[Proxy]) -> None:
+    """The server appends the rotate and dies before answering; the check-back fails too. The
+    rotate committed to the new sheets' digest, so deleting them would leave a root that can
+    never rotate again: they stay, and the error says where they are and how to confirm."""
+    with successor_ready(env) as (srv, anchor):
         proxy = Proxy(srv.url, die_after_post=True)
         proxies.append(proxy)
         r = writ(
@@ -232,16 +241,7 @@ def test_rotate_whose_answer_is_lost_keeps_the_new_share_sheets(env: Path, proxi
 
 def test_rotate_refused_by_the_server_removes_the_unused_sheets(env: Path, proxies: list[Proxy]) -> None:
     """A 4xx answer means nothing was appended: the sheets of a successor nobody committed to go."""
-    init = ok(
-        "root init --out", env / "root.key", "--passphrase-env PW --shares 2-of-3 --shares-out", env / "s1"
-    )
-    anchor = bytes.fromhex(init["anchor"])
-    with running_server(env, anchor, ORIGIN) as srv:
-        ok("genesis --origin", ORIGIN, "--server", srv.url, "--key", env / "root.key", "--passphrase-env PW")
-        ok(
-            "root recover --shares", *init["shares"][:2], "--expect-digest", init["next_root_digest"],
-            "--anchor", anchor.hex(), "--out", env / "succ.key", "--passphrase-env PW",
-        )  # fmt: skip
+    with successor_ready(env) as (srv, _):
         # a writer that got in first: the rotate is refused (stale-head, twice), nothing appended
         root = load_root(env / "root.key")
 
