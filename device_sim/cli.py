@@ -28,6 +28,7 @@ from typing import Any, NoReturn, cast
 
 from ledger.cli.main import EXIT_FAILED, CommandFailed, emit, exit_code
 from ledger.errors import HTTPStatusError, Interrupted, IOFailure, UsageError, WritError
+from ledger.redact import redact, redact_fields
 
 from .device import DEFAULT_MAX_STALENESS, STALE_POLICIES, Device, SyncResult, atomic_write
 
@@ -270,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _error_json(exc: WritError) -> dict[str, Any]:
     """The one error shape of every command, ``writ``'s too: ``{"error", "message", ...}``
     (plus the same text as ``detail``, for older readers)."""
-    out = exc.to_json()
-    out.setdefault("detail", exc.message)
+    out = redact_fields(exc.to_json())  # a message may quote a URI
+    out.setdefault("detail", out["message"])
     return out
 
 
@@ -288,7 +289,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         return exc.code
     except WritError as exc:
         emit(_error_json(exc))
-        sys.stderr.write(f"device_sim: {exc.message}\n")
+        sys.stderr.write(f"device_sim: {redact(exc.message)}\n")
         return exit_code(exc)
     except OSError as exc:
         emit(_error_json(IOFailure(f"{exc.strerror or exc} ({getattr(exc, 'filename', '')})")))

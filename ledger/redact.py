@@ -12,8 +12,9 @@ job; it works on whole messages, not just on a single URI.
 from __future__ import annotations
 
 import re
+from typing import Any
 
-__all__ = ["REDACTED", "redact"]
+__all__ = ["REDACTED", "redact", "redact_fields"]
 
 REDACTED = "REDACTED"
 
@@ -32,3 +33,8 @@ def redact(text: str) -> str:
     """``text`` with the secret parts of every URI in it replaced by ``REDACTED``."""
     out = _USERINFO.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
     return _ATTRIBUTE.sub(lambda m: f"{m.group(1)}{m.group(2)}={REDACTED}", out)
+
+
+def redact_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a JSON object (an error) with :func:`redact` applied to its text values."""
+    return {k: redact(v) if isinstance(v, str) else v for k, v in obj.items()}

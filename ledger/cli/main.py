@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, cast
 
 from ..errors import CorruptLedger, Interrupted, TransportError, UsageError, VerificationError, WritError
-from ..redact import redact
+from ..redact import redact, redact_fields
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
@@ -75,11 +75,6 @@ def exit_code(exc: WritError) -> int:
     return EXIT_FAILED
 
 
-def _redacted(error: dict[str, Any]) -> dict[str, Any]:
-    """An error's JSON with secrets out of its texts (a message may quote a URI or a file name)."""
-    return {k: redact(v) if isinstance(v, str) else v for k, v in error.items()}
-
-
 def emit(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(obj, sort_keys=False) + "\n")
     sys.stdout.flush()
@@ -114,10 +109,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         emit(handler(args))
         return EXIT_OK
     except CommandFailed as exc:
-        emit(_redacted(exc.payload))
+        emit(redact_fields(exc.payload))
         return exc.code
     except WritError as exc:
-        emit(_redacted(exc.to_json()))
+        emit(redact_fields(exc.to_json()))
         sys.stderr.write(f"writ: {redact(exc.message)}\n")
         return exit_code(exc)
     except KeyboardInterrupt:
