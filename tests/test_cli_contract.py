@@ -359,6 +359,33 @@ def test_pkcs11_pin_in_the_uri_is_echoed_nowhere(env: Path, softhsm: str) -> Non
         assert SECRET_PIN not in r.out and SECRET_PIN not in r.err, (r.out, r.err)
 
 
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("pkcs11:token=writ;object=root?pin-value=4711", "pkcs11:token=writ;object=root?pin-value=REDACTED"),
+        (
+            "pkcs11:token=a?module-path=/m.so&pin-value=4711",
+            "pkcs11:token=a?module-path=/m.so&pin-value=REDACTED",
+        ),
+        ("https://bob:4711@ledger.example/x", "https://bob:REDACTED@ledger.example/x"),
+        (
+            "https://ledger.example/v1?api_key=4711&start=3",
+            "https://ledger.example/v1?api_key=REDACTED&start=3",
+        ),
+        (
+            "no such share file pkcs11:token=t?PIN-VALUE=4711 here",
+            "no such share file pkcs11:token=t?PIN-VALUE=REDACTED here",
+        ),
+        ("pkcs11:token=writ;object=root;id=%01", "pkcs11:token=writ;object=root;id=%01"),  # nothing secret
+        ("grant tablet-07 seq 3, root 0f42…", "grant tablet-07 seq 3, root 0f42…"),
+    ],
+)
+def test_redact_hides_the_secrets_of_uris_and_keeps_the_rest(text: str, shown: str) -> None:
+    from ledger.redact import redact
+
+    assert redact(text) == shown and redact(shown) == shown
+
+
 # --- wrong anchor -----------------------------------------------------------------------------
 
 
