@@ -3,8 +3,9 @@
 One table: a :class:`~ledger.errors.WritError` becomes a problem whose
 ``type`` is ``urn:writ:problem:<exc.type>`` and whose status is
 ``exc.http_status``; the HTTP-level refusals that are not protocol errors are
-:class:`Problem` (``bad-request``, ``unsupported-media-type``,
-``rate-limited``, ``not-found``, ``overloaded``, ``payload-too-large``, ...).
+:class:`Problem`, named by a member of :class:`ledger.errors.HttpProblem`
+(``bad-request``, ``unsupported-media-type``, ``rate-limited``,
+``not-found``, ``overloaded``, ``shutting-down``, ...).
 Anything else is a bug: ``500 internal`` with no traceback text in the body
 (the traceback goes to the log).
 """
@@ -21,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ledger.errors import WritError
+from ledger.errors import HttpProblem, StaleHead, StorageError, TimeInFuture, WritError
 
 from .metrics import Metrics
 
@@ -31,31 +32,33 @@ PROBLEM_PREFIX = "urn:writ:problem:"
 PROBLEM_JSON = "application/problem+json"
 
 #: HTTP status -> problem name, for Starlette's own HTTPExceptions.
-_HTTP_NAMES = {
-    400: "bad-request",
-    404: "not-found",
-    405: "method-not-allowed",
-    408: "request-timeout",
-    413: "payload-too-large",
-    415: "unsupported-media-type",
-    429: "rate-limited",
-    503: "overloaded",
+_HTTP_NAMES: dict[int, HttpProblem] = {
+    400: HttpProblem.BAD_REQUEST,
+    404: HttpProblem.NOT_FOUND,
+    405: HttpProblem.METHOD_NOT_ALLOWED,
+    408: HttpProblem.REQUEST_TIMEOUT,
+    413: HttpProblem.PAYLOAD_TOO_LARGE,
+    415: HttpProblem.UNSUPPORTED_MEDIA_TYPE,
+    429: HttpProblem.RATE_LIMITED,
+    503: HttpProblem.OVERLOADED,
 }
 
-TITLES = {
-    "bad-request": "Bad request",
-    "not-found": "Not found",
-    "method-not-allowed": "Method not allowed",
-    "unsupported-media-type": "Unsupported media type",
-    "payload-too-large": "Payload too large",
-    "rate-limited": "Too many requests",
-    "overloaded": "Server overloaded",
-    "request-timeout": "Request timeout",
-    "shutting-down": "Server shutting down",
-    "internal": "Internal server error",
-    "stale-head": "Stale head: the ledger has moved on",
-    "storage-error": "Storage failure: nothing was appended",
-    "time-in-future": "Record time is ahead of the server clock",
+#: titles of the HTTP-level problems (every member has one) and of some protocol errors.
+TITLES: dict[str, str] = {
+    HttpProblem.BAD_REQUEST: "Bad request",
+    HttpProblem.NOT_FOUND: "Not found",
+    HttpProblem.METHOD_NOT_ALLOWED: "Method not allowed",
+    HttpProblem.UNSUPPORTED_MEDIA_TYPE: "Unsupported media type",
+    HttpProblem.PAYLOAD_TOO_LARGE: "Payload too large",
+    HttpProblem.RATE_LIMITED: "Too many requests",
+    HttpProblem.OVERLOADED: "Server overloaded",
+    HttpProblem.REQUEST_TIMEOUT: "Request timeout",
+    HttpProblem.SHUTTING_DOWN: "Server shutting down",
+    HttpProblem.UNAVAILABLE: "Server unavailable",
+    HttpProblem.INTERNAL: "Internal server error",
+    StaleHead.type: "Stale head: the ledger has moved on",
+    StorageError.type: "Storage failure: nothing was appended",
+    TimeInFuture.type: "Record time is ahead of the server clock",
 }
 
 
@@ -64,7 +67,7 @@ class Problem(Exception):
 
     def __init__(
         self,
-        name: str,
+        name: HttpProblem,
         status: int,
         detail: str = "",
         *,
@@ -80,7 +83,7 @@ class Problem(Exception):
 
 
 def bad_request(detail: str) -> Problem:
-    return Problem("bad-request", 400, detail)
+    return Problem(HttpProblem.BAD_REQUEST, 400, detail)
 
 
 def title_of(name: str) -> str:
@@ -156,7 +159,9 @@ async def problem_handler(request: Request, exc: Exception) -> Response:
 
 async def http_exception_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    name = _HTTP_NAMES.get(exc.status_code, "bad-request" if exc.status_code < 500 else "internal")
+    name = _HTTP_NAMES.get(
+        exc.status_code, HttpProblem.BAD_REQUEST if exc.status_code < 500 else HttpProblem.INTERNAL
+    )
     _count(request, name)
     detail = exc.detail if isinstance(exc.detail, str) else title_of(name)
     return problem_response(name, exc.status_code, detail, headers=exc.headers)
@@ -194,8 +199,8 @@ class InternalErrorMiddleware:
         except Exception:
             log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
             if self.metrics is not None:
-                self.metrics.rejections.labels(type="internal").inc()
+                self.metrics.rejections.labels(type=HttpProblem.INTERNAL).inc()
             if started:
                 return  # the response is under way: nothing more we can say
-            resp = problem_response("internal", 500, "internal server error (see the server log)")
+            resp = problem_response(HttpProblem.INTERNAL, 500, "internal server error (see the server log)")
             await resp(scope, receive, send)

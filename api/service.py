@@ -46,6 +46,7 @@ from ledger.crypto import Signer
 from ledger.errors import (
     BadSignature,
     HeadConflict,
+    HttpProblem,
     StaleHead,
     StorageError,
     UnknownDevice,
@@ -229,7 +230,7 @@ class LedgerService:
                 await t
         for p in self._queue:
             if not p.future.done():
-                p.future.set_exception(Problem("shutting-down", 503, "the server is shutting down"))
+                p.future.set_exception(Problem(HttpProblem.SHUTTING_DOWN, 503, "the server is shutting down"))
         self._queue.clear()
         self.writer_pool.shutdown(wait=True)
         self.sig_pool.shutdown(wait=True)
@@ -248,7 +249,9 @@ class LedgerService:
     async def submit(self, raws: list[bytes]) -> AppendResult:
         """Append ``raws`` (already decoded from the request) all or nothing; wait for the commit."""
         if self._closing:
-            raise Problem("shutting-down", 503, "the server is shutting down", headers={"Retry-After": "5"})
+            raise Problem(
+                HttpProblem.SHUTTING_DOWN, 503, "the server is shutting down", headers={"Retry-After": "5"}
+            )
         if self._broken is not None:
             raise StorageError(f"the ledger cannot take appends: {self._broken}")
         fut: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
@@ -276,7 +279,7 @@ class LedgerService:
                     for p in group:
                         if not p.future.done():
                             p.future.set_exception(
-                                Problem("shutting-down", 503, "the server is shutting down")
+                                Problem(HttpProblem.SHUTTING_DOWN, 503, "the server is shutting down")
                             )
                     raise
                 except Exception as exc:  # a bug: answer 500 rather than leave requests hanging

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any, NoReturn, cast
 
 from ledger.cli.main import EXIT_FAILED, CommandFailed, emit, exit_code
-from ledger.errors import HTTPStatusError, UsageError, WritError
+from ledger.errors import HTTPStatusError, Interrupted, IOFailure, UsageError, WritError
+from ledger.redact import redact, redact_fields
 
-from .device import DEFAULT_MAX_STALENESS, STALE_POLICIES, Device, SyncResult
+from .device import DEFAULT_MAX_STALENESS, STALE_POLICIES, Device, SyncResult, atomic_write
 
 __all__ = ["GROUPS", "build_parser", "main", "register", "run"]
 
@@ -112,7 +113,25 @@ def cmd_sync(args: argparse.Namespace) -> dict[str, Any]:
     import asyncio
 
     dev = Device.load(args.state)
-    return asyncio.run(_sync(dev, args, _now(args))).to_json()
+    now = _now(args)
+    out = asyncio.run(_sync(dev, args, now)).to_json()
+    if args.bundle is not None:
+        out["receipt"] = _bundle_receipt(dev, Path(args.bundle), now)
+    return out
+
+
+def _bundle_receipt(dev: Device, bundle: Path, now: int) -> str | None:
+    """A device synced from a bundle (a site with no network path) leaves its signed receipt
+    beside the bundle, ``BUNDLE.<key>.receipt``; `writ receipts import` posts it later."""
+    if dev.own_grant is None:
+        return None
+    path = bundle.with_name(f"{bundle.name}.{dev.public_key.hex()[:16]}.receipt")
+    try:
+        atomic_write(path, dev.receipt(now), 0o644)
+    except OSError as exc:
+        sys.stderr.write(f"device_sim: the receipt could not be written beside the bundle: {exc.strerror}\n")
+        return None
+    return str(path)
 
 
 def cmd_challenge(args: argparse.Namespace) -> dict[str, Any]:
@@ -250,9 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error_json(exc: WritError) -> dict[str, Any]:
-    out: dict[str, Any] = {"error": exc.type, "detail": exc.message}
-    for k, v in exc.detail.items():
-        out.setdefault(k, v)
+    """The one error shape of every command, ``writ``'s too: ``{"error", "message", ...}``
+    (plus the same text as ``detail``, for older readers)."""
+    out = redact_fields(exc.to_json())  # a message may quote a URI
+    out.setdefault("detail", out["message"])
     return out
 
 
@@ -269,13 +289,13 @@ def run(argv: Sequence[str] | None = None) -> int:
         return exc.code
     except WritError as exc:
         emit(_error_json(exc))
-        sys.stderr.write(f"device_sim: {exc.message}\n")
+        sys.stderr.write(f"device_sim: {redact(exc.message)}\n")
         return exit_code(exc)
     except OSError as exc:
-        emit({"error": "io-error", "detail": f"{exc.strerror or exc} ({getattr(exc, 'filename', '')})"})
+        emit(_error_json(IOFailure(f"{exc.strerror or exc} ({getattr(exc, 'filename', '')})")))
         return EXIT_FAILED
     except KeyboardInterrupt:
-        emit({"error": "interrupted"})
+        emit(_error_json(Interrupted("interrupted")))
         return 130
 
 

@@ -120,7 +120,12 @@ def check_checkpoint(
     )
     cp = vc.checkpoint
     if cp.size > state.size:
-        raise Rollback(f"the checkpoint names size {cp.size} but only {state.size} records were served")
+        # a truncated ledger: the first record missing is the first bad seq
+        raise Rollback(
+            f"the checkpoint names size {cp.size} but only {state.size} records were served:"
+            f" record {state.size} is missing",
+            seq=state.size,
+        )
     if cp.size == state.size and cp.root != state.root:
         raise Fork("the checkpoint's root is not the root of the records served")
     return vc

@@ -13,32 +13,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from . import crypto, messages, records
-from .errors import WritError
+from .errors import CredentialRefusal, WritError
 from .state import LedgerState
 
 MAX_SKEW = 300
 DEFAULT_MAX_STALENESS = 24 * 3600
 
 #: refusal reasons, in the order of precedence when several apply.
-REFUSALS = (
-    "bad-challenge",
-    "clock-skew",
-    "bad-signature",
-    "unpublished",
-    "revoked",
-    "revoked-key",
-    "expired",
-    "not-yet-valid",
-    "wrong-role",
-    "out-of-scope",
-    "stale",
-)
+REFUSALS: tuple[CredentialRefusal, ...] = tuple(CredentialRefusal)
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
     accepted: bool
-    reason: str | None = None
+    reason: CredentialRefusal | None = None
     grant_seq: int | None = None
     name: str | None = None
     role: str | None = None
@@ -79,44 +67,44 @@ def check_credential(
     try:
         auth = messages.parse_auth(auth_bytes)
     except WritError:
-        return Verdict(False, "bad-signature")
+        return Verdict(False, CredentialRefusal.BAD_SIGNATURE)
     if challenge is None or auth.verifier_key != device_key or auth.challenge != challenge:
-        return Verdict(False, "bad-challenge")
+        return Verdict(False, CredentialRefusal.BAD_CHALLENGE)
     if abs(auth.time - now) > MAX_SKEW:
-        return Verdict(False, "clock-skew")
+        return Verdict(False, CredentialRefusal.CLOCK_SKEW)
     try:
         env = records.parse(auth.grant_record)
         body = env.typed()
     except WritError:
-        return Verdict(False, "bad-signature")
+        return Verdict(False, CredentialRefusal.BAD_SIGNATURE)
     if not isinstance(body, records.Grant) or env.signer != 0:
-        return Verdict(False, "bad-signature")
+        return Verdict(False, CredentialRefusal.BAD_SIGNATURE)
     root = state.root_for(body.seq)
     if root is None or not crypto.check(root, crypto.RECORD_DOMAIN, env.body_bytes, env.signature):
-        return Verdict(False, "bad-signature")
+        return Verdict(False, CredentialRefusal.BAD_SIGNATURE)
     if not crypto.check(body.subject, crypto.AUTH_DOMAIN, auth.body, auth.signature):
-        return Verdict(False, "bad-signature")
+        return Verdict(False, CredentialRefusal.BAD_SIGNATURE)
 
-    def refuse(reason: str, stale: bool = False) -> Verdict:
+    def refuse(reason: CredentialRefusal, stale: bool = False) -> Verdict:
         return Verdict(False, reason, body.seq, body.name, body.role, stale)
 
     kept = state.grants.get(body.seq)
     leaf = crypto.sha256(b"\x00" + auth.grant_record)
     if body.seq >= state.size or kept is None or kept.leaf_hash != leaf:
-        return refuse("unpublished")
+        return refuse(CredentialRefusal.UNPUBLISHED)
     if state.is_revoked(body.seq):
-        return refuse("revoked")
+        return refuse(CredentialRefusal.REVOKED)
     if state.key_revoked(body.subject):
-        return refuse("revoked-key")
+        return refuse(CredentialRefusal.REVOKED_KEY)
     if body.not_after != 0 and now >= body.not_after:
-        return refuse("expired")
+        return refuse(CredentialRefusal.EXPIRED)
     if now < body.not_before:
-        return refuse("not-yet-valid")
+        return refuse(CredentialRefusal.NOT_YET_VALID)
     if body.role not in set(roles):
-        return refuse("wrong-role")
+        return refuse(CredentialRefusal.WRONG_ROLE)
     if not records.in_scope(body.scope, device_scope):
-        return refuse("out-of-scope")
+        return refuse(CredentialRefusal.OUT_OF_SCOPE)
     stale = freshness.is_stale(now)
     if stale and freshness.policy != "accept":
-        return refuse("stale", stale=True)
+        return refuse(CredentialRefusal.STALE, stale=True)
     return Verdict(True, None, body.seq, body.name, body.role, stale)

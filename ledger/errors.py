@@ -20,6 +20,8 @@ bare bool.
     │   │   ├── TimeRegression             time-regression
     │   │   ├── UnauthorizedSigner         unauthorized-signer
     │   │   ├── BadSignature               bad-signature
+    │   │   ├── WrongAnchor                wrong-anchor (a genesis whose root is not the anchor: a
+    │   │   │                              configuration mistake, reported before the signature rule)
     │   │   ├── UnknownTarget              unknown-target
     │   │   ├── AlreadyRevoked             already-revoked
     │   │   └── TimeInFuture               time-in-future
@@ -37,7 +39,7 @@ bare bool.
     │       ├── TimestampRegression        timestamp-regression
     │       └── MissingCosignatures        missing-cosignatures (fewer than k witnesses)
     ├── StorageError                       storage-error
-    │   ├── HeadConflict                   stale-head (compare-and-swap lost)
+    │   ├── HeadConflict                   stale-head (compare-and-swap lost; also a StaleHead)
     │   ├── CorruptLedger                  corrupt-ledger (carries .seq and the cause)
     │   └── LedgerExists / LedgerMissing   ledger-exists / no-ledger
     ├── KeyMaterialError                   key-error
@@ -47,7 +49,17 @@ bare bool.
     │   ├── AgentError                     agent-error (ssh-agent)
     │   └── ShareError                     bad-shares (SLIP-39 recovery)
     ├── TransportError                     unreachable / http-error / response-too-large
-    └── UsageError                         usage (bad flags, unknown name, ambiguous name, bad hex)
+    ├── UsageError                         usage (bad flags, bad hex)
+    │   ├── UnknownName                    unknown-name (no grant of that name)
+    │   └── AmbiguousName                  ambiguous-name (several unrevoked grants of that name)
+    ├── IOFailure                          io-error (a local file could not be read or written)
+    └── Interrupted                        interrupted (Ctrl-C)
+
+Names that are not exceptions are members of a ``StrEnum`` here, so that
+every name a program emits is declared once: :class:`CredentialRefusal` (why
+a device refuses a credential, in precedence order) and :class:`HttpProblem`
+(the HTTP-level problem types of the server and of nginx in front of it).
+:func:`registered_names` is the set of all of them.
 
 Messages never contain secret material: constructors take descriptions, not
 keys.
@@ -55,6 +67,7 @@ keys.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any, ClassVar
 
 
@@ -140,6 +153,14 @@ class BadSignature(RecordRejected):
     http_status = 403
 
 
+class WrongAnchor(RecordRejected):
+    """A genesis whose ``root`` is not the verifier's anchor: the wrong anchor was
+    configured or the wrong server was asked, which is not tampering. Checked
+    before the signature rule (which would otherwise report ``bad-signature``)."""
+
+    type = "wrong-anchor"
+
+
 class UnknownTarget(RecordRejected):
     type = "unknown-target"
 
@@ -223,8 +244,9 @@ class StorageError(WritError):
     http_status = 503
 
 
-class HeadConflict(StorageError):
-    """The compare-and-swap on the head lost: someone appended meanwhile."""
+class HeadConflict(StaleHead, StorageError):
+    """The compare-and-swap on the head lost: someone appended meanwhile. On
+    the wire it is the protocol's ``409 stale-head``."""
 
     type = "stale-head"
     http_status = 409
@@ -299,6 +321,66 @@ class UsageError(WritError):
     type = "usage"
 
 
+class UnknownName(UsageError):
+    """No grant has the name given (``--name``)."""
+
+    type = "unknown-name"
+
+
+class AmbiguousName(UsageError):
+    """Several unrevoked grants have the name given: name one by seq."""
+
+    type = "ambiguous-name"
+
+
+class IOFailure(WritError):
+    """A local file could not be read or written (``OSError`` at the edge)."""
+
+    type = "io-error"
+
+
+class Interrupted(WritError):
+    """The user interrupted the command (SIGINT)."""
+
+    type = "interrupted"
+
+
+# --- names that are not exceptions ------------------------------------------------
+
+
+class CredentialRefusal(StrEnum):
+    """Why a device refuses a credential (``device check``'s ``reason``), in the
+    order of precedence when several apply."""
+
+    BAD_CHALLENGE = "bad-challenge"
+    CLOCK_SKEW = "clock-skew"
+    BAD_SIGNATURE = "bad-signature"
+    UNPUBLISHED = "unpublished"
+    REVOKED = "revoked"
+    REVOKED_KEY = "revoked-key"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not-yet-valid"
+    WRONG_ROLE = "wrong-role"
+    OUT_OF_SCOPE = "out-of-scope"
+    STALE = "stale"
+
+
+class HttpProblem(StrEnum):
+    """HTTP-level problem types (not protocol rejections): the server's and nginx's."""
+
+    BAD_REQUEST = "bad-request"
+    NOT_FOUND = "not-found"
+    METHOD_NOT_ALLOWED = "method-not-allowed"
+    REQUEST_TIMEOUT = "request-timeout"
+    PAYLOAD_TOO_LARGE = "payload-too-large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported-media-type"
+    RATE_LIMITED = "rate-limited"
+    OVERLOADED = "overloaded"
+    SHUTTING_DOWN = "shutting-down"
+    UNAVAILABLE = "unavailable"  # nginx: the server does not answer
+    INTERNAL = "internal"
+
+
 #: every rejection type name a record can be refused with, in table order.
 RECORD_REJECTIONS: tuple[type[RecordRejected], ...] = (
     TooLarge,
@@ -320,8 +402,8 @@ RECORD_REJECTIONS: tuple[type[RecordRejected], ...] = (
 def by_type(name: str) -> type[WritError] | None:
     """The error class whose stable ``type`` is ``name``.
 
-    A record rejection wins over a same-named error elsewhere in the tree
-    (``stale-head`` is :class:`StaleHead`, not the storage-level
+    A record rejection wins over a same-named subclass elsewhere in the tree
+    (``stale-head`` is :class:`StaleHead`, not its storage-level subtype
     :class:`HeadConflict`)."""
 
     for cls in RECORD_REJECTIONS:
@@ -334,3 +416,24 @@ def by_type(name: str) -> type[WritError] | None:
             return cls_
         stack.extend(cls_.__subclasses__())
     return None
+
+
+def error_classes() -> list[type[WritError]]:
+    """Every class of the tree (those defined by importers included), root first."""
+    out: list[type[WritError]] = []
+    stack: list[type[WritError]] = [WritError]
+    while stack:
+        cls = stack.pop(0)
+        if cls not in out:
+            out.append(cls)
+            stack.extend(cls.__subclasses__())
+    return out
+
+
+def registered_names() -> frozenset[str]:
+    """Every error name a program may emit: the classes' ``type`` names and the
+    members of :class:`CredentialRefusal` and :class:`HttpProblem`."""
+    names = {cls.type for cls in error_classes()}
+    names.update(CredentialRefusal)
+    names.update(HttpProblem)
+    return frozenset(names)

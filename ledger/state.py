@@ -35,6 +35,7 @@ from .errors import (
     UnauthorizedSigner,
     UnknownTarget,
     WritError,
+    WrongAnchor,
 )
 from .records import Envelope, Genesis, Grant, Kind, Revoke, Rotate, SignedRecord
 from .tree import CompactRange
@@ -279,6 +280,16 @@ class LedgerState:
         if env.signer != 0:
             raise UnauthorizedSigner("only a revoke may name a signer other than the root", seq=seq)
         if env.kind is Kind.GENESIS:
+            root = env.extra[1]
+            if type(root) is bytes and root != self.anchor:
+                # named before the signature rule: a wrong anchor is a configuration mistake
+                raise WrongAnchor(
+                    f"the genesis names the root {root.hex()} but the anchor given is {self.anchor.hex()}"
+                    " (the wrong anchor, or the wrong server)",
+                    seq=seq,
+                    anchor=self.anchor.hex(),
+                    genesis_root=root.hex(),
+                )
             return self.anchor
         if env.kind is Kind.ROTATE:
             if self.pending_digest is None:

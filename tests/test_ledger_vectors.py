@@ -158,10 +158,13 @@ def test_genesis_for_another_origin_is_refused() -> None:
     assert st.size == 0
 
 
-def test_genesis_under_another_anchor_is_refused() -> None:
+def test_genesis_under_another_anchor_is_refused_as_wrong_anchor() -> None:
     st = LedgerState(V.public("log"))
-    with pytest.raises(errors.BadSignature):
+    with pytest.raises(errors.WrongAnchor) as info:
         st.apply(V.records[0])
+    assert info.value.seq == 0 and st.size == 0
+    assert info.value.detail["anchor"] == V.public("log").hex()
+    assert info.value.detail["genesis_root"] == V.anchor.hex()
 
 
 def test_body_classes_refuse_invalid_fields() -> None:

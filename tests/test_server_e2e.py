@@ -268,6 +268,6 @@ def test_serve_refuses_a_second_server_and_a_corrupt_ledger(tmp_path: Path) -> N
         )
     db.close()
     code, doc, err = run_writ("serve", "--data", str(srv.data_dir), "--port", "0")
-    assert (code, doc["error"], doc["seq"]) == (1, "corrupt-ledger", 3)
+    assert (code, doc["error"], doc["seq"]) == (3, "corrupt-ledger", 3)  # the verification status, as audit
     assert doc["cause"] == "bad-signature"
     assert "Traceback" not in err and "first bad seq 3" in err

@@ -37,6 +37,7 @@ from ledger.errors import (
     LedgerExists,
     LedgerMissing,
     StorageError,
+    WrongAnchor,
 )
 from ledger.records import Grant, Reason, Revoke, SignedRecord
 from ledger.state import LedgerState
@@ -780,9 +781,9 @@ async def test_read_over_a_missing_row_is_corrupt_ledger(backend: Backend) -> No
 
 async def test_load_refuses_another_ledgers_storage(store: AnyStorage) -> None:
     await loaded_chain(store, grants=1)
-    with pytest.raises(CorruptLedger) as info:
+    with pytest.raises(WrongAnchor) as wrong:
         await load_ledger(store, anchor=V.public("root_next"), origin=V.origin)
-    assert info.value.cause == "meta-mismatch"
+    assert wrong.value.detail["genesis_root"] == V.anchor.hex()
     with pytest.raises(CorruptLedger) as info:
         await load_ledger(store, anchor=V.anchor, origin="other.example/ledger")
     assert info.value.cause == "meta-mismatch"

@@ -9,6 +9,8 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from ledger.errors import HttpProblem
+
 from ..config import ServerConfig
 from ..problems import Problem, bad_request
 from ..ratelimit import TokenBuckets
@@ -22,7 +24,9 @@ U64_MAX = (1 << 64) - 1
 def service(request: Request) -> LedgerService:
     svc = getattr(request.app.state, "service", None)
     if not isinstance(svc, LedgerService):
-        raise Problem("overloaded", 503, "the ledger is not loaded yet", headers={"Retry-After": "1"})
+        raise Problem(
+            HttpProblem.OVERLOADED, 503, "the ledger is not loaded yet", headers={"Retry-After": "1"}
+        )
     return svc
 
 
@@ -73,7 +77,9 @@ def require_msgpack(request: Request) -> None:
     media = ctype.split(";", 1)[0].strip().lower()
     if media not in _MSGPACK_TYPES:
         raise Problem(
-            "unsupported-media-type", 415, f"the body must be {MSGPACK}, not {media or 'unspecified'!r}"
+            HttpProblem.UNSUPPORTED_MEDIA_TYPE,
+            415,
+            f"the body must be {MSGPACK}, not {media or 'unspecified'!r}",
         )
 
 
@@ -83,7 +89,7 @@ def rate_limit(request: Request, buckets: TokenBuckets) -> None:
     if wait > 0:
         retry = TokenBuckets.retry_after(wait)
         raise Problem(
-            "rate-limited",
+            HttpProblem.RATE_LIMITED,
             429,
             f"too many requests from {host}; retry in {retry} s",
             headers={"Retry-After": retry},
@@ -97,7 +103,9 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
         if not announced.isascii() or not announced.isdigit():
             raise bad_request("bad Content-Length")
         if int(announced) > limit:
-            raise Problem("payload-too-large", 413, f"the body is larger than {limit} bytes", limit=limit)
+            raise Problem(
+                HttpProblem.PAYLOAD_TOO_LARGE, 413, f"the body is larger than {limit} bytes", limit=limit
+            )
     buf = bytearray()
     try:
         async with asyncio.timeout(timeout):
@@ -105,10 +113,13 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
                 buf += chunk
                 if len(buf) > limit:
                     raise Problem(
-                        "payload-too-large", 413, f"the body is larger than {limit} bytes", limit=limit
+                        HttpProblem.PAYLOAD_TOO_LARGE,
+                        413,
+                        f"the body is larger than {limit} bytes",
+                        limit=limit,
                     )
     except TimeoutError:
-        raise Problem("request-timeout", 408, "the body did not arrive in time") from None
+        raise Problem(HttpProblem.REQUEST_TIMEOUT, 408, "the body did not arrive in time") from None
     except ClientDisconnect:
         raise bad_request("the client went away") from None
     return bytes(buf)

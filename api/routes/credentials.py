@@ -6,6 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ledger.errors import HttpProblem
 from ledger.state import GrantInfo
 from ledger.views import credential
 
@@ -27,7 +28,7 @@ async def get_credential(request: Request) -> Response:
         raise bad_request("a credential is named by the seq of its grant record")
     g = svc.state.grants.get(int(text))
     if g is None:
-        raise Problem("not-found", 404, f"record {text} is not a grant")
+        raise Problem(HttpProblem.NOT_FOUND, 404, f"record {text} is not a grant")
     return c.json_response(await _one(svc, g, int(svc.clock())))
 
 

@@ -27,6 +27,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from ledger.errors import HttpProblem
+
 from ..broadcast import Broadcaster, CheckpointEvent
 from ..problems import Problem, bad_request
 from ..service import LedgerService
@@ -97,9 +99,9 @@ async def get_events(request: Request) -> Response:
     hub = svc.broadcaster
     assert hub is not None
     if hub.closed:
-        raise Problem("shutting-down", 503, "the server is shutting down")
+        raise Problem(HttpProblem.SHUTTING_DOWN, 503, "the server is shutting down")
     if hub.clients >= lim.max_sse_clients:
-        raise Problem("overloaded", 503, "too many event streams", headers={"Retry-After": "10"})
+        raise Problem(HttpProblem.OVERLOADED, 503, "too many event streams", headers={"Retry-After": "10"})
     metrics = svc.metrics
     # the slot is taken here, with no await since the check, and given back when
     # the response ends however it ends (even before its first byte)

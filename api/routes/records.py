@@ -10,7 +10,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ledger import encoding
-from ledger.errors import NotCanonical
+from ledger.errors import HttpProblem, NotCanonical
 
 from ..problems import Problem, bad_request
 from . import _common as c
@@ -41,7 +41,7 @@ async def post_records(request: Request) -> Response:
     count = _announced_count(body)
     if count is not None and count > lim.max_batch:
         raise Problem(
-            "payload-too-large",
+            HttpProblem.PAYLOAD_TOO_LARGE,
             413,
             f"{count} records in one request; the limit is {lim.max_batch}",
             limit=lim.max_batch,
@@ -53,7 +53,9 @@ async def post_records(request: Request) -> Response:
         result = await asyncio.wait_for(svc.submit(raws), lim.request_timeout)
     except TimeoutError:
         raise Problem(
-            "overloaded", 503, "the append is still queued; it may yet commit: check the head before retrying"
+            HttpProblem.OVERLOADED,
+            503,
+            "the append is still queued; it may yet commit: check the head before retrying",
         ) from None
     response = c.json_response(result.to_json())
     response.background = BackgroundTask(svc.flush_notify_after_reply)

@@ -28,13 +28,13 @@ from .. import view
 from ..errors import (
     BadMessage,
     CorruptLedger,
-    RecordRejected,
     Rollback,
     UsageError,
     VerificationError,
     WritError,
 )
 from ..records import Genesis, Grant, Reason, Revoke, Rotate
+from ..redact import redact
 from ..state import LedgerState
 from ..storage.load import load_ledger
 from ..storage.sqlite import SqliteStorage
@@ -169,13 +169,18 @@ def _anchor(args: argparse.Namespace, required: bool) -> bytes | None:
 
 
 def _fail(exc: WritError) -> CommandFailed:
-    seq = exc.detail.get("seq") if isinstance(exc, RecordRejected | CorruptLedger) else None
-    # a stored ledger that fails is reported by what failed (the rejection type of its
-    # first bad record, or leaf-hash-mismatch, missing-record, ...), as from a server
+    """``{"error", "seq": FIRST_BAD_SEQ or null, "message", ...detail}``, exit 3.
+
+    A stored ledger that fails is reported by what failed (the rejection type of
+    its first bad record, or leaf-hash-mismatch, missing-record, ...), as from a server."""
+    seq = exc.detail.get("seq")
+    seq = seq if type(seq) is int else None
     cause = exc.detail.get("cause") if isinstance(exc, CorruptLedger) else None
     kind = cause if isinstance(cause, str) else exc.type
     say(f"writ: AUDIT FAILED: {kind}" + (f" at seq {seq}" if seq is not None else "") + f": {exc.message}")
-    out = {"error": kind, "seq": seq if type(seq) is int else None, "message": exc.message}
+    out = {"error": kind, "seq": seq, "message": exc.message}
+    for k, v in exc.detail.items():
+        out.setdefault(k, v)
     return CommandFailed(out, EXIT_VERIFY)
 
 
@@ -215,7 +220,7 @@ def run_audit(
         else:
             st, _ = core_audit.audit(pages(0, cp_size), anchor=anchor, executor=executor, progress=progress)
             if note is not None and st.origin is None and cp_size:
-                raise Rollback(f"the checkpoint names {cp_size} records but no genesis was served")
+                raise Rollback(f"the checkpoint names {cp_size} records but no genesis was served", seq=0)
             if note is not None and st.origin is not None:
                 vc = core_audit.check_checkpoint(st, note)
         if vc is not None:
@@ -261,7 +266,7 @@ def cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
         raise _fail(BadMessage("no checkpoint could be verified"))
     out = report.to_json()
     out["checkpoint"] = checked
-    out["source"] = args.server or args.data
+    out["source"] = redact(args.server) if args.server else args.data
     out["seconds"] = round(seconds, 3)
     if con is not None:
         _print_report(con, out)

@@ -44,6 +44,7 @@ from ..errors import (
 )
 from ..fileio import create_private, read_capped
 from ..fileio import write_atomic as write_atomic  # re-exported for the command modules
+from ..redact import redact
 from ..state import LedgerState
 from ..transport import IDENTITY, BoundedBody
 from .main import EXIT_FAILED, EXIT_USAGE, CommandFailed
@@ -79,8 +80,8 @@ def stderr_is_tty() -> bool:
 
 
 def say(message: str) -> None:
-    """One plain line of explanation on stderr (always: warnings matter)."""
-    sys.stderr.write(message.rstrip("\n") + "\n")
+    """One plain line of explanation on stderr (always: warnings matter; never a secret of a URI)."""
+    sys.stderr.write(redact(message.rstrip("\n")) + "\n")
     sys.stderr.flush()
 
 
@@ -314,7 +315,7 @@ def write_records_file(path: str, raws: list[bytes]) -> None:
 
 
 def _clean(text: object, limit: int = 300) -> str:
-    s = _CONTROL.sub(" ", str(text))
+    s = redact(_CONTROL.sub(" ", str(text)))
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
@@ -323,7 +324,7 @@ def normalise_server(url: str | None) -> str:
         raise UsageError("--server URL is required")
     u = url.strip().rstrip("/")
     if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", u):
-        raise UsageError(f"--server must be an http:// or https:// URL, not {_clean(url, 80)!r}")
+        raise UsageError(f"--server must be an http:// or https:// URL, not {redact(_clean(url, 80))!r}")
     return u
 
 
@@ -332,6 +333,7 @@ class Client:
 
     def __init__(self, server: str) -> None:
         self.base = normalise_server(server)
+        self.shown = redact(self.base)  # what messages name: never a password in the URL
         if client_factory is not None:
             self._http = client_factory(self.base)
             self._owns = False
@@ -390,14 +392,14 @@ class Client:
             except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
                 raise UsageError(f"bad server URL: {_clean(exc, 120)}") from None
             except httpx.TimeoutException:
-                raise TransportError(f"the server at {self.base} did not answer in time") from None
+                raise TransportError(f"the server at {self.shown} did not answer in time") from None
             except httpx.HTTPError as exc:
                 raise TransportError(
-                    f"the server at {self.base} is unreachable ({type(exc).__name__}: {_clean(exc, 120)})"
+                    f"the server at {self.shown} is unreachable ({type(exc).__name__}: {_clean(exc, 120)})"
                 ) from None
             except OSError as exc:
                 raise TransportError(
-                    f"the server at {self.base} is unreachable ({_clean(exc, 120)})"
+                    f"the server at {self.shown} is unreachable ({_clean(exc, 120)})"
                 ) from None
             if status in retry_on and attempt < retries:
                 wait = _retry_after(hdrs.get("retry-after"))

@@ -13,6 +13,7 @@ GROUPS = (
     "ledger.cli.keys",  # root init / recover, key init, rotate
     "ledger.cli.records",  # genesis, grant, revoke, push, sign, bundle, status
     "ledger.cli.audit",  # audit, show, log
+    "ledger.cli.receipts",  # receipts import
     "api.cli",  # server init, serve
     "device_sim.demo",  # demo
 )

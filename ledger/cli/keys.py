@@ -17,14 +17,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .. import records as rec
 from ..crypto import SeedSigner, Signer, sha256
-from ..errors import UsageError
+from ..errors import UsageError, WritError
 from ..records import Rotate
+from ..redact import redact
 from ..state import LedgerState
 from . import common
 from .common import (
@@ -67,11 +68,17 @@ def read_share_file(path: str) -> str:
 
 @contextlib.contextmanager
 def new_successor(
-    args: argparse.Namespace, anchor_hex: str | None
+    args: argparse.Namespace,
+    anchor_hex: str | None,
+    *,
+    may_be_committed: Callable[[], str | None] | None = None,
 ) -> Iterator[tuple[bytes | None, list[str]]]:
     """Make a successor key and write its share sheets (deleted again if the block fails).
 
-    Yields (digest or None, sheet paths). The successor's seed is never written whole."""
+    Yields (digest or None, sheet paths). The successor's seed is never written whole.
+    ``may_be_committed`` is asked when the block fails: a text (how to confirm)
+    means a record committing to this successor may be in the ledger, so the
+    sheets are kept and the error says where they are."""
     from .. import signers
 
     if args.shares is None:
@@ -106,10 +113,22 @@ def new_successor(
             write_new(p, sheet.encode("utf-8"), mode=0o600)
             written.append(p)
         yield digest, [str(p) for p in written]
-    except BaseException:
-        for p in written:
-            with contextlib.suppress(OSError):
-                p.unlink()
+    except BaseException as exc:
+        confirm = may_be_committed() if may_be_committed is not None and written else None
+        if confirm is None:
+            for p in written:  # the ledger is known not to hold the digest: nothing depends on them
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            raise
+        kept = (
+            f"the new successor's {len(written)} share sheets are KEPT in {out_dir}"
+            f" (the ledger may already commit to them): {confirm}"
+        )
+        say(f"writ: {kept}")
+        if isinstance(exc, WritError):
+            exc.message = f"{exc.message}; {kept}"
+            exc.detail["shares_kept"] = [str(p) for p in written]
+            exc.detail["next_root_digest"] = digest.hex()
         raise
 
 
@@ -206,7 +225,7 @@ def cmd_root_recover(args: argparse.Namespace) -> dict[str, Any]:
     if to_token:
         pin = read_secret(args.pin_env, "Token PIN: ", what="PIN").decode("utf-8") if args.pin_env else None
         signers.import_to_token(args.pkcs11, pin, signer.seed(), args.label, pkcs11_module=args.pkcs11_module)
-        where = {"pkcs11": args.pkcs11, "label": args.label}
+        where = {"pkcs11": redact(args.pkcs11), "label": args.label}  # never the PIN of a pin-value
     else:
         out = str(args.out)
         passphrase = read_secret(args.passphrase_env, f"New passphrase for {out}: ", confirm=True)
@@ -321,6 +340,48 @@ def _write_root_pub(
     )
 
 
+class _WatchedClient(Client):
+    """The rotate's client: remembers whether a POST may have appended its records.
+
+    A POST that the server refused with a 4xx answer appended nothing (batches
+    are all or nothing); any other failure (no answer, a 5xx, an unreadable
+    answer) may have come after the commit."""
+
+    def __init__(self, server: str) -> None:
+        super().__init__(server)
+        self.uncertain: list[bytes] | None = None
+
+    def post_records(self, raws: list[bytes]) -> dict[str, Any]:
+        try:
+            return super().post_records(raws)
+        except WritError as exc:
+            status = exc.detail.get("http_status")
+            if not (type(status) is int and 400 <= status < 500):
+                self.uncertain = raws
+            raise
+        except BaseException:
+            self.uncertain = raws
+            raise
+
+
+def _confirm_rotate(client: _WatchedClient, anchor: bytes) -> Callable[[], str | None]:
+    """How to confirm an uncertain rotate, or None when no POST may have appended it."""
+
+    def confirm() -> str | None:
+        if client.uncertain is None:
+            return None
+        body = rec.decode_unverified(client.uncertain[-1]).body
+        to = f" to {body.new_root.hex()[:16]}…" if isinstance(body, Rotate) else ""
+        return (
+            f"confirm with `writ log --server {client.shown} --anchor {anchor.hex()} --kind rotate`:"
+            f" if seq {body.seq} is a rotate{to}, the rotate was appended and"
+            " these sheets are the only copy of the next successor (hand them to the custodians);"
+            " if it is not, delete them and run `writ rotate` again"
+        )
+
+    return confirm
+
+
 def cmd_rotate(args: argparse.Namespace) -> dict[str, Any]:
     _check_rotate_source(args)
     if args.out_key is not None:
@@ -328,7 +389,8 @@ def cmd_rotate(args: argparse.Namespace) -> dict[str, Any]:
             if p.exists():
                 raise UsageError(f"refusing to overwrite the existing file {p}")
     with contextlib.ExitStack() as stack:
-        client = stack.enter_context(Client(args.server))
+        client = _WatchedClient(args.server)
+        stack.enter_context(client)
         anchor = common.default_anchor(args)
         mirror, note = common.open_mirror(args, client, anchor)
         stack.enter_context(mirror)
@@ -342,7 +404,10 @@ def cmd_rotate(args: argparse.Namespace) -> dict[str, Any]:
                 "the ledger commits to no successor root (next_root_digest is null): no rotation is possible",
             )
         succ.get(pending)  # open and check the successor before writing any new sheet
-        with new_successor(args, anchor.hex()) as (digest, sheets):
+        with new_successor(args, anchor.hex(), may_be_committed=_confirm_rotate(client, anchor)) as (
+            digest,
+            sheets,
+        ):
             if args.successor_shares:
                 _save_recovered(args, succ, anchor, digest)
             pushed = common.push_intent(mirror, client, rotate_builder(args, succ, digest), sync_first=False)
@@ -406,7 +471,7 @@ def cmd_key_import_token(args: argparse.Namespace) -> dict[str, Any]:
     )
     uri = args.pkcs11.split("?", 1)[0]
     obj = f"{uri};object={args.label}" if "object=" not in uri else uri
-    return {"public_key": public.hex(), "pkcs11": obj}
+    return {"public_key": public.hex(), "pkcs11": redact(obj)}
 
 
 # --- registration -------------------------------------------------------------------

@@ -1,13 +1,10 @@
 """`writ`: the integrator's and the server's command line.
 
 Every command prints exactly one JSON object on stdout (human text goes to
-stderr) and never a traceback for a user error. Exit codes:
-
-    0  success
-    1  refused or failed (a WritError that is not one of the below)
-    2  usage: bad flags, bad hex, unknown or ambiguous name
-    3  verification failed: the data does not verify (audit, sync)
-    4  the server could not be reached or answered with an HTTP error
+stderr) and never a traceback for a user error; an error is
+``{"error": TYPE, "message": TEXT, ...}``. The exit codes are
+:data:`EXIT_CODES`, the one table that ``writ --help`` prints and
+docs/operations.md (section "Exit codes") repeats.
 
 Command groups register themselves through ``register(subparsers)``; a
 handler returns the JSON object to print (or raises a WritError).
@@ -21,11 +18,31 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, cast
 
-from ..errors import TransportError, UsageError, VerificationError, WritError
+from ..errors import CorruptLedger, Interrupted, TransportError, UsageError, VerificationError, WritError
+from ..redact import redact, redact_fields
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_VERIFY, EXIT_TRANSPORT = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_VERIFY, EXIT_TRANSPORT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+#: every exit status of ``writ``, and what it means: the one table (``writ --help``, the docs).
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (EXIT_OK, "success"),
+    (EXIT_FAILED, "refused or failed (nothing was signed or appended unless the message says so)"),
+    (EXIT_USAGE, "usage: bad flags or arguments, bad hex, an unknown or ambiguous name"),
+    (
+        EXIT_VERIFY,
+        "verification failed: data from a server, a bundle or a database does not verify"
+        " (audit, sync, a mirror, `writ serve` refusing a corrupt ledger, wrong-anchor)",
+    ),
+    (EXIT_TRANSPORT, "the server could not be reached, or answered with an HTTP error"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
+)
+
+
+def exit_codes_text() -> str:
+    """:data:`EXIT_CODES` as the plain-text table of ``writ --help``."""
+    return "exit codes:\n" + "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_CODES)
 
 
 class CommandFailed(WritError):
@@ -42,7 +59,8 @@ class CommandFailed(WritError):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message}")
+        # argparse quotes the offending arguments: a URI with a PIN must not come back
+        raise UsageError(redact(f"{self.prog}: {message}"))
 
 
 def exit_code(exc: WritError) -> int:
@@ -50,8 +68,8 @@ def exit_code(exc: WritError) -> int:
         return exc.code
     if isinstance(exc, UsageError):
         return EXIT_USAGE
-    if isinstance(exc, VerificationError):
-        return EXIT_VERIFY
+    if isinstance(exc, VerificationError | CorruptLedger):
+        return EXIT_VERIFY  # a stored ledger that fails verification is a verification failure too
     if isinstance(exc, TransportError):
         return EXIT_TRANSPORT
     return EXIT_FAILED
@@ -66,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import groups
 
     parser = _Parser(
-        prog="writ", description="Writ: a revocation ledger signed against one offline root key."
+        prog="writ",
+        description="Writ: a revocation ledger signed against one offline root key.",
+        epilog=exit_codes_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = cast(
         "argparse._SubParsersAction[argparse.ArgumentParser]",
@@ -88,15 +109,15 @@ def run(argv: Sequence[str] | None = None) -> int:
         emit(handler(args))
         return EXIT_OK
     except CommandFailed as exc:
-        emit(exc.payload)
+        emit(redact_fields(exc.payload))
         return exc.code
     except WritError as exc:
-        emit(exc.to_json())
-        sys.stderr.write(f"writ: {exc.message}\n")
+        emit(redact_fields(exc.to_json()))
+        sys.stderr.write(f"writ: {redact(exc.message)}\n")
         return exit_code(exc)
     except KeyboardInterrupt:
-        emit({"error": "interrupted"})
-        return 130
+        emit(Interrupted("interrupted").to_json())
+        return EXIT_INTERRUPTED
 
 
 def main() -> NoReturn:

@@ -14,7 +14,8 @@ that the stored head is the size and root those records make. Anything else is
   a backend returned one twice);
 - ``head-mismatch``: the head row disagrees with the records (more records
   than the head says, or another root);
-- ``meta-mismatch``: the database belongs to another anchor or origin.
+- ``meta-mismatch``: the database belongs to another origin (another anchor is
+  :class:`~ledger.errors.WrongAnchor`, a configuration mistake).
 
 A corrupt ledger is never served silently. Nothing may append while a load
 runs (the server loads before it listens).
@@ -26,7 +27,7 @@ import asyncio
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from ..errors import CorruptLedger, WritError
+from ..errors import CorruptLedger, WritError, WrongAnchor
 from ..state import LedgerState
 from ..tree import MerkleLevels, leaf_hash
 from . import Head, Meta, Storage
@@ -59,9 +60,13 @@ async def load_ledger(
 
     meta = await storage.meta()
     if meta.anchor != anchor:
-        raise CorruptLedger(
-            f"the stored ledger is anchored at {meta.anchor.hex()}, not at the configured {anchor.hex()}",
-            cause="meta-mismatch",
+        # the wrong anchor was given (or the wrong data directory): a configuration
+        # mistake, named as the genesis check names it, not as tampering
+        raise WrongAnchor(
+            f"the stored ledger is anchored at {meta.anchor.hex()}, not at the anchor given {anchor.hex()}",
+            seq=0,
+            anchor=anchor.hex(),
+            genesis_root=meta.anchor.hex(),
         )
     if origin is not None and meta.origin != origin:
         raise CorruptLedger(
