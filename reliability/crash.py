@@ -46,6 +46,8 @@ from typing import Any
 
 import httpx
 
+from device_sim.server_process import ServerProcess as RunningServer
+from device_sim.server_process import run_writ, start_server, stop_server
 from ledger import encoding, records
 from ledger.audit import audit
 from ledger.crypto import SeedSigner, sha256
@@ -53,9 +55,16 @@ from ledger.records import Grant
 from ledger.state import LedgerState
 from ledger.tiles import TILE_WIDTH
 from ledger.tree import MerkleLevels, leaf_hash
-from tests.helpers.server import RunningServer, make_ledger, run_writ, start_server, stop_server
 
-from .common import check_tiles, fetch_records, machine, percentiles, verify_checkpoint, writ_audit_data
+from .common import (
+    base_ledger,
+    check_tiles,
+    fetch_records,
+    machine,
+    percentiles,
+    verify_checkpoint,
+    writ_audit_data,
+)
 
 ORIGIN = "crash.writ.example/ledger"
 #: server flags: the rate limit is not what is under test here.
@@ -329,7 +338,7 @@ class CrashRunner:
         self.log_key = bytes.fromhex(doc["log_public_key"])
         srv = self._start()
         try:
-            base = make_ledger(self.root, ORIGIN, self.log_key)
+            base = base_ledger(self.root, ORIGIN, self.log_key)
             r = httpx.post(
                 srv.url + "/v1/records",
                 content=encoding.pack_records(base),
@@ -340,7 +349,7 @@ class CrashRunner:
             self.check(srv, [Post(base, 0, 200, r.json())])
             for k in range(1, self.kills + 1):
                 posts = self._one_round(srv)
-                stop_server(srv)  # already dead: closes its pipe
+                stop_server(srv.process)  # already dead: closes its pipe
                 self.report.kills = k
                 srv = self._start()
                 self.check(srv, posts)
@@ -354,7 +363,7 @@ class CrashRunner:
                 if self.report.violations:
                     break
         finally:
-            code_stop = stop_server(srv)
+            code_stop = stop_server(srv.process)
         if code_stop != 0:
             self._violation(f"writ serve exited {code_stop} on SIGTERM")
         doc = writ_audit_data(self.data_dir, self.root.public_key)
