@@ -538,6 +538,7 @@ _GENERIC = (
     "uvicorn/server.py",
     "uvicorn/_compat.py",
     "ledger/cli/main.py",
+    "api/main.py",
     "api/cli.py",
     "(writ)",
     "<frozen",

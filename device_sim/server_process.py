@@ -155,21 +155,27 @@ def start_server(
             start_new_session=new_session,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+    try:
+        _wait_ready(proc, url, log, ready_timeout)
+    except BaseException:  # not ready, or interrupted while waiting: never leave it running
+        stop_server(proc)
+        raise
+    return ServerProcess(url, data_dir, proc)
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, ready_timeout: float) -> None:
     deadline = time.monotonic() + ready_timeout
     with httpx.Client(timeout=1.0, trust_env=False) as client:
         while True:
             if proc.poll() is not None:
                 said = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-                if proc.stdout:
-                    proc.stdout.close()
                 raise TransportError(
                     f"writ serve exited with {proc.returncode} before it was ready: {said}{_tail(log)}"
                 )
             with contextlib.suppress(httpx.HTTPError):
                 if client.get(url + "/checkpoint").status_code == 200:
-                    return ServerProcess(url, data_dir, proc)
+                    return
             if time.monotonic() > deadline:
-                stop_server(proc, signal.SIGKILL)
                 raise TransportError(f"writ serve at {url} was not ready within {ready_timeout:g} s")
             time.sleep(0.05)
 

@@ -9,8 +9,11 @@ stderr) and never a traceback for a user error. Exit codes:
     3  verification failed: the data does not verify (audit, sync)
     4  the server could not be reached or answered with an HTTP error
 
-Command groups register themselves through ``register(subparsers)``; a
-handler returns the JSON object to print (or raises a WritError).
+Each command group is a module with ``register(subparsers)``; a handler
+returns the JSON object to print (or raises a WritError). This module only
+runs a list of groups it is given: the list itself, and so the ``writ``
+command, is assembled in one place, the composition root ``api/main.py``
+(``ledger`` imports nothing of the project).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import Any, NoReturn, cast
 from ..errors import TransportError, UsageError, VerificationError, WritError
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
+#: a command group's ``register(subparsers)``.
+Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_VERIFY, EXIT_TRANSPORT = 0, 1, 2, 3, 4
 
@@ -62,9 +67,8 @@ def emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import groups
-
+def build_parser(groups: Sequence[Registrar]) -> argparse.ArgumentParser:
+    """The ``writ`` parser with the commands of ``groups``."""
     parser = _Parser(
         prog="writ", description="Writ: a revocation ledger signed against one offline root key."
     )
@@ -72,14 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
         "argparse._SubParsersAction[argparse.ArgumentParser]",
         parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser),
     )
-    for register in groups.registrars():
+    for register in groups:
         register(sub)
     return parser
 
 
-def run(argv: Sequence[str] | None = None) -> int:
+def run(groups: Sequence[Registrar], argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` with ``groups``, run the command, print its JSON; the exit code."""
     try:
-        parser = build_parser()
+        parser = build_parser(groups)
         args = parser.parse_args(argv)
         handler: Handler | None = getattr(args, "handler", None)
         if handler is None:
@@ -97,7 +102,3 @@ def run(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         emit({"error": "interrupted"})
         return 130
-
-
-def main() -> NoReturn:
-    sys.exit(run())
