@@ -60,7 +60,7 @@ from typing import Any
 from ledger import records
 from ledger.crypto import SeedSigner
 from ledger.errors import BadKeyFile, UsageError
-from ledger.signers.file import create_private, load_key_file, write_key_file
+from ledger.signers.file import create_private, load_key_file, read_public_key, write_key_file
 
 from . import server_process
 
@@ -157,6 +157,12 @@ def _load(d: Path) -> dict[str, Any]:
         or not isinstance(doc.get("anchor"), str)
     ):
         raise UsageError(f"{d / MARKER} is damaged: run `writ demo --fresh`")
+    try:
+        read_public_key(d / "revoker.key")
+    except (BadKeyFile, OSError):
+        raise UsageError(
+            f"{d / 'revoker.key'} is not a key file (an older demo made it): run `writ demo --fresh`"
+        ) from None
     return doc
 
 
@@ -224,12 +230,7 @@ async def _scenario(d: Path, url: str, doc: dict[str, Any], devices: int, seed: 
 
     passphrase = _read_secret(d / "PASSPHRASE").encode()
     root = load_key_file(d / "root.key", passphrase)
-    try:
-        revoker: SeedSigner = load_key_file(d / "revoker.key", passphrase)
-    except BadKeyFile:
-        raise UsageError(
-            f"{d / 'revoker.key'} is not a key file (made by an older demo): run `writ demo --fresh`"
-        ) from None
+    revoker = load_key_file(d / "revoker.key", passphrase)
     integ = Integrator(url, root)
     try:
         did = await integ.ensure_ready(genesis=True)
@@ -393,10 +394,9 @@ def run_demo(
             log_level="warning",
         )
         url, proc = srv.url, srv.process
-        _say(
-            f"{'reusing' if reused else 'created'} the demo in {d}; the server runs at {url} (pid {proc.pid})"
-        )
         try:
+            made = "reusing" if reused else "created"
+            _say(f"{made} the demo in {d}; the server runs at {url} (pid {proc.pid})")
             fleet = asyncio.run(_scenario(d, url, doc, devices, seed))
             guide = _guide(d, url, doc)
             _report(d, url, doc, fleet, guide)
@@ -406,6 +406,9 @@ def run_demo(
                     stopped_by = _serve(proc, url, exit_after)
                 except KeyboardInterrupt as exc:
                     stopped_by = _how(exc)
+        except KeyboardInterrupt:
+            _say(f"interrupted: stopping the server (pid {proc.pid})…")
+            raise
         finally:
             code = server_process.stop_server(proc, timeout=STOP_TIMEOUT)
     _say(f"the server stopped (exit {code}); the dashboard is gone with it. To serve this demo again:")

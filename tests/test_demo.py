@@ -161,3 +161,32 @@ def test_demo_commands_run_as_printed_and_sigterm_stops_its_server(tmp_path: Pat
     assert doc["server_pid"] == server_pid and _gone(server_pid)
     assert _lock_is_free(d / "server")
     assert "Traceback" not in err.decode()
+
+
+def test_sigterm_during_the_scenario_stops_the_server_too(tmp_path: Path) -> None:
+    """SIGTERM while the fleet runs: the demo stops its server (no orphan holding the
+    lock) and says it was interrupted, in JSON, without a traceback."""
+    d = tmp_path / "demo"
+    demo = subprocess.Popen(
+        [*writ_command(), "demo", "--devices", "200", "--dir", str(d), "--port", str(free_port())],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert demo.stderr is not None
+        lines = _read_until(demo.stderr, "starting 200 simulated devices", 120)
+        server_pid = int(next(x for x in lines if "(pid " in x).rsplit("(pid ", 1)[1].rstrip(")"))
+        assert not _gone(server_pid)
+        demo.send_signal(signal.SIGTERM)
+        out, err = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    doc = json.loads(out.decode().strip().splitlines()[-1])
+    if demo.returncode == 0:  # the fleet was faster than the signal: it was serving
+        assert doc["stopped_by"] == "SIGTERM"
+    else:
+        assert (demo.returncode, doc["error"]) == (130, "interrupted"), err.decode()[-3000:]
+    assert _gone(server_pid) and _lock_is_free(d / "server")
+    assert "Traceback" not in err.decode()

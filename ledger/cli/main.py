@@ -99,6 +99,8 @@ def run(groups: Sequence[Registrar], argv: Sequence[str] | None = None) -> int:
         emit(exc.to_json())
         sys.stderr.write(f"writ: {exc.message}\n")
         return exit_code(exc)
-    except KeyboardInterrupt:
-        emit({"error": "interrupted"})
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a command's own stop signal (the demo's SIGTERM)
+        how = f" by {exc.args[0]}" if exc.args and isinstance(exc.args[0], str) else ""
+        emit({"error": "interrupted", "message": f"interrupted{how}"})
+        sys.stderr.write(f"writ: interrupted{how}\n")
         return 130
