@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: Sequence[str] | None = None) -> int:
     """``writ ARGV`` in this process; the exit code."""
-    return cli.run(GROUPS, argv)
+    return cli.run(argv, groups=GROUPS)
 
 
 def main() -> NoReturn:

@@ -81,7 +81,7 @@ def build_parser(groups: Sequence[Registrar]) -> argparse.ArgumentParser:
     return parser
 
 
-def run(groups: Sequence[Registrar], argv: Sequence[str] | None = None) -> int:
+def run(argv: Sequence[str] | None = None, *, groups: Sequence[Registrar]) -> int:
     """Parse ``argv`` with ``groups``, run the command, print its JSON; the exit code."""
     try:
         parser = build_parser(groups)
