@@ -46,8 +46,7 @@ from typing import Any
 
 import httpx
 
-from device_sim.server_process import ServerProcess as RunningServer
-from device_sim.server_process import run_writ, start_server, stop_server
+from device_sim.server_process import ServerProcess, run_writ, start_server, stop_server
 from ledger import encoding, records
 from ledger.audit import audit
 from ledger.crypto import SeedSigner, sha256
@@ -214,7 +213,7 @@ class CrashRunner:
         self.report.violations.append(msg)
         self.log("VIOLATION: " + msg)
 
-    def check(self, srv: RunningServer, posts: list[Post]) -> None:
+    def check(self, srv: ServerProcess, posts: list[Post]) -> None:
         with httpx.Client(timeout=30.0) as client:
             served = fetch_records(client, srv.url)
             n_old = len(self.served)
@@ -284,7 +283,7 @@ class CrashRunner:
 
     # -- the loop ------------------------------------------------------------
 
-    def _one_round(self, srv: RunningServer) -> list[Post]:
+    def _one_round(self, srv: ServerProcess) -> list[Post]:
         rnd = _Round(srv.url, self.state, self.root, self.rng)
         threads = [
             threading.Thread(target=rnd.writer, args=(w, self.rng.getrandbits(32)), daemon=True)
@@ -315,7 +314,7 @@ class CrashRunner:
         self.report.acked_records += sum(len(p.raws) for p in posts if p.ack is not None)
         return posts
 
-    def _start(self) -> RunningServer:
+    def _start(self) -> ServerProcess:
         t = time.monotonic()
         srv = start_server(self.data_dir, ready_timeout=120.0, **SERVER_FLAGS)
         self.report.restart_seconds.append(time.monotonic() - t)

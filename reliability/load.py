@@ -39,8 +39,7 @@ from typing import Any
 
 import httpx
 
-from device_sim.server_process import ServerProcess as RunningServer
-from device_sim.server_process import run_writ, start_server, stop_server
+from device_sim.server_process import ServerProcess, run_writ, start_server, stop_server
 from ledger import encoding, records
 from ledger.crypto import SeedSigner, sha256
 from ledger.records import Grant
@@ -316,7 +315,7 @@ class LoadRun:
 
     # -- the run -------------------------------------------------------------
 
-    async def _drive(self, srv: RunningServer) -> None:
+    async def _drive(self, srv: ServerProcess) -> None:
         cfg = self.cfg
         host, port = "127.0.0.1", int(srv.url.rsplit(":", 1)[1])
         stop = asyncio.Event()
@@ -393,7 +392,7 @@ class LoadRun:
         self.report.seconds = time.monotonic() - t0
         return self.report
 
-    def _run_loop(self, srv: RunningServer) -> None:
+    def _run_loop(self, srv: ServerProcess) -> None:
         try:
             import uvloop
 
@@ -402,7 +401,7 @@ class LoadRun:
             runner = asyncio.run
         runner(self._drive(srv))
 
-    def _check(self, srv: RunningServer) -> None:
+    def _check(self, srv: ServerProcess) -> None:
         rep = self.report
         with httpx.Client(timeout=60.0) as client:
             served = fetch_records(client, srv.url)
