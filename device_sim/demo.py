@@ -50,6 +50,7 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -189,6 +190,9 @@ def _stop_signals() -> Iterator[None]:
             raise KeyboardInterrupt
         raise Stopped(signum)
 
+    if threading.current_thread() is not threading.main_thread():  # only the main thread has signals
+        yield
+        return
     old = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield
