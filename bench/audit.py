@@ -39,6 +39,7 @@ from bench.harness import (
     ref,
     summarize_pyspy,
 )
+from device_sim.server_process import writ_command
 from ledger import audit, crypto, records
 from ledger.records import SignedRecord
 from ledger.storage import Head
@@ -89,8 +90,6 @@ async def _store(data_dir: Path, recs: list[SignedRecord], anchor: bytes) -> Non
 
 
 def writ_audit_seconds(data_dir: Path, anchor: bytes) -> tuple[float, dict[str, Any]]:
-    from tests.helpers.server import writ_command
-
     t = time.perf_counter()
     proc = subprocess.run(
         [*writ_command(), "audit", "--data", str(data_dir), "--anchor", anchor.hex(), "--json"],
@@ -194,8 +193,6 @@ def run(cfg: Config, n_records: int | None = None, repeat: int | None = None, cl
         if doc.get("size") not in (None, n):
             res["notes"].append(f"writ audit reported size {doc.get('size')}, expected {n}")
         if statistics.median(aud) < 0.8 * rawn_med:
-            from tests.helpers.server import writ_command
-
             out = cfg.work / "audit.raw"
             argv = [
                 *writ_command(),

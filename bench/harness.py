@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from device_sim.server_process import run_writ, start_server, stop_server
 from ledger import crypto, encoding, records
 from ledger.crypto import SeedSigner
 from ledger.records import Genesis, Grant, Revoke, SignedRecord
@@ -362,8 +363,6 @@ def ledger_server(
     genesis, the log grant and ``n_records`` more records already appended (batches of 1000).
 
     ``flags`` are ``writ serve`` options; the write rate limit is lifted unless given."""
-    from tests.helpers.server import run_writ, start_server, stop_server
-
     root = SeedSigner(seed if seed is not None else os.urandom(32))
     data = Path(tempfile.mkdtemp(prefix="serve-", dir=work)) / "data"
     code, doc, err = run_writ(
@@ -374,10 +373,11 @@ def ledger_server(
     flags.setdefault("write_rate", 1_000_000)
     flags.setdefault("write_burst", 1_000_000)
     flags.setdefault("log_level", "warning")
+    log_public_key = bytes.fromhex(doc["log_public_key"])
     srv = start_server(data, **flags)
     try:
         chain = Chain(root)
-        first = [chain.genesis().raw, chain.grant(srv.log_public_key, records.ROLE_LOG, "log").raw]
+        first = [chain.genesis().raw, chain.grant(log_public_key, records.ROLE_LOG, "log").raw]
         post_records(srv.url, first)
         with httpx.Client() as client:
             left = n_records
@@ -385,9 +385,9 @@ def ledger_server(
                 k = min(1000, left)
                 post_records(srv.url, chain.make(k), client)
                 left -= k
-        yield Served(srv.url, srv.process.pid, data, chain, srv.log_public_key, srv)
+        yield Served(srv.url, srv.process.pid, data, chain, log_public_key, srv)
     finally:
-        stop_server(srv, timeout=20)
+        stop_server(srv.process, timeout=20)
 
 
 # --- processes --------------------------------------------------------------------------------
@@ -538,6 +538,7 @@ _GENERIC = (
     "uvicorn/server.py",
     "uvicorn/_compat.py",
     "ledger/cli/main.py",
+    "api/main.py",
     "api/cli.py",
     "(writ)",
     "<frozen",

@@ -12,14 +12,13 @@ stdout and never a traceback for a user error:
     4  the server could not be reached or answered with an HTTP error
 
 Command groups register through ``register(subparsers)``: this module
-registers ``device``; optional modules listed in :data:`GROUPS` (the fleet)
-are added when present.
+registers ``device``, :mod:`device_sim.fleet` registers ``fleet``; both are
+imported by name, so a broken group fails loudly instead of vanishing.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,15 +31,12 @@ from ledger.redact import redact, redact_fields
 
 from .device import DEFAULT_MAX_STALENESS, STALE_POLICIES, Device, SyncResult, atomic_write
 
-__all__ = ["GROUPS", "build_parser", "main", "register", "run"]
+__all__ = ["build_parser", "main", "register", "run"]
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
 #: per-request deadline of the network commands (seconds); as device_sim.sources.DEFAULT_TIMEOUT.
 DEFAULT_TIMEOUT = 10.0
-
-#: optional modules providing ``register(subparsers)``; missing ones are skipped.
-GROUPS = ("device_sim.fleet",)
 
 MAX_AUTH_FILE = 4096
 
@@ -256,15 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
         "argparse._SubParsersAction[argparse.ArgumentParser]",
         parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser),
     )
-    register(sub)
-    for name in GROUPS:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
-        mod.register(sub)
+    from . import fleet  # fleet imports this module: its group is added at call time
+
+    for register_group in (register, fleet.register):
+        register_group(sub)
     return parser
 
 

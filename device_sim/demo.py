@@ -1,26 +1,39 @@
 """``writ demo``: the lost-tablet story on this machine, in one command.
 
 For a newcomer: it makes a DEMO root key (never for production: its
-passphrase is printed and stored next to it), a server data directory, starts
-the real server (``writ serve`` on 127.0.0.1:8000 or the first free port),
-pushes the genesis and the log grant, grants an online ``revoker`` key, runs a
-simulated fleet (:mod:`device_sim.fleet`) and an operator tablet, reports the
-tablet lost and revokes it with the revoker key, and prints what happened and
-where to look: the dashboard, the ``writ audit`` command line, the
-``device_sim device`` commands. Then it keeps serving until Ctrl-C
-(``--exit-after SECONDS``; ``0`` stops at once after the scenario).
+passphrase is printed and stored next to it), runs ``writ server init``,
+starts the real server (``writ serve`` on 127.0.0.1:8000 or the first free
+port) as a child process, pushes the genesis and the log grant, grants an
+online ``revoker`` key, runs a simulated fleet (:mod:`device_sim.fleet`) and an
+operator tablet, reports the tablet lost and revokes it with the revoker key,
+and prints what happened and where to look. Then it keeps serving until
+Ctrl-C or SIGTERM (``--exit-after SECONDS``; ``0`` stops at once after the
+scenario), and only while it serves does it print the dashboard's address.
+
+Like a device, the demo never imports the server: ``writ server init`` and
+``writ serve`` run as other programs (:mod:`device_sim.server_process`). On
+Ctrl-C, SIGTERM or SIGHUP it stops its server (SIGTERM, then SIGKILL after
+15 s) before it exits, so no server is left holding the data directory's lock.
+
+The follow-up commands it prints run as printed, from any directory and
+without an activated venv: ``writ`` is the absolute path of the script beside
+this interpreter, ``python`` this interpreter, every file an absolute path,
+and the signing tool's mirror (``--mirror``) lives in the demo directory.
 
 The demo directory (``./writ-demo`` or ``--dir``)::
 
     demo.json       what the demo made (origin, anchor, the revoker's seq)
     root.key        the DEMO root key file (argon2id, interactive cost)
     PASSPHRASE      its passphrase (0600) -- a demo only
-    revoker.key     the online revoker's seed (hex, 0600)
+    revoker.key     the online revoker's key file (the same passphrase), for
+                    ``writ revoke --revoker-key``
     server/         the server's data directory (writ server init)
     server.log      the server's log
     refusals.png    devices refusing the tablet over time
     events.jsonl    one line per simulated device
     result.json     the fleet's measurement
+    mirror/         the verified mirror the printed ``writ`` commands sign on
+    plc-N/          devices made by the printed commands
 
 Running it again reuses the directory (same ledger, a new fleet and tablet);
 ``--fresh`` wipes a previous demo directory first. A directory that is not a
@@ -31,22 +44,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
 import secrets
+import shlex
 import shutil
 import signal
-import socket
-import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from ledger import records
 from ledger.crypto import SeedSigner
-from ledger.errors import TransportError, UsageError
+from ledger.errors import BadKeyFile, UsageError
+from ledger.fileio import create_private
+from ledger.signers.file import load_key_file, read_public_key, write_key_file
+
+from . import server_process
 
 __all__ = ["DEFAULT_DEVICES", "DEFAULT_DIR", "DEMO_ORIGIN", "register", "run_demo"]
 
@@ -57,6 +75,8 @@ MARKER = "demo.json"
 PASSPHRASE_ENV = "WRIT_DEMO_PASSPHRASE"  # noqa: S105 - the name of a variable, not a secret
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
+#: the signals that end the demo (after it stopped its server).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _say(text: str = "") -> None:
@@ -72,37 +92,11 @@ def _banner(lines: list[str]) -> None:
     _say("!" * width)
 
 
-def _write_secret(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-
-
 def _read_secret(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}; run `writ demo --fresh`") from None
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def pick_port(host: str, wanted: int) -> int:
-    """``wanted`` when free, else the next free one of the hundred after it, else any."""
-    for port in range(wanted, min(wanted + 100, 65536)) if wanted > 0 else ():
-        if _port_free(host, port):
-            return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        free: int = s.getsockname()[1]
-        return free
 
 
 # --- the demo directory -------------------------------------------------------------
@@ -128,16 +122,19 @@ def _prepare_dir(d: Path, fresh: bool) -> bool:
 
 
 def _create(d: Path, origin: str) -> dict[str, Any]:
-    from api.cli import create_data_dir
-    from ledger.signers.file import write_key_file
-
     root = SeedSigner.generate()
     passphrase = secrets.token_urlsafe(12)
-    _write_secret(d / "PASSPHRASE", passphrase)
+    create_private(d / "PASSPHRASE", passphrase.encode() + b"\n")
     write_key_file(d / "root.key", root, passphrase.encode(), cost="interactive", label="DEMO root key")
     revoker = SeedSigner.generate()
-    _write_secret(d / "revoker.key", revoker.seed().hex())
-    server = asyncio.run(create_data_dir(d / "server", root.public_key, origin))
+    write_key_file(
+        d / "revoker.key", revoker, passphrase.encode(), cost="interactive", label="DEMO revoker key"
+    )
+    code, server, err = server_process.run_writ(
+        "server", "init", "--data", str(d / "server"), "--anchor", root.public_key.hex(), "--origin", origin
+    )
+    if code != 0:
+        raise UsageError(f"writ server init failed: {server.get('message') or err.strip()[-500:]}")
     doc = {
         "warning": "DEMO KEYS: never use them for anything real",
         "origin": origin,
@@ -162,68 +159,83 @@ def _load(d: Path) -> dict[str, Any]:
         or not isinstance(doc.get("anchor"), str)
     ):
         raise UsageError(f"{d / MARKER} is damaged: run `writ demo --fresh`")
+    try:
+        read_public_key(d / "revoker.key")
+    except (BadKeyFile, OSError):
+        raise UsageError(
+            f"{d / 'revoker.key'} is not a key file (an older demo made it): run `writ demo --fresh`"
+        ) from None
     return doc
 
 
-# --- the server process ---------------------------------------------------------------
+# --- the server process and the signals ----------------------------------------------
 
 
-def start_server(d: Path, host: str, port: int) -> tuple[subprocess.Popen[bytes], str]:
-    """``writ serve`` on the demo's data directory; returns once GET /checkpoint answers."""
-    import httpx
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C's KeyboardInterrupt (also through asyncio)."""
 
-    log = open(d / "server.log", "ab")  # noqa: SIM115 - the child process owns it
-    cmd = [sys.executable, "-m", "ledger.cli", "serve", "--data", str(d / "server")]
-    cmd += ["--host", host, "--port", str(port), "--log-level", "warning"]
-    proc = subprocess.Popen(
-        cmd,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=log,
-        start_new_session=True,  # Ctrl-C reaches the demo, which stops the server itself
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    log.close()
-    url = f"http://{host}:{port}"
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        if proc.poll() is not None:
-            tail = (d / "server.log").read_text(encoding="utf-8", errors="replace")[-1500:]
-            raise UsageError(f"the server exited with {proc.returncode} before it was ready:\n{tail}")
-        try:
-            if httpx.get(url + "/checkpoint", timeout=1.0, trust_env=False).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            stop_server(proc)
-            raise TransportError(f"the server at {url} did not become ready in {READY_TIMEOUT:.0f} s")
-        time.sleep(0.1)
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
-def stop_server(proc: subprocess.Popen[bytes]) -> int:
-    """SIGTERM, then wait (SIGKILL after STOP_TIMEOUT s)."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
+@contextmanager
+def _stop_signals() -> Iterator[None]:
+    """Turn the first of SIGINT/SIGTERM/SIGHUP into an exception (later ones are
+    ignored, so stopping the server is never cut short); restore the handlers after."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Stopped(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread has signals
+        yield
+        return
+    old = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _how(exc: KeyboardInterrupt) -> str:
+    return exc.args[0] if isinstance(exc, Stopped) else "ctrl-c"
+
+
+# --- what to type next -----------------------------------------------------------------
+
+
+def _q(x: str | Path) -> str:
+    return shlex.quote(str(x))
+
+
+def writ_exe() -> str:
+    """``writ`` as a user can type it from anywhere: the script beside this interpreter."""
+    return " ".join(_q(w) for w in server_process.writ_command())
+
+
+def device_exe() -> str:
+    """``python -m device_sim`` with this interpreter."""
+    return f"{_q(sys.executable)} -m device_sim"
+
+
+def _serve_command(d: Path, host: str, port: int) -> str:
+    return f"{writ_exe()} serve --data {_q(d / 'server')} --host {host} --port {port}"
 
 
 # --- the scenario -----------------------------------------------------------------------
 
 
 async def _scenario(d: Path, url: str, doc: dict[str, Any], devices: int, seed: int | None) -> dict[str, Any]:
-    from ledger.signers.file import load_key_file
-
     from .fleet import FleetOptions, Integrator, run_lost_tablet
 
-    root = load_key_file(d / "root.key", _read_secret(d / "PASSPHRASE").encode())
-    revoker = SeedSigner(bytes.fromhex(_read_secret(d / "revoker.key")))
+    passphrase = _read_secret(d / "PASSPHRASE").encode()
+    root = load_key_file(d / "root.key", passphrase)
+    revoker = load_key_file(d / "revoker.key", passphrase)
     integ = Integrator(url, root)
     try:
         did = await integ.ensure_ready(genesis=True)
@@ -265,18 +277,34 @@ async def _scenario(d: Path, url: str, doc: dict[str, Any], devices: int, seed: 
     return out
 
 
-def _guide(d: Path, url: str, doc: dict[str, Any], fleet: dict[str, Any]) -> list[str]:
-    anchor, origin = doc["anchor"], doc["origin"]
-    dev = d / "plc-1"
+def _guide(d: Path, url: str, doc: dict[str, Any]) -> list[str]:
+    """A device of the reader's own, granted, synced, retired by the revoker: every
+    line runs as printed (absolute paths; the passphrase comes from the first line)."""
+    n = 1
+    while (d / f"plc-{n}").exists():
+        n += 1
+    name, dev, anchor = f"plc-{n}", d / f"plc-{n}", doc["anchor"]
+    writ, device = writ_exe(), device_exe()
+    ledger = f"--server {url} --anchor {anchor} --mirror {_q(d / 'mirror')}"
+    pw = f"--passphrase-env {PASSPHRASE_ENV}"
     return [
-        f"export {PASSPHRASE_ENV}=$(cat {d / 'PASSPHRASE'})",
-        f"python -m device_sim device init --state {dev} --anchor {anchor} --origin {origin} --name plc-1",
-        f"writ grant --server {url} --request {dev / 'enroll.bin'} --role device --name plc-1"
-        f" --key {d / 'root.key'} --passphrase-env {PASSPHRASE_ENV}",
-        f"python -m device_sim device sync --state {dev} --server {url}",
-        f"python -m device_sim device status --state {dev}",
-        f"python -m device_sim device receipt --state {dev} --server {url}",
+        f'export {PASSPHRASE_ENV}="$(cat {_q(d / "PASSPHRASE")})"',
+        f"{device} device init --state {_q(dev)} --anchor {anchor} --origin {doc['origin']} --name {name}",
+        f"{writ} grant {ledger} --request {_q(dev / 'enroll.bin')} --role device --name {name}"
+        f" --key {_q(d / 'root.key')} {pw}",
+        f"{device} device sync --state {_q(dev)} --server {url}",
+        f"{device} device status --state {_q(dev)}",
+        f"{device} device receipt --state {_q(dev)} --server {url}",
+        # the online revoker retires it: its key file, never the root
+        f"{writ} revoke {ledger} --name {name} --reason retired --revoker-key {_q(d / 'revoker.key')} {pw}",
+        f"{device} device sync --state {_q(dev)} --server {url}",
+        f"{writ} status {name} {ledger}",
+        # (holder and SSH commands: `device_sim holder ...`, `device authorized-keys` go here)
     ]
+
+
+def _audit_command(url: str, doc: dict[str, Any]) -> str:
+    return f"{writ_exe()} audit --server {url} --anchor {doc['anchor']}"
 
 
 def _report(d: Path, url: str, doc: dict[str, Any], fleet: dict[str, Any], guide: list[str]) -> None:
@@ -301,14 +329,31 @@ def _report(d: Path, url: str, doc: dict[str, Any], fleet: dict[str, Any], guide
     _say(f"  4. {fleet['receipts']}/{n} devices posted a signed receipt of the head they applied.")
     _say()
     _say("Where to look")
-    _say(f"  dashboard:  {url}/")
-    _say(f"  fleet:      {url}/v1/fleet")
-    _say(f"  audit:      writ audit --server {url} --anchor {doc['anchor']}")
-    _say(f"  plot:       {d / 'refusals.png'}")
-    _say("  one device of your own:")
+    _say(f"  audit:   {_audit_command(url, doc)}")
+    _say(f"  plot:    {d / 'refusals.png'}")
+    _say(f"  data:    {d / 'result.json'}, {d / 'events.jsonl'}")
+    _say()
+    _say("Try it yourself: a device of your own (each line runs as printed, from any directory)")
     for line in guide:
         _say(f"    {line}")
     _say()
+
+
+def _serve(proc: Any, url: str, exit_after: float | None) -> str:
+    """Keep serving (the dashboard's address is printed now, while it is true); how it ended."""
+    where = f"dashboard {url}/ and the fleet at {url}/v1/fleet"
+    if exit_after is None:
+        _say(f"Serving {where} until Ctrl-C…")
+        end = float("inf")
+    else:
+        _say(f"Serving {where} for {exit_after:g} s…")
+        end = time.monotonic() + exit_after
+    while proc.poll() is None:
+        left = end - time.monotonic()
+        if left <= 0:
+            return "exit-after"
+        time.sleep(min(0.5, left))
+    return "server-exited"
 
 
 def run_demo(
@@ -331,38 +376,48 @@ def run_demo(
     _banner(
         [
             "DEMO KEY -- never for production",
-            f"root key:   {d / 'root.key'}",
-            f"passphrase: {passphrase}   (stored in {d / 'PASSPHRASE'})",
+            f"root key:    {d / 'root.key'}",
+            f"revoker key: {d / 'revoker.key'}",
+            f"passphrase:  {passphrase}   (of both; stored in {d / 'PASSPHRASE'})",
             "Anyone who reads this can sign for this ledger. Make real keys with `writ root init`.",
         ]
     )
     raise_open_files_limit()
-    chosen = pick_port(host, port)
+    chosen = server_process.pick_port(host, port)
     if chosen != port:
         _say(f"port {port} is busy; using {chosen}")
-    proc, url = start_server(d, host, chosen)
-    _say(f"{'reusing' if reused else 'created'} the demo in {d}; the server runs at {url} (pid {proc.pid})")
-    stopped_by = "exit-after"
-    try:
-        fleet = asyncio.run(_scenario(d, url, doc, devices, seed))
-        guide = _guide(d, url, doc, fleet)
-        _report(d, url, doc, fleet, guide)
+    serve = _serve_command(d, host, chosen)
+    with _stop_signals():
+        srv = server_process.start_server(
+            d / "server",
+            host=host,
+            port=chosen,
+            log=d / "server.log",
+            stdout_to_log=True,
+            new_session=True,  # a terminal's Ctrl-C reaches the demo, which stops the server itself
+            ready_timeout=READY_TIMEOUT,
+            log_level="warning",
+        )
+        url, proc = srv.url, srv.process
         try:
-            if exit_after is None:
-                _say("Serving until Ctrl-C…")
-                while proc.poll() is None:
-                    time.sleep(0.5)
-                stopped_by = "server-exited"
-            elif exit_after > 0:
-                _say(f"Serving for {exit_after:g} s…")
-                end = time.monotonic() + exit_after
-                while proc.poll() is None and time.monotonic() < end:
-                    time.sleep(min(0.5, max(0.0, end - time.monotonic())))
+            made = "reusing" if reused else "created"
+            _say(f"{made} the demo in {d}; the server runs at {url} (pid {proc.pid})")
+            fleet = asyncio.run(_scenario(d, url, doc, devices, seed))
+            guide = _guide(d, url, doc)
+            _report(d, url, doc, fleet, guide)
+            stopped_by = "exit-after"
+            if exit_after != 0:
+                try:
+                    stopped_by = _serve(proc, url, exit_after)
+                except KeyboardInterrupt as exc:
+                    stopped_by = _how(exc)
         except KeyboardInterrupt:
-            stopped_by = "ctrl-c"
-    finally:
-        code = stop_server(proc)
-    _say(f"the server stopped (exit {code})")
+            _say(f"interrupted: stopping the server (pid {proc.pid})…")
+            raise
+        finally:
+            code = server_process.stop_server(proc, timeout=STOP_TIMEOUT)
+    _say(f"the server stopped (exit {code}); the dashboard is gone with it. To serve this demo again:")
+    _say(f"    {serve}")
     return {
         "demo": str(d),
         "reused": reused,
@@ -371,17 +426,18 @@ def run_demo(
         "server_exit": code,
         "stopped": True,
         "stopped_by": stopped_by,
-        "dashboard": url + "/",
+        "serve_command": serve,
         "origin": doc["origin"],
         "anchor": doc["anchor"],
         "demo_key": {
             "root_key": str(d / "root.key"),
             "passphrase_file": str(d / "PASSPHRASE"),
+            "passphrase_env": PASSPHRASE_ENV,
             "demo_only": True,
         },
         "revoker": {"seq": fleet["revoker_seq"], "key_file": str(d / "revoker.key")},
         "fleet": fleet,
-        "audit": f"writ audit --server {url} --anchor {doc['anchor']}",
+        "audit": _audit_command(url, doc),
         "device_commands": guide,
         "plot": str(d / "refusals.png"),
     }

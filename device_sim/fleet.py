@@ -1521,17 +1521,7 @@ def _device_grants(upd: Update) -> dict[bytes, _Found]:
 
 def _verify_rate(seconds: float = 0.25) -> float:
     """Raw single-thread Ed25519 verifications per second on this machine, now
-    (``bench.common.raw_verify_rate``, the benchmarks' own measure)."""
-    try:
-        from bench.common import raw_verify_rate
-    except ImportError:  # pragma: no cover - bench is installed with the project
-
-        def raw_verify_rate(items: list[tuple[bytes, bytes, bytes, bytes]], threads: int) -> float:
-            t0 = time.perf_counter()
-            for it in items:
-                crypto.check(*it)
-            return len(items) / (time.perf_counter() - t0)
-
+    (:func:`ledger.crypto.verify_rate`, the benchmarks' own measure)."""
     key = SeedSigner.generate()
     items = []
     for i in range(512):
@@ -1540,7 +1530,7 @@ def _verify_rate(seconds: float = 0.25) -> float:
     rates: list[float] = []
     t0 = time.monotonic()
     while time.monotonic() - t0 < seconds or not rates:
-        rates.append(raw_verify_rate(items, 1))
+        rates.append(crypto.verify_rate(items, 1))
     return max(rates)
 
 

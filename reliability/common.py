@@ -14,11 +14,19 @@ from typing import Any
 
 import httpx
 
-from ledger import encoding, notes, tiles
+from bench.harness import Chain
+from device_sim.server_process import writ_command
+from ledger import encoding, notes, records, tiles
+from ledger.crypto import SeedSigner
 from ledger.tree import MerkleLevels, leaf_hash
-from tests.helpers.server import writ_command
 
 PAGE = 1000
+
+
+def base_ledger(root: SeedSigner, origin: str, log_key: bytes) -> list[bytes]:
+    """A new ledger's first records: the genesis signed by ``root`` and the grant of the log key."""
+    chain = Chain(root, origin)
+    return [chain.genesis().raw, chain.grant(log_key, records.ROLE_LOG, "log").raw]
 
 
 def fetch_records(client: httpx.Client, url: str, start: int = 0) -> list[bytes]:

@@ -46,6 +46,7 @@ from typing import Any
 
 import httpx
 
+from device_sim.server_process import ServerProcess, run_writ, start_server, stop_server
 from ledger import encoding, records
 from ledger.audit import audit
 from ledger.crypto import SeedSigner, sha256
@@ -53,9 +54,16 @@ from ledger.records import Grant
 from ledger.state import LedgerState
 from ledger.tiles import TILE_WIDTH
 from ledger.tree import MerkleLevels, leaf_hash
-from tests.helpers.server import RunningServer, make_ledger, run_writ, start_server, stop_server
 
-from .common import check_tiles, fetch_records, machine, percentiles, verify_checkpoint, writ_audit_data
+from .common import (
+    base_ledger,
+    check_tiles,
+    fetch_records,
+    machine,
+    percentiles,
+    verify_checkpoint,
+    writ_audit_data,
+)
 
 ORIGIN = "crash.writ.example/ledger"
 #: server flags: the rate limit is not what is under test here.
@@ -205,7 +213,7 @@ class CrashRunner:
         self.report.violations.append(msg)
         self.log("VIOLATION: " + msg)
 
-    def check(self, srv: RunningServer, posts: list[Post]) -> None:
+    def check(self, srv: ServerProcess, posts: list[Post]) -> None:
         with httpx.Client(timeout=30.0) as client:
             served = fetch_records(client, srv.url)
             n_old = len(self.served)
@@ -275,7 +283,7 @@ class CrashRunner:
 
     # -- the loop ------------------------------------------------------------
 
-    def _one_round(self, srv: RunningServer) -> list[Post]:
+    def _one_round(self, srv: ServerProcess) -> list[Post]:
         rnd = _Round(srv.url, self.state, self.root, self.rng)
         threads = [
             threading.Thread(target=rnd.writer, args=(w, self.rng.getrandbits(32)), daemon=True)
@@ -306,7 +314,7 @@ class CrashRunner:
         self.report.acked_records += sum(len(p.raws) for p in posts if p.ack is not None)
         return posts
 
-    def _start(self) -> RunningServer:
+    def _start(self) -> ServerProcess:
         t = time.monotonic()
         srv = start_server(self.data_dir, ready_timeout=120.0, **SERVER_FLAGS)
         self.report.restart_seconds.append(time.monotonic() - t)
@@ -329,7 +337,7 @@ class CrashRunner:
         self.log_key = bytes.fromhex(doc["log_public_key"])
         srv = self._start()
         try:
-            base = make_ledger(self.root, ORIGIN, self.log_key)
+            base = base_ledger(self.root, ORIGIN, self.log_key)
             r = httpx.post(
                 srv.url + "/v1/records",
                 content=encoding.pack_records(base),
@@ -340,7 +348,7 @@ class CrashRunner:
             self.check(srv, [Post(base, 0, 200, r.json())])
             for k in range(1, self.kills + 1):
                 posts = self._one_round(srv)
-                stop_server(srv)  # already dead: closes its pipe
+                stop_server(srv.process)  # already dead: closes its pipe
                 self.report.kills = k
                 srv = self._start()
                 self.check(srv, posts)
@@ -354,7 +362,7 @@ class CrashRunner:
                 if self.report.violations:
                     break
         finally:
-            code_stop = stop_server(srv)
+            code_stop = stop_server(srv.process)
         if code_stop != 0:
             self._violation(f"writ serve exited {code_stop} on SIGTERM")
         doc = writ_audit_data(self.data_dir, self.root.public_key)

@@ -39,14 +39,14 @@ from typing import Any
 
 import httpx
 
+from device_sim.server_process import ServerProcess, run_writ, start_server, stop_server
 from ledger import encoding, records
 from ledger.crypto import SeedSigner, sha256
 from ledger.records import Grant
 from ledger.state import LedgerState
 from ledger.tree import leaf_hash, mth
-from tests.helpers.server import RunningServer, make_ledger, run_writ, start_server, stop_server
 
-from .common import fetch_records, machine, percentiles, verify_checkpoint, writ_audit_data
+from .common import base_ledger, fetch_records, machine, percentiles, verify_checkpoint, writ_audit_data
 
 ORIGIN = "load.writ.example/ledger"
 MSGPACK = {"content-type": "application/msgpack"}
@@ -315,7 +315,7 @@ class LoadRun:
 
     # -- the run -------------------------------------------------------------
 
-    async def _drive(self, srv: RunningServer) -> None:
+    async def _drive(self, srv: ServerProcess) -> None:
         cfg = self.cfg
         host, port = "127.0.0.1", int(srv.url.rsplit(":", 1)[1])
         stop = asyncio.Event()
@@ -373,7 +373,7 @@ class LoadRun:
         self.log_key = bytes.fromhex(doc["log_public_key"])
         srv = start_server(self.data_dir, ready_timeout=60.0, **self.cfg.server_flags())
         try:
-            self.base = make_ledger(self.root, ORIGIN, self.log_key)
+            self.base = base_ledger(self.root, ORIGIN, self.log_key)
             r = httpx.post(srv.url + "/v1/records", content=encoding.pack_records(self.base), headers=MSGPACK)
             if r.status_code != 200:
                 raise RuntimeError(f"could not push the genesis: {r.status_code} {r.text}")
@@ -382,7 +382,7 @@ class LoadRun:
             self._check(srv)
             self.report.server_peak_rss_mib = _peak_rss_mib(srv.process.pid)
         finally:
-            code_stop = stop_server(srv)
+            code_stop = stop_server(srv.process)
         if code_stop != 0:
             self.report.violations.append(f"writ serve exited {code_stop} on SIGTERM")
         audit = writ_audit_data(self.data_dir, self.root.public_key)
@@ -392,7 +392,7 @@ class LoadRun:
         self.report.seconds = time.monotonic() - t0
         return self.report
 
-    def _run_loop(self, srv: RunningServer) -> None:
+    def _run_loop(self, srv: ServerProcess) -> None:
         try:
             import uvloop
 
@@ -401,7 +401,7 @@ class LoadRun:
             runner = asyncio.run
         runner(self._drive(srv))
 
-    def _check(self, srv: RunningServer) -> None:
+    def _check(self, srv: ServerProcess) -> None:
         rep = self.report
         with httpx.Client(timeout=60.0) as client:
             served = fetch_records(client, srv.url)

@@ -26,10 +26,10 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from api.main import run
 from ledger import encoding, messages, notes, records
 from ledger.cli import common
 from ledger.cli.keys import read_share_file
-from ledger.cli.main import run
 from ledger.crypto import SeedSigner, sha256
 from ledger.mirror import Mirror, default_dir
 from ledger.records import Grant

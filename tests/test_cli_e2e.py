@@ -178,8 +178,6 @@ def test_lost_tablet_end_to_end(tmp_path: Path) -> None:
     assert d2["root"] == a["root"]
     unreachable = writ("status", "tablet-07", "--server", srv.url, code=4, extra_env=oncall_env)
     assert unreachable["error"] == "unreachable"
-    # `python -m ledger.cli` is the same program
-    rc, doc, _ = _run(
-        [sys.executable, "-m", "ledger.cli", "key", "public", str(tmp_path / "oncall.key")], env
-    )
+    # `python -m api.main` (the composition root) is the same program
+    rc, doc, _ = _run([sys.executable, "-m", "api.main", "key", "public", str(tmp_path / "oncall.key")], env)
     assert rc == 0 and doc["public_key"] == oncall["public_key"]

@@ -36,8 +36,8 @@ from typing import Any, NamedTuple
 import httpx
 import pytest
 
+from api.main import build_parser
 from ledger import encoding, messages, notes, records
-from ledger.cli.main import build_parser
 from ledger.crypto import SeedSigner
 from tests.helpers.server import (
     Mirror,

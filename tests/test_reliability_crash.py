@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from device_sim.server_process import start_server, stop_server
 from reliability.crash import ORIGIN, CrashRunner, Post
-from tests.helpers.server import Mirror, start_server, stop_server
+from tests.helpers.server import Mirror
 
 pytestmark = pytest.mark.e2e
 
@@ -51,7 +52,7 @@ def test_the_crash_checker_is_not_blind(tmp_path: Path) -> None:
         runner.served[0] = runner.served[0][:-1] + bytes([runner.served[0][-1] ^ 1])
         runner.check(srv, [])
     finally:
-        stop_server(srv)
+        stop_server(srv.process)
     v = " | ".join(runner.report.violations)
     for seen in (
         "acknowledged head (3,",

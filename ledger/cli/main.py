@@ -6,8 +6,11 @@ stderr) and never a traceback for a user error; an error is
 :data:`EXIT_CODES`, the one table that ``writ --help`` prints and
 docs/operations.md (section "Exit codes") repeats.
 
-Command groups register themselves through ``register(subparsers)``; a
-handler returns the JSON object to print (or raises a WritError).
+Each command group is a module with ``register(subparsers)``; a handler
+returns the JSON object to print (or raises a WritError). This module only
+runs a list of groups it is given: the list itself, and so the ``writ``
+command, is assembled in one place, the composition root ``api/main.py``
+(``ledger`` imports nothing of the project).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from ..errors import CorruptLedger, Interrupted, TransportError, UsageError, Ver
 from ..redact import redact, redact_fields
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
+#: a command group's ``register(subparsers)``.
+Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_VERIFY, EXIT_TRANSPORT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -80,9 +85,8 @@ def emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import groups
-
+def build_parser(groups: Sequence[Registrar]) -> argparse.ArgumentParser:
+    """The ``writ`` parser with the commands of ``groups``."""
     parser = _Parser(
         prog="writ",
         description="Writ: a revocation ledger signed against one offline root key.",
@@ -93,14 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
         "argparse._SubParsersAction[argparse.ArgumentParser]",
         parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser),
     )
-    for register in groups.registrars():
+    for register in groups:
         register(sub)
     return parser
 
 
-def run(argv: Sequence[str] | None = None) -> int:
+def run(argv: Sequence[str] | None = None, *, groups: Sequence[Registrar]) -> int:
+    """Parse ``argv`` with ``groups``, run the command, print its JSON; the exit code."""
     try:
-        parser = build_parser()
+        parser = build_parser(groups)
         args = parser.parse_args(argv)
         handler: Handler | None = getattr(args, "handler", None)
         if handler is None:
@@ -115,10 +120,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         emit(redact_fields(exc.to_json()))
         sys.stderr.write(f"writ: {redact(exc.message)}\n")
         return exit_code(exc)
-    except KeyboardInterrupt:
-        emit(Interrupted("interrupted").to_json())
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a command's own stop signal (the demo's SIGTERM)
+        how = f" by {exc.args[0]}" if exc.args and isinstance(exc.args[0], str) else ""
+        emit(Interrupted(f"interrupted{how}").to_json())
+        sys.stderr.write(f"writ: interrupted{how}\n")
         return EXIT_INTERRUPTED
-
-
-def main() -> NoReturn:
-    sys.exit(run())

@@ -39,20 +39,19 @@ Stable API (other test modules use it):
     within 10 s. ``flags`` become ``writ serve`` options
     (``checkpoint_interval=1`` -> ``--checkpoint-interval 1``).
     ``start_server(data_dir, **flags)`` / ``stop_server(srv)`` restart one on
-    an existing data directory.
+    an existing data directory. The process itself is started and stopped by
+    :mod:`device_sim.server_process` (shipped: ``writ demo`` uses it too), which
+    also provides ``writ_command()``, ``run_writ(*args)`` and ``free_port()``,
+    re-exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import secrets
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time as _time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -66,6 +65,10 @@ from starlette.applications import Starlette
 from api.app import create_app
 from api.cli import create_data_dir
 from api.config import Limits, ServerConfig, read_identity
+from device_sim import server_process
+from device_sim.server_process import free_port as free_port
+from device_sim.server_process import run_writ as run_writ
+from device_sim.server_process import writ_command as writ_command
 from ledger import records
 from ledger.crypto import SeedSigner
 from ledger.errors import LedgerMissing
@@ -292,7 +295,7 @@ async def sse_stream(
                 await task
 
 
-# --- a real process -------------------------------------------------------------
+# --- a real process (device_sim.server_process: what the demo starts too) ---------
 
 
 class RunningServer(NamedTuple):
@@ -302,85 +305,21 @@ class RunningServer(NamedTuple):
     process: subprocess.Popen[bytes]
 
 
-def writ_command() -> list[str]:
-    """The ``writ`` executable of this environment."""
-    exe = Path(sys.executable).parent / "writ"
-    if exe.exists():
-        return [str(exe)]
-    return [sys.executable, "-c", "from ledger.cli.main import main; main()"]
-
-
-def run_writ(*args: str, timeout: float = 60.0) -> tuple[int, dict[str, Any], str]:
-    """Run ``writ ARGS``; returns (exit code, the JSON it printed, stderr)."""
-    proc = subprocess.run([*writ_command(), *args], capture_output=True, timeout=timeout, check=False)
-    out = proc.stdout.decode().strip().splitlines()
-    doc = json.loads(out[-1]) if out else {}
-    return proc.returncode, doc, proc.stderr.decode()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _flags(flags: Mapping[str, Any]) -> list[str]:
-    out: list[str] = []
-    for k, v in flags.items():
-        out += ["--" + k.replace("_", "-"), str(v)]
-    return out
-
-
 def start_server(
     data_dir: Path, *, port: int | None = None, ready_timeout: float = 20.0, **flags: Any
 ) -> RunningServer:
     """Start ``writ serve`` on ``data_dir`` and wait until it answers ``GET /checkpoint``."""
-    port = port or free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(data_dir.parent / f"serve-{port}.log", "ab")  # noqa: SIM115 - the process owns it
-    proc = subprocess.Popen(
-        [*writ_command(), "serve", "--data", str(data_dir), "--port", str(port), *_flags(flags)],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    log.close()
-    deadline = _time.monotonic() + ready_timeout
-    while True:
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode() if proc.stdout else ""
-            raise RuntimeError(f"writ serve exited with {proc.returncode}: {out}")
-        try:
-            if httpx.get(url + "/checkpoint", timeout=1.0).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if _time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            raise RuntimeError("writ serve did not become ready")
-        _time.sleep(0.05)
-    ident = read_identity(data_dir)
-    return RunningServer(url, ident.log_public_key, data_dir, proc)
+    srv = server_process.start_server(data_dir, port=port, ready_timeout=ready_timeout, **flags)
+    return RunningServer(srv.url, read_identity(data_dir).log_public_key, data_dir, srv.process)
 
 
 def stop_server(srv: RunningServer, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
     """Signal the server and wait; asserts it exits within ``timeout`` seconds. Returns its exit code."""
-    proc = srv.process
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise AssertionError(
-                f"writ serve did not exit within {timeout} s of {signal.Signals(sig).name}"
-            ) from None
-    if proc.stdout is not None:
-        proc.stdout.close()
-    return proc.returncode
+    alive = srv.process.poll() is None
+    code = server_process.stop_server(srv.process, sig, timeout)
+    if alive and code == -signal.SIGKILL and sig != signal.SIGKILL:
+        raise AssertionError(f"writ serve did not exit within {timeout} s of {signal.Signals(sig).name}")
+    return code
 
 
 @contextlib.contextmanager

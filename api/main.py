@@ -1,0 +1,55 @@
+"""The composition root of the ``writ`` command: the one module that knows every group.
+
+``writ`` is assembled here from the command groups of three packages, each
+imported by name, so a group that fails to import fails the command loudly
+instead of vanishing from it. Dependencies keep pointing one way: the groups
+import ``ledger`` (and ``api``'s server group its own package); nothing imports
+this module but the tests, which run the same parser in-process. The console
+script ``writ`` is :func:`main` (``pyproject.toml``); ``python -m api.main`` is
+the same program. The import-linter contracts in ``pyproject.toml`` (run by
+``.ci/run``) check the direction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from device_sim import demo
+from ledger.cli import audit, keys, receipts, records
+from ledger.cli import main as cli
+
+from . import cli as server
+
+__all__ = ["GROUPS", "build_parser", "main", "run"]
+
+#: every command group of ``writ``, in ``writ --help`` order. A new group is one
+#: more import above and one more entry here.
+GROUPS: tuple[cli.Registrar, ...] = (
+    keys.register,  # root init / recover, key init, rotate
+    records.register,  # genesis, grant, revoke, push, sign, bundle, mirror, status
+    audit.register,  # audit, show, log
+    receipts.register,  # receipts import
+    server.register,  # server init, serve
+    demo.register,  # demo
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``writ`` parser."""
+    return cli.build_parser(GROUPS)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """``writ ARGV`` in this process; the exit code."""
+    return cli.run(argv, groups=GROUPS)
+
+
+def main() -> NoReturn:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,5 +1,0 @@
-"""``python -m ledger.cli``: the same as the ``writ`` console script."""
-
-from .main import main
-
-main()
