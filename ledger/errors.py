@@ -47,7 +47,12 @@ bare bool.
     │   ├── AgentError                     agent-error (ssh-agent)
     │   └── ShareError                     bad-shares (SLIP-39 recovery)
     ├── TransportError                     unreachable / http-error / response-too-large
+    ├── Declined                           declined (the operator answered no: nothing signed or sent)
     └── UsageError                         usage (bad flags, unknown name, ambiguous name, bad hex)
+        ├── UnknownRole                    unknown-role (a role outside the protocol's list, no --custom-role)
+        ├── BadValidity                    bad-validity (not_after past, > 100 years, <= not_before)
+        ├── WeakPassphrase                 weak-passphrase (a new key file's passphrase under 8 characters)
+        └── MissingSuccessor               no-successor-choice (neither --shares nor --no-successor)
 
 Messages never contain secret material: constructors take descriptions, not
 keys.
@@ -295,8 +300,39 @@ class ResponseTooLarge(TransportError):
     type = "response-too-large"
 
 
+class Declined(WritError):
+    """The operator was shown what would be signed and answered no."""
+
+    type = "declined"
+
+
 class UsageError(WritError):
     type = "usage"
+
+
+class UnknownRole(UsageError):
+    """A grant of a role outside the protocol's list, without ``--custom-role`` (a misspelling)."""
+
+    type = "unknown-role"
+
+
+class BadValidity(UsageError):
+    """A validity window nobody means: not_after in the past, more than 100 years ahead (a
+    millisecond timestamp), or not after not_before."""
+
+    type = "bad-validity"
+
+
+class WeakPassphrase(UsageError):
+    """A new key file's passphrase shorter than the minimum."""
+
+    type = "weak-passphrase"
+
+
+class MissingSuccessor(UsageError):
+    """A new root without an explicit successor choice (``--shares K-of-N`` or ``--no-successor``)."""
+
+    type = "no-successor-choice"
 
 
 #: every rejection type name a record can be refused with, in table order.

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, cast
 
@@ -40,9 +42,63 @@ class CommandFailed(WritError):
         self.code = code
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help with every default shown (``(default: ...)``), but no ``(default: None)`` noise."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+        self.register("action", "parsers", _Commands)
+
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message}")
+
+
+class _Commands(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """Sub-commands whose own ``--help`` starts with their one-line help (each its own description)."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        if "description" not in kwargs and kwargs.get("help"):
+            text = str(kwargs["help"])
+            kwargs["description"] = text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+        kwargs.setdefault("parser_class", _Parser)
+        return cast(argparse.ArgumentParser, super().add_parser(name, **kwargs))
+
+
+def version() -> str:
+    """This installation's version, from the package metadata."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("writ")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+class _Version(argparse.Action):
+    """``writ --version``: plain text on stdout (not JSON), exit 0."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> NoReturn:
+        raise _VersionShown
+
+
+class _VersionShown(Exception):
+    pass
+
+
+def hold_interrupts() -> None:
+    """The command has landed (an append went through, or its answer is printed): from here on
+    Ctrl-C cannot turn a success into exit 130. Ignores SIGINT; :func:`run` restores it."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def exit_code(exc: WritError) -> int:
@@ -68,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="writ", description="Writ: a revocation ledger signed against one offline root key."
     )
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     sub = cast(
         "argparse._SubParsersAction[argparse.ArgumentParser]",
         parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser),
@@ -77,7 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(argv: Sequence[str] | None = None) -> int:
+def run(argv: Sequence[str] | None = None, *, restore_signals: bool = True) -> int:
+    """Run one command; returns its exit code. SIGINT's handler is restored on return unless
+    ``restore_signals`` is false (the process is about to exit: keep a landed command's 0)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -85,19 +146,29 @@ def run(argv: Sequence[str] | None = None) -> int:
         if handler is None:
             parser.print_help(sys.stderr)
             raise UsageError("a command is required (see writ --help)")
-        emit(handler(args))
+        out = handler(args)
+        hold_interrupts()  # done: a Ctrl-C now must not turn the printed success into 130
+        emit(out)
+        return EXIT_OK
+    except _VersionShown:
+        sys.stdout.write(f"writ {version()}\n")
+        sys.stdout.flush()
         return EXIT_OK
     except CommandFailed as exc:
         emit(exc.payload)
         return exc.code
     except WritError as exc:
         emit(exc.to_json())
-        sys.stderr.write(f"writ: {exc.message}\n")
+        message = exc.message if exc.message.startswith("writ") else f"writ: {exc.message}"
+        sys.stderr.write(message + "\n")
         return exit_code(exc)
     except KeyboardInterrupt:
-        emit({"error": "interrupted"})
+        emit({"error": "interrupted", "message": "interrupted"})
         return 130
+    finally:
+        if restore_signals and previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def main() -> NoReturn:
-    sys.exit(run())
+    sys.exit(run(restore_signals=False))
