@@ -53,15 +53,17 @@ def stage(
     unit: str = "",
     prefix: str = "writ: ",
     quiet_below: int = 0,
+    bar: bool = True,
     stream: TextIO | None = None,
 ) -> Iterator[Stage]:
     """A stage of long work: a transient progress bar at a terminal, else one line on ``stream``
-    (default stderr) as the stage starts. Silent when ``total`` is known and below ``quiet_below``."""
+    (default stderr) as the stage starts. Silent when ``total`` is known and below ``quiet_below``.
+    ``bar=False`` prints the line even at a terminal (for timed work: a bar redraws from a thread)."""
     out = stream if stream is not None else sys.stderr
     if total is not None and total < quiet_below:
         yield Stage()
         return
-    if not _is_tty(out):
+    if not bar or not _is_tty(out):
         count = "" if total is None else f" ({total} {unit})" if unit else f" ({total})"
         out.write(f"{prefix}{label}{count}…\n")
         out.flush()

@@ -262,8 +262,7 @@ class Ledger:
 def init_root(writ: Writ, tmp: Path, *extra: str, shares: bool = True) -> tuple[Path, dict[str, Any]]:
     root = tmp / "root.key"
     args = ["root", "init", "--out", root, "--passphrase-env", "PW", *extra]
-    if shares:
-        args += ["--shares", "2-of-3", "--shares-out", tmp / "shares"]
+    args += ["--shares", "2-of-3", "--shares-out", tmp / "shares"] if shares else ["--no-successor"]
     return root, writ.ok(*args)
 
 
@@ -324,10 +323,10 @@ def test_root_init_writes_key_shares_and_public_companion(writ: Writ, tmp_path: 
     )
     assert (r.code, r.doc["error"]) == (1, "bad-shares")
     assert not (tmp_path / "x.key").exists()
-    # no --shares: it works (CONFORMANCE), says loudly that there is no successor
-    r2 = writ("root init --out", tmp_path / "lonely.key", "--passphrase-env PW")
+    # an explicit --no-successor works, and says what it means
+    r2 = writ("root init --out", tmp_path / "lonely.key", "--passphrase-env PW --no-successor")
     assert r2.code == 0 and r2.doc["next_root_digest"] is None
-    assert "WARNING" in r2.err
+    assert "never be rotated" in r2.err
     # refuses to overwrite
     r3 = writ("root init --out", root, "--passphrase-env PW --no-successor")
     assert (r3.code, r3.doc["error"]) == (2, "usage")

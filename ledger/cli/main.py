@@ -68,7 +68,6 @@ class _Commands(argparse._SubParsersAction):  # type: ignore[type-arg]
         if "description" not in kwargs and kwargs.get("help"):
             text = str(kwargs["help"])
             kwargs["description"] = text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
-        kwargs.setdefault("parser_class", _Parser)
         return cast(argparse.ArgumentParser, super().add_parser(name, **kwargs))
 
 

@@ -75,8 +75,8 @@ MAX_VALIDITY_AHEAD = 100 * 366 * 86400
 
 def check_role(role: str, custom: bool) -> None:
     """A role outside the protocol's list is a misspelling unless ``--custom-role`` says otherwise."""
-    if custom or role in rec.PROTOCOL_ROLES:
-        return
+    if custom or role in rec.PROTOCOL_ROLES or not rec.ROLE_PATTERN.fullmatch(role):
+        return  # a malformed role is the rules' invalid-field, when the record is built
     import difflib
 
     close = difflib.get_close_matches(role, sorted(rec.PROTOCOL_ROLES), n=1)
@@ -783,7 +783,10 @@ def _add_grant_args(p: argparse.ArgumentParser) -> None:
         "--scope", default="", metavar="S", help="'' (everywhere), or a site path like plant-7/line-3"
     )
     p.add_argument(
-        "--not-before", type=_uint, metavar="UNIX", help="valid from this UNIX time in seconds (default: now)"
+        "--not-before",
+        type=_uint,
+        metavar="UNIX",
+        help="valid from this UNIX time in seconds (0 or absent: at once)",
     )
     p.add_argument(
         "--not-after",
