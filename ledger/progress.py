@@ -78,9 +78,9 @@ def stage(
     columns.append(TimeElapsedColumn())
     started = time.monotonic()
     console = Console(file=out, stderr=out is sys.stderr)
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task(label, total=total)
-        yield Stage(bar, task)
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(label, total=total)
+        yield Stage(progress, task)
     elapsed = time.monotonic() - started
     if elapsed >= 1.0:
         console.print(f"{prefix}{label}: done in {elapsed:.1f} s", markup=False, highlight=False)
