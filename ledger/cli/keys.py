@@ -233,6 +233,7 @@ def cmd_root_recover(args: argparse.Namespace) -> dict[str, Any]:
     share_pass = b""
     if args.share_passphrase_env:
         share_pass = read_secret(args.share_passphrase_env, "", what="share passphrase")
+    new_pass = None if to_token else read_new_passphrase(args, args.out)  # a weak one: refused first
     signer = signers.recover_successor(mnemonics, share_pass, expected)  # checks the digest first
     public = signer.public_key
     if to_token:
@@ -241,8 +242,8 @@ def cmd_root_recover(args: argparse.Namespace) -> dict[str, Any]:
         where = {"pkcs11": args.pkcs11, "label": args.label}
     else:
         out = str(args.out)
-        passphrase = read_new_passphrase(args, out)
-        signers.write_key_file(out, signer, passphrase, cost=kdf_cost(args.cost), label="writ root successor")
+        assert new_pass is not None
+        signers.write_key_file(out, signer, new_pass, cost=kdf_cost(args.cost), label="writ root successor")
         write_pub_json(
             out,
             {
