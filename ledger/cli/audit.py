@@ -35,6 +35,7 @@ from ..errors import (
     VerificationError,
     WritError,
 )
+from ..progress import stage
 from ..records import Genesis, Grant, Reason, Revoke, Rotate
 from ..state import LedgerState
 from . import common
@@ -247,21 +248,11 @@ def cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
         total = source.count() if isinstance(source, DatabaseSource) else None
         con = None if args.json else common.console()
         try:
-            if con is not None:
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-                with Progress(
-                    "[progress.description]{task.description}",
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TimeRemainingColumn(),
-                    console=con,
-                    transient=True,
-                ) as bar:
-                    task = bar.add_task("verifying", total=total)
-                    _st, report, checked = run_audit(source, anchor, progress=lambda n: bar.advance(task, n))
-            else:
+            if args.json:
                 _st, report, checked = run_audit(source, anchor)
+            else:
+                with stage("verifying the ledger", total, unit="records") as s:
+                    _st, report, checked = run_audit(source, anchor, progress=s.advance)
         except (VerificationError, CorruptLedger) as exc:
             raise _fail(exc) from None
     seconds = time.monotonic() - t0

@@ -38,7 +38,7 @@ from .common import (
     refuse,
     say,
 )
-from .main import EXIT_FAILED, EXIT_USAGE
+from .main import EXIT_FAILED, EXIT_USAGE, hold_interrupts
 
 # --- helpers --------------------------------------------------------------------
 
@@ -493,6 +493,7 @@ def cmd_push(args: argparse.Namespace) -> dict[str, Any]:
         new = check_on_copy(state, raws)
         try:
             answer = client.post_records(raws)
+            hold_interrupts()  # landed: Ctrl-C from here on cannot turn it into a failure
         except WritError as exc:
             if exc.type == "stale-head":
                 refuse(
