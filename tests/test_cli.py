@@ -1164,3 +1164,14 @@ def test_offline_rotate_from_sheets(writ: Writ, ledger: Ledger) -> None:
     new_pub = json.loads((tmp / "new-root.key.pub.json").read_text())
     assert st.root_key == bytes.fromhex(new_pub["public_key"]) and new_pub["anchor"] == ledger.anchor.hex()
     assert st.pending_digest is not None and st.pending_digest.hex() == r["next_root_digest"]
+
+
+def test_offline_sign_of_a_grant_in_force_writes_nothing(writ: Writ, ledger: Ledger) -> None:
+    """``writ sign grant`` rerun by a script: the grant is already in the ledger, so no file."""
+    srv, tmp = ledger.srv, ledger.tmp
+    args = ["--subject", "71" * 32, "--role operator --name again", *ledger.key()]
+    g = writ.ok("grant --server", srv.url, *args)
+    out = tmp / "again.records"
+    r = writ.ok("sign --server", srv.url, "--out", out, "grant", *args)
+    assert r["existing"] is True and r["seq"] == g["seq"] and not out.exists()
+    assert srv.size() == g["seq"] + 1

@@ -576,3 +576,25 @@ def test_progress_draws_a_bar_at_a_terminal() -> None:
         os.close(master)
         os.close(slave)
     assert "auditing" in shown
+
+
+def test_plain_words_describe_a_genesis_a_grant_and_a_key_revoke() -> None:
+    from ledger.cli.common import describe
+    from ledger.crypto import SeedSigner
+    from ledger.state import LedgerState
+    from tests.helpers.server import Mirror
+
+    root = SeedSigner.generate()
+    m = Mirror(root, ORIGIN)
+    genesis = m.genesis(next_root_digest=b"\x07" * 32)
+    grant = m.grant(b"\x05" * 32, "device", "plc-5", scope="plant-7", not_after=2_000_000_000)
+    text = "\n".join(describe(LedgerState(root.public_key), [genesis, grant]))
+    assert f"genesis #0 of the ledger {ORIGIN!r}: root (anchor) {root.public_key.hex()[:16]}…" in text
+    assert "committed successor digest: " + "07" * 8 + "…" in text
+    assert "grant #1: role 'device' to the key " + "05" * 8 + "…" in text
+    assert "name 'plc-5', scope 'plant-7', valid from now until 2033-05-18T03:33:20Z" in text
+    assert f"signed by {root.public_key.hex()[:16]}…" in text
+    before = m.state.copy()
+    revoke = m.revoke(b"\x05" * 32, reason=2)
+    text = "\n".join(describe(before, [revoke]))
+    assert "revoke #2: the key " + "05" * 8 + "… (every grant of it, now and later); reason lost" in text

@@ -466,6 +466,20 @@ def _add_new_passphrase(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cost", choices=_COSTS, help=_COST_HELP)
 
 
+def add_successor_source(p: argparse.ArgumentParser) -> None:
+    """Where the committed successor comes from (rotate, sign rotate): a key source or k sheets."""
+    add_key_source(p, key_flags=("--successor-key", "--key"))
+    p.add_argument(
+        "--successor-shares", nargs="+", metavar="FILE", help="rebuild the successor from k sheets"
+    )
+    p.add_argument(
+        "--successor-share-passphrase-env",
+        dest="share_passphrase_env_old",
+        metavar="VAR",
+        help="SLIP-39 passphrase of the successor's shares",
+    )
+
+
 def register(sub: Any) -> None:
     root = sub.add_parser("root", help="the root key: init, recover")
     rs = root.add_subparsers(dest="root_command", metavar="COMMAND")
@@ -500,16 +514,7 @@ def register(sub: Any) -> None:
         "--anchor", metavar="HEX32", help="the ledger's anchor (default: $WRIT_ANCHOR, FILE.pub.json)"
     )
     p.add_argument("--mirror", metavar="DIR", help="the verified mirror directory (default under $WRIT_HOME)")
-    add_key_source(p, key_flags=("--successor-key", "--key"))
-    p.add_argument(
-        "--successor-shares", nargs="+", metavar="FILE", help="rebuild the successor from k sheets"
-    )
-    p.add_argument(
-        "--successor-share-passphrase-env",
-        dest="share_passphrase_env_old",
-        metavar="VAR",
-        help="SLIP-39 passphrase of the successor's shares",
-    )
+    add_successor_source(p)
     p.add_argument(
         "--out",
         "--new-key-out",

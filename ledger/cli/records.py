@@ -913,16 +913,7 @@ def register(sub: Any) -> None:
     _add_revoke_args(r)
     add_key_source(r)
     t = ss.add_parser("rotate", parents=[late], help="sign a rotate with the successor")
-    add_key_source(t, key_flags=("--successor-key", "--key"))
-    t.add_argument(
-        "--successor-shares", nargs="+", metavar="FILE", help="rebuild the successor from k sheets"
-    )
-    t.add_argument(
-        "--successor-share-passphrase-env",
-        dest="share_passphrase_env_old",
-        metavar="VAR",
-        help="SLIP-39 passphrase of the successor's shares",
-    )
+    keys.add_successor_source(t)
     t.add_argument("--cost", choices=keys._COSTS, help=keys._COST_HELP)
     t.add_argument(
         "--new-key-out",
