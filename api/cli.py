@@ -169,6 +169,8 @@ async def create_data_dir(
         else:
             await storage.init(origin, anchor, signer.public_key)
         cfg.write_identity(data_dir, cfg.Identity(origin, anchor, signer.public_key))
+    except LedgerExists:
+        raise  # another `server init` got there first: its files are not ours to remove
     except BaseException as exc:  # nothing half-made stays behind: a retry starts clean
         _remove_partial(data_dir, made_dir)
         if isinstance(exc, OSError):

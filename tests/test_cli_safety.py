@@ -460,6 +460,26 @@ def test_server_init_on_a_file_or_an_impossible_path_is_a_clean_error(tmp_path: 
     assert f.read_text() == "x"
 
 
+async def test_server_init_failing_half_way_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk while the database is created: the log key already written is removed again,
+    so that a retry starts clean instead of hitting `ledger-exists`."""
+    import errno
+
+    from api import cli as api_cli
+    from ledger.errors import StorageError
+    from ledger.storage.sqlite import SqliteStorage
+
+    async def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(SqliteStorage, "open", full_disk)
+    with pytest.raises(StorageError, match="No space left on device"):
+        await api_cli.create_data_dir(tmp_path / "data", b"\xab" * 32, ORIGIN)
+    assert list(tmp_path.iterdir()) == []
+
+
 @contextlib.contextmanager
 def read_only_mount(path: Path) -> Iterator[None]:
     """A tmpfs at ``path`` (remounted read-only by the caller); skips without mount privileges."""

@@ -158,7 +158,7 @@ def run(argv: Sequence[str] | None = None, *, restore_signals: bool = True) -> i
         return exc.code
     except WritError as exc:
         emit(exc.to_json())
-        message = exc.message if exc.message.startswith("writ") else f"writ: {exc.message}"
+        message = exc.message if exc.message.startswith(("writ:", "writ ")) else f"writ: {exc.message}"
         sys.stderr.write(message + "\n")
         return exit_code(exc)
     except KeyboardInterrupt:
