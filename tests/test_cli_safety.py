@@ -393,6 +393,24 @@ def test_terminal_user_sees_what_is_signed_and_can_decline(world: World) -> None
     assert code == 0 and "Sign?" not in screen and size(world.srv) == before + 3
 
 
+def test_declined_rotate_leaves_no_new_sheets_and_no_new_key(world: World) -> None:
+    out, sheets = world.tmp / "declined-root.key", world.tmp / "declined-sheets"
+    before = size(world.srv)
+    code, stdout, screen = at_terminal(
+        world.env,
+        [
+            "rotate", "--server", world.srv.url, "--successor-shares", *world.shares[:2],
+            "--out", out, "--passphrase-env", "PW", "--shares", "2-of-3", "--shares-out", sheets,
+        ],
+        [("Sign? [y/N]", "n\n")],
+    )  # fmt: skip
+    assert code == 1 and json.loads(stdout)["error"] == "declined"
+    assert f"rotate #{before}: the root passes to " in screen and "its committed successor digest" in screen
+    assert size(world.srv) == before
+    assert not out.exists() and not Path(f"{out}.pub.json").exists()
+    assert not sheets.exists() or list(sheets.iterdir()) == []
+
+
 # --- Ctrl-C after the command landed ----------------------------------------------------------
 
 _SLOW_AFTER = """
@@ -403,12 +421,12 @@ where = sys.argv.pop(1)
 if where == "landed":
     real = common._after_push
     def slow(*a):
-        sys.stderr.write("LANDED\\n"); sys.stderr.flush(); time.sleep(3); real(*a)
+        sys.stderr.write("LANDED\\n"); sys.stderr.flush(); time.sleep(1.5); real(*a)
     common._after_push = slow
 else:
     real_emit = main.emit
     def slow_emit(obj):
-        real_emit(obj); time.sleep(3)
+        real_emit(obj); time.sleep(1.5)
     main.emit = slow_emit
 main.main()
 """

@@ -24,7 +24,7 @@ from typing import Any
 
 from .. import records as rec
 from ..crypto import SeedSigner, Signer, sha256
-from ..errors import MissingSuccessor, UsageError
+from ..errors import Declined, MissingSuccessor, UsageError
 from ..records import Rotate
 from ..state import LedgerState
 from . import common
@@ -378,9 +378,16 @@ def cmd_rotate(args: argparse.Namespace) -> dict[str, Any]:
         with new_successor(args, anchor.hex()) as (digest, sheets):
             if args.successor_shares:
                 _save_recovered(args, succ, anchor, digest)
-            pushed = common.push_intent(
-                mirror, client, rotate_builder(args, succ, digest), sync_first=False, ask=not args.yes
-            )
+            try:
+                pushed = common.push_intent(
+                    mirror, client, rotate_builder(args, succ, digest), sync_first=False, ask=not args.yes
+                )
+            except Declined:  # known not signed: the new key file of this run goes with the sheets
+                if args.successor_shares and args.out_key is not None:
+                    for p in (Path(args.out_key), common.pub_json_path(args.out_key)):
+                        with contextlib.suppress(OSError):
+                            p.unlink()
+                raise
         signer = succ.get(pending)
         if args.key is not None:
             _write_root_pub(args.key, anchor, signer.public_key, digest, args.shares)
