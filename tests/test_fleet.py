@@ -278,6 +278,15 @@ def test_fleet_command_as_conformance_runs_it(server: RunningServer, tmp_path: P
     lines = [json.loads(x) for x in events.read_text().splitlines()]
     assert len(lines) == 20 and {x["reason"] for x in lines} == {"revoked"}
     assert b"Traceback" not in proc.stderr
+    # piped: each long phase announces itself with one line as it starts
+    err = proc.stderr.decode()
+    for phase in (
+        "granting 20 devices",
+        "revoking the tablet",
+        "waiting until every device",
+        "posting receipts",
+    ):
+        assert f"fleet: {phase}" in err, err
 
 
 @pytest.mark.e2e
