@@ -119,7 +119,9 @@ def new_successor(
 
 def _add_shares_out(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--shares", metavar="K-of-N", help="split the new successor key into K-of-N SLIP-39 shares"
+        "--shares",
+        metavar="K-of-N",
+        help="split the new successor key into K-of-N SLIP-39 shares (this or --no-successor is required)",
     )
     p.add_argument("--shares-out", metavar="DIR", help="where to write one share sheet per custodian (0600)")
     p.add_argument("--share-passphrase-env", metavar="VAR", help="optional SLIP-39 passphrase for the shares")
