@@ -1175,3 +1175,15 @@ def test_offline_sign_of_a_grant_in_force_writes_nothing(writ: Writ, ledger: Led
     r = writ.ok("sign --server", srv.url, "--out", out, "grant", *args)
     assert r["existing"] is True and r["seq"] == g["seq"] and not out.exists()
     assert srv.size() == g["seq"] + 1
+
+
+def test_in_process_runs_give_ctrl_c_back(writ: Writ, ledger: Ledger) -> None:
+    """A landed command ignores SIGINT until it has printed; ``run`` then restores the handler
+    (only ``main``, about to exit, keeps ignoring it)."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    writ.ok(
+        "grant --server", ledger.srv.url, "--subject", "72" * 32, "--role operator --name back", *ledger.key()
+    )
+    assert signal.getsignal(signal.SIGINT) is before and before is not signal.SIG_IGN
