@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ledger import notes
-from ledger.errors import LedgerExists, UsageError, WritError
+from ledger.errors import LedgerExists, StorageError, UsageError, WritError
 from ledger.storage import Storage
 from ledger.storage.sqlite import SqliteStorage
 
@@ -39,25 +39,68 @@ _DEFAULTS = cfg.Limits()
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     server = subparsers.add_parser("server", help="manage a ledger server's data directory")
-    server_sub = server.add_subparsers(dest="server_command", metavar="SUBCOMMAND", parser_class=type(server))
+    server_sub = server.add_subparsers(dest="server_command", metavar="COMMAND", parser_class=type(server))
     init = server_sub.add_parser("init", help="create a server data directory, its ledger and its log key")
-    init.add_argument("--data", required=True, help="the data directory to create")
-    init.add_argument("--anchor", required=True, help="the root public key (64 hex digits)")
-    init.add_argument("--origin", required=True, help="the ledger's origin, e.g. ledger.example/plant-7")
+    init.add_argument("--data", required=True, metavar="DIR", help="the data directory to create")
+    init.add_argument("--anchor", required=True, metavar="HEX32", help="the root public key (64 hex digits)")
+    init.add_argument(
+        "--origin", required=True, metavar="ORIGIN", help="the ledger's origin, e.g. ledger.example/plant-7"
+    )
     init.set_defaults(handler=cmd_server_init)
 
     serve = subparsers.add_parser("serve", help="serve a ledger over HTTP")
-    serve.add_argument("--data", required=True, help="the data directory (from `writ server init`)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=_port, default=8000)
-    serve.add_argument("--checkpoint-interval", type=_positive, default=10.0, metavar="SECONDS")
-    serve.add_argument("--write-rate", type=_positive, default=_DEFAULTS.write_rate, metavar="PER_SECOND")
-    serve.add_argument("--write-burst", type=_count, default=_DEFAULTS.write_burst)
-    serve.add_argument("--receipt-rate", type=_positive, default=_DEFAULTS.receipt_rate, metavar="PER_SECOND")
-    serve.add_argument("--receipt-burst", type=_count, default=_DEFAULTS.receipt_burst)
-    serve.add_argument("--max-sse-clients", type=_count, default=_DEFAULTS.max_sse_clients)
     serve.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+        "--data", required=True, metavar="DIR", help="the data directory (from `writ server init`)"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    serve.add_argument("--port", type=_port, default=8000, help="the TCP port to listen on")
+    serve.add_argument(
+        "--checkpoint-interval",
+        type=_positive,
+        default=10.0,
+        metavar="SECONDS",
+        help="how often a new checkpoint is signed while the ledger grows",
+    )
+    serve.add_argument(
+        "--write-rate",
+        type=_positive,
+        default=_DEFAULTS.write_rate,
+        metavar="PER_SECOND",
+        help="appends per second per client host (then 429)",
+    )
+    serve.add_argument(
+        "--write-burst",
+        type=_count,
+        default=_DEFAULTS.write_burst,
+        metavar="N",
+        help="append burst allowance",
+    )
+    serve.add_argument(
+        "--receipt-rate",
+        type=_positive,
+        default=_DEFAULTS.receipt_rate,
+        metavar="PER_SECOND",
+        help="device receipts per second per client host (then 429)",
+    )
+    serve.add_argument(
+        "--receipt-burst",
+        type=_count,
+        default=_DEFAULTS.receipt_burst,
+        metavar="N",
+        help="receipt burst allowance",
+    )
+    serve.add_argument(
+        "--max-sse-clients",
+        type=_count,
+        default=_DEFAULTS.max_sse_clients,
+        metavar="N",
+        help="event-stream clients at once (then 503)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="the server log's level (on stderr)",
     )
     serve.set_defaults(handler=cmd_serve)
 
@@ -104,20 +147,35 @@ async def create_data_dir(
     (tests that inject a :class:`~ledger.storage.MemoryStorage`).
     """
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UsageError(f"--data {data_dir} is a file: give a new (or empty) directory")
     for name in (cfg.LEDGER_DB, cfg.LOG_KEY, cfg.SERVER_JSON):
         if (data_dir / name).exists():
             raise LedgerExists(f"{data_dir / name} exists: {data_dir} already holds a ledger server")
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    signer = cfg.create_log_key(data_dir)
-    if storage is None:
-        sqlite = await SqliteStorage.open(data_dir / cfg.LEDGER_DB, create=True)
-        try:
-            await sqlite.init(origin, anchor, signer.public_key)
-        finally:
-            await sqlite.close()
-    else:
-        await storage.init(origin, anchor, signer.public_key)
-    cfg.write_identity(data_dir, cfg.Identity(origin, anchor, signer.public_key))
+    made_dir = not data_dir.exists()
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the data directory {data_dir}: {exc.strerror}") from None
+    check_data_dir_writable(data_dir)
+    try:
+        signer = cfg.create_log_key(data_dir)
+        if storage is None:
+            sqlite = await SqliteStorage.open(data_dir / cfg.LEDGER_DB, create=True)
+            try:
+                await sqlite.init(origin, anchor, signer.public_key)
+            finally:
+                await sqlite.close()
+        else:
+            await storage.init(origin, anchor, signer.public_key)
+        cfg.write_identity(data_dir, cfg.Identity(origin, anchor, signer.public_key))
+    except LedgerExists:
+        raise  # another `server init` got there first: its files are not ours to remove
+    except BaseException as exc:  # nothing half-made stays behind: a retry starts clean
+        _remove_partial(data_dir, made_dir)
+        if isinstance(exc, OSError):
+            raise StorageError(f"cannot create the server in {data_dir}: {exc.strerror or exc}") from None
+        raise
     log_vkey, cosig_vkey = notes.checkpoint_vkeys(origin, signer.public_key)
     return {
         "log_public_key": signer.public_key.hex(),
@@ -127,6 +185,33 @@ async def create_data_dir(
         "anchor": anchor.hex(),
         "data": str(data_dir),
     }
+
+
+def _remove_partial(data_dir: Path, made_dir: bool) -> None:
+    for name in (cfg.SERVER_JSON, cfg.LEDGER_DB, cfg.LEDGER_DB + "-wal", cfg.LEDGER_DB + "-shm", cfg.LOG_KEY):
+        with contextlib.suppress(OSError):
+            (data_dir / name).unlink()
+    if made_dir:
+        with contextlib.suppress(OSError):
+            data_dir.rmdir()
+
+
+def check_data_dir_writable(data_dir: Path) -> None:
+    """The server writes its ledger (SQLite and its WAL) in DIR: prove it can, before anything
+    else, so that an unwritable directory is reported as such (never as a port problem)."""
+    probe = data_dir / f".writ-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+        db = data_dir / cfg.LEDGER_DB
+        if db.exists():
+            os.close(os.open(db, os.O_RDWR))
+    except OSError as exc:
+        raise StorageError(
+            f"the data directory {data_dir} is not writable ({exc.strerror}): the server keeps its"
+            " ledger there; fix its permissions or mount"
+        ) from None
 
 
 def cmd_server_init(args: argparse.Namespace) -> dict[str, Any]:
@@ -197,6 +282,7 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     cfg.load_log_key(data_dir)
     if not (data_dir / cfg.LEDGER_DB).exists():
         raise UsageError(f"no {cfg.LEDGER_DB} in {data_dir}: run `writ server init` first")
+    check_data_dir_writable(data_dir)
     limits = cfg.Limits(
         write_rate=args.write_rate,
         write_burst=args.write_burst,

@@ -48,7 +48,8 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main() -> NoReturn:
-    sys.exit(run())
+    # the process exits next: a landed command keeps its 0 even if Ctrl-C follows
+    sys.exit(cli.run(groups=GROUPS, restore_signals=False))
 
 
 if __name__ == "__main__":

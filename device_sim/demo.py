@@ -477,7 +477,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--devices", type=int, default=DEFAULT_DEVICES, help=f"simulated devices ({DEFAULT_DEVICES})"
     )
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="the address the demo server listens on")
     p.add_argument("--port", type=int, default=8000, help="first port to try (8000)")
     p.add_argument(
         "--exit-after",

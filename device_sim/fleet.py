@@ -97,6 +97,7 @@ from ledger.errors import (
     VerificationError,
     WritError,
 )
+from ledger.progress import Stage, stage
 from ledger.records import Genesis, Grant, Kind, Revoke
 from ledger.state import LedgerState
 from ledger.view import AcceptedView, Evidence
@@ -1534,6 +1535,15 @@ def _verify_rate(seconds: float = 0.25) -> float:
     return max(rates)
 
 
+def _phase(
+    log: Callable[[str], None] | None, label: str, total: int | None = None, *, bar: bool = True
+) -> contextlib.AbstractContextManager[Stage]:
+    """A phase's progress on stderr (only when the run logs: the command line, not tests)."""
+    if log is None:
+        return contextlib.nullcontext(Stage())
+    return stage(label, total, prefix="fleet: ", bar=bar)
+
+
 async def run_lost_tablet(
     integrator: Integrator,
     n: int,
@@ -1575,7 +1585,8 @@ async def run_lost_tablet(
             (_grant_maker(tablet.public_key, records.ROLE_OPERATOR, f"tablet-{run_id}"), integrator.root)
         )
         t0 = time.monotonic()
-        pushed = await integrator.push(makers)
+        with _phase(log, f"granting {n} devices and the tablet", bar=False):
+            pushed = await integrator.push(makers)
         t_grants = time.monotonic() - t0
         for i, m in enumerate(members):
             fleet.set_grant(m, pushed.seqs[i], pushed.records[i])
@@ -1634,20 +1645,25 @@ async def run_lost_tablet(
         gc.freeze()
         t_gc = time.monotonic() - t0
         try:
-            pushed = await integrator.push([(maker, revoker[1] if revoker else integrator.root)])
+            with _phase(log, f"revoking the tablet (seq {tablet_seq})", bar=False):
+                pushed = await integrator.push([(maker, revoker[1] if revoker else integrator.root)])
         finally:
             sys.setswitchinterval(old_switch)
         acked = pushed.acked_at
         say(f"tablet revoked at seq {revoke_seq}; acknowledged in {pushed.post_seconds * 1000:.0f} ms")
         fleet.schedule_late(offline, max(0.0, opts.offline_for - (time.monotonic() - acked)))
         fleet.schedule_late(late, max(0.0, opts.late_after - (time.monotonic() - acked)))
-        done = await fleet.wait_refused(opts.deadline)
+        with _phase(
+            log, f"waiting until every device refuses the tablet (at most {opts.deadline:g} s)", bar=False
+        ):
+            done = await fleet.wait_refused(opts.deadline)
         t_prop = time.monotonic() - acked
         say(f"{'every' if done else 'NOT every'} device refused the tablet within {t_prop:.2f} s of the ack")
         pushed_bytes = fleet.push_bytes()
         rss2 = _rss_kib()
         t0 = time.monotonic()
-        receipts = await fleet.post_receipts()
+        with _phase(log, f"posting receipts from {n} devices"):
+            receipts = await fleet.post_receipts()
         say(f"{receipts} receipts accepted by the server")
         t_receipts = time.monotonic() - t0
         rate = max(rate0, _verify_rate())  # the best this machine did: a lower bound

@@ -49,9 +49,14 @@ bare bool.
     │   ├── AgentError                     agent-error (ssh-agent)
     │   └── ShareError                     bad-shares (SLIP-39 recovery)
     ├── TransportError                     unreachable / http-error / response-too-large
+    ├── Declined                           declined (the operator answered no: nothing signed or sent)
     ├── UsageError                         usage (bad flags, bad hex)
     │   ├── UnknownName                    unknown-name (no grant of that name)
-    │   └── AmbiguousName                  ambiguous-name (several unrevoked grants of that name)
+    │   ├── AmbiguousName                  ambiguous-name (several unrevoked grants of that name)
+    │   ├── UnknownRole                    unknown-role (a role outside the protocol's list, no --custom-role)
+    │   ├── BadValidity                    bad-validity (not_after past, > 100 years, <= not_before)
+    │   ├── WeakPassphrase                 weak-passphrase (a new key file's passphrase under 8 characters)
+    │   └── MissingSuccessor               no-successor-choice (neither --shares nor --no-successor)
     ├── IOFailure                          io-error (a local file could not be read or written)
     └── Interrupted                        interrupted (Ctrl-C)
 
@@ -317,6 +322,12 @@ class ResponseTooLarge(TransportError):
     type = "response-too-large"
 
 
+class Declined(WritError):
+    """The operator was shown what would be signed and answered no."""
+
+    type = "declined"
+
+
 class UsageError(WritError):
     type = "usage"
 
@@ -343,6 +354,31 @@ class Interrupted(WritError):
     """The user interrupted the command (SIGINT)."""
 
     type = "interrupted"
+
+
+class UnknownRole(UsageError):
+    """A grant of a role outside the protocol's list, without ``--custom-role`` (a misspelling)."""
+
+    type = "unknown-role"
+
+
+class BadValidity(UsageError):
+    """A validity window nobody means: not_after in the past, more than 100 years ahead (a
+    millisecond timestamp), or not after not_before."""
+
+    type = "bad-validity"
+
+
+class WeakPassphrase(UsageError):
+    """A new key file's passphrase shorter than the minimum."""
+
+    type = "weak-passphrase"
+
+
+class MissingSuccessor(UsageError):
+    """A new root without an explicit successor choice (``--shares K-of-N`` or ``--no-successor``)."""
+
+    type = "no-successor-choice"
 
 
 # --- names that are not exceptions ------------------------------------------------

@@ -171,6 +171,14 @@ class LedgerState:
     def key_revoked(self, key: bytes) -> bool:
         return key in self.revoked_keys
 
+    def is_withdrawn(self, seq: int) -> bool:
+        """Grant ``seq`` no longer counts, whatever the time: revoked by id, or its subject key
+        revoked (the one "is this grant withdrawn" test; validity windows are separate)."""
+        if seq in self.revoked:
+            return True
+        g = self.grants.get(seq)
+        return g is not None and g.subject in self.revoked_keys
+
     def grant_active(self, seq: int, at: int) -> GrantInfo | None:
         """The kept grant ``seq`` when unrevoked (by id and key) and valid at ``at``."""
         g = self.grants.get(seq)

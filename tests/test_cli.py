@@ -263,8 +263,7 @@ class Ledger:
 def init_root(writ: Writ, tmp: Path, *extra: str, shares: bool = True) -> tuple[Path, dict[str, Any]]:
     root = tmp / "root.key"
     args = ["root", "init", "--out", root, "--passphrase-env", "PW", *extra]
-    if shares:
-        args += ["--shares", "2-of-3", "--shares-out", tmp / "shares"]
+    args += ["--shares", "2-of-3", "--shares-out", tmp / "shares"] if shares else ["--no-successor"]
     return root, writ.ok(*args)
 
 
@@ -325,10 +324,10 @@ def test_root_init_writes_key_shares_and_public_companion(writ: Writ, tmp_path: 
     )
     assert (r.code, r.doc["error"]) == (1, "bad-shares")
     assert not (tmp_path / "x.key").exists()
-    # no --shares: it works (CONFORMANCE), says loudly that there is no successor
-    r2 = writ("root init --out", tmp_path / "lonely.key", "--passphrase-env PW")
+    # an explicit --no-successor works, and says what it means
+    r2 = writ("root init --out", tmp_path / "lonely.key", "--passphrase-env PW --no-successor")
     assert r2.code == 0 and r2.doc["next_root_digest"] is None
-    assert "WARNING" in r2.err
+    assert "never be rotated" in r2.err
     # refuses to overwrite
     r3 = writ("root init --out", root, "--passphrase-env PW --no-successor")
     assert (r3.code, r3.doc["error"]) == (2, "usage")
@@ -1237,3 +1236,26 @@ def test_offline_rotate_from_sheets(writ: Writ, ledger: Ledger) -> None:
     new_pub = json.loads((tmp / "new-root.key.pub.json").read_text())
     assert st.root_key == bytes.fromhex(new_pub["public_key"]) and new_pub["anchor"] == ledger.anchor.hex()
     assert st.pending_digest is not None and st.pending_digest.hex() == r["next_root_digest"]
+
+
+def test_offline_sign_of_a_grant_in_force_writes_nothing(writ: Writ, ledger: Ledger) -> None:
+    """``writ sign grant`` rerun by a script: the grant is already in the ledger, so no file."""
+    srv, tmp = ledger.srv, ledger.tmp
+    args = ["--subject", "71" * 32, "--role operator --name again", *ledger.key()]
+    g = writ.ok("grant --server", srv.url, *args)
+    out = tmp / "again.records"
+    r = writ.ok("sign --server", srv.url, "--out", out, "grant", *args)
+    assert r["existing"] is True and r["seq"] == g["seq"] and not out.exists()
+    assert srv.size() == g["seq"] + 1
+
+
+def test_in_process_runs_give_ctrl_c_back(writ: Writ, ledger: Ledger) -> None:
+    """A landed command ignores SIGINT until it has printed; ``run`` then restores the handler
+    (only ``main``, about to exit, keeps ignoring it)."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    writ.ok(
+        "grant --server", ledger.srv.url, "--subject", "72" * 32, "--role operator --name back", *ledger.key()
+    )
+    assert signal.getsignal(signal.SIGINT) is before and before is not signal.SIG_IGN

@@ -278,16 +278,29 @@ def test_fleet_command_as_conformance_runs_it(server: RunningServer, tmp_path: P
     lines = [json.loads(x) for x in events.read_text().splitlines()]
     assert len(lines) == 20 and {x["reason"] for x in lines} == {"revoked"}
     assert b"Traceback" not in proc.stderr
+    # piped: each long phase announces itself with one line as it starts
+    err = proc.stderr.decode()
+    for phase in (
+        "granting 20 devices",
+        "revoking the tablet",
+        "waiting until every device",
+        "posting receipts",
+    ):
+        assert f"fleet: {phase}" in err, err
 
 
 @pytest.mark.e2e
 def test_fleet_command_refuses_a_key_that_is_not_the_anchor(server: RunningServer, tmp_path: Path) -> None:
     key = tmp_path / "other.key"
-    write_key_file(key, SeedSigner.generate(), b"pw", cost="interactive")
+    write_key_file(key, SeedSigner.generate(), b"other passphrase", cost="interactive")
     cmd = [sys.executable, "-m", "device_sim", "fleet", "--server", server.url, "--devices", "3"]
     cmd += ["--key", str(key), "--passphrase-env", "FLEET_PASS"]
     proc = subprocess.run(
-        cmd, capture_output=True, env={**os.environ, "FLEET_PASS": "pw"}, timeout=60, check=False
+        cmd,
+        capture_output=True,
+        env={**os.environ, "FLEET_PASS": "other passphrase"},
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 2
     assert json.loads(proc.stdout)["error"] == "usage"

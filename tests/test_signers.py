@@ -39,6 +39,7 @@ from ledger.errors import (
     ShareError,
     TokenError,
     UsageError,
+    WeakPassphrase,
     WritError,
     WrongPassphrase,
 )
@@ -259,6 +260,8 @@ def test_key_file_refuses_to_overwrite(key_path: Path) -> None:
 def test_key_file_write_refusals(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="empty passphrase"):
         signers.write_key_file(tmp_path / "a", SEED, b"", cost="interactive")
+    with pytest.raises(WeakPassphrase, match="at least 8 characters"):  # counted in characters, not bytes
+        signers.write_key_file(tmp_path / "a", SEED, "pässwör".encode(), cost="interactive")
     with pytest.raises(UsageError):
         signers.write_key_file(tmp_path / "b", SEED[:31], PASS, cost="interactive")
     with pytest.raises(UsageError):

@@ -33,6 +33,7 @@ from ..errors import (
     VerificationError,
     WritError,
 )
+from ..progress import stage
 from ..records import Genesis, Grant, Reason, Revoke, Rotate
 from ..redact import redact
 from ..state import LedgerState
@@ -242,21 +243,11 @@ def cmd_audit(args: argparse.Namespace) -> dict[str, Any]:
         total = source.count() if isinstance(source, DatabaseSource) else None
         con = None if args.json else common.console()
         try:
-            if con is not None:
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-                with Progress(
-                    "[progress.description]{task.description}",
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TimeRemainingColumn(),
-                    console=con,
-                    transient=True,
-                ) as bar:
-                    task = bar.add_task("verifying", total=total)
-                    _st, report, checked = run_audit(source, anchor, progress=lambda n: bar.advance(task, n))
-            else:
+            if args.json:
                 _st, report, checked = run_audit(source, anchor)
+            else:
+                with stage("verifying the ledger", total, unit="records") as s:
+                    _st, report, checked = run_audit(source, anchor, progress=s.advance)
         except (VerificationError, CorruptLedger) as exc:
             raise _fail(exc) from None
     seconds = time.monotonic() - t0
@@ -464,8 +455,8 @@ def _print_entries(entries: list[dict[str, Any]]) -> None:
 
 
 def _source_args(p: argparse.ArgumentParser, *, anchor_required: bool) -> None:
-    p.add_argument("--server", metavar="URL", help="audit what this server serves")
-    p.add_argument("--data", metavar="DIR", help="audit a server's data directory (DIR/ledger.db, read-only)")
+    p.add_argument("--server", metavar="URL", help="read the ledger this server serves")
+    p.add_argument("--data", metavar="DIR", help="read a server's data directory (DIR/ledger.db, read-only)")
     p.add_argument(
         "--anchor",
         metavar="HEX32",
@@ -487,14 +478,14 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=cmd_audit)
 
     p = sub.add_parser("show", help="one record, decoded for humans")
-    p.add_argument("seq", type=_nat, metavar="SEQ")
+    p.add_argument("seq", type=_nat, metavar="SEQ", help="the record's seq")
     _source_args(p, anchor_required=False)
     p.set_defaults(handler=cmd_show)
 
     p = sub.add_parser("log", help="the history, decoded for humans")
     _source_args(p, anchor_required=False)
-    p.add_argument("--name", metavar="NAME")
-    p.add_argument("--role", metavar="ROLE")
+    p.add_argument("--name", metavar="NAME", help="only records about grants of this name")
+    p.add_argument("--role", metavar="ROLE", help="only records about grants of this role")
     p.add_argument("--kind", metavar="KIND", help="genesis, grant, revoke or rotate")
     p.add_argument("--limit", type=_nat, metavar="N", help="only the last N matching records")
     p.set_defaults(handler=cmd_log)

@@ -32,6 +32,7 @@ from ..crypto import Signer
 from ..encoding import MAX_RECORD, pack_records, unpack_records
 from ..errors import (
     BadMessage,
+    Declined,
     HTTPStatusError,
     RecordRejected,
     ResponseTooLarge,
@@ -39,15 +40,18 @@ from ..errors import (
     TransportError,
     UsageError,
     VerificationError,
+    WeakPassphrase,
     WritError,
     by_type,
 )
 from ..fileio import create_private, read_capped
 from ..fileio import write_atomic as write_atomic  # re-exported for the command modules
+from ..progress import stage
 from ..redact import redact
+from ..signers.file import MIN_PASSPHRASE
 from ..state import LedgerState
 from ..transport import IDENTITY, BoundedBody
-from .main import EXIT_FAILED, EXIT_USAGE, CommandFailed
+from .main import EXIT_FAILED, EXIT_USAGE, CommandFailed, hold_interrupts
 
 if TYPE_CHECKING:
     from ..mirror import Mirror, SyncResult
@@ -58,6 +62,8 @@ Cost = Literal["interactive", "moderate", "sensitive"]
 client_factory: Callable[[str], httpx.Client] | None = None
 
 PAGE = 1000
+#: a sync of fewer new records than this is quick: no progress line
+SYNC_QUIET = 2 * PAGE
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0
 CAP_NOTE = 1 << 20
@@ -166,6 +172,58 @@ def read_secret(
     return first.encode("utf-8")
 
 
+def read_new_passphrase(args: argparse.Namespace, out: object) -> bytes:
+    """The passphrase of a NEW key file: from --passphrase-env / a prompt (typed twice), or
+    generated (--generate-passphrase) and shown once on the terminal. At least
+    :data:`~ledger.signers.file.MIN_PASSPHRASE` characters."""
+    if getattr(args, "generate_passphrase", False):
+        if getattr(args, "passphrase_env", None) is not None:
+            raise UsageError("--generate-passphrase and --passphrase-env exclude each other")
+        return _generated_passphrase(out)
+    passphrase = read_secret(args.passphrase_env, f"New passphrase for {out}: ", confirm=True)
+    if len(passphrase.decode("utf-8", errors="replace")) < MIN_PASSPHRASE:
+        raise WeakPassphrase(
+            f"a key file's passphrase needs at least {MIN_PASSPHRASE} characters; or let writ make one:"
+            " --generate-passphrase (six words, shown once on the terminal)"
+        )
+    return passphrase
+
+
+#: words of a generated passphrase (from the 1024-word SLIP-39 list: 10 bits each, 60 bits in all)
+PASSPHRASE_WORDS = 6
+
+
+def generate_passphrase(words: int = PASSPHRASE_WORDS) -> str:
+    """A diceware-style passphrase: ``words`` words drawn with :mod:`secrets` from the SLIP-39
+    word list (1024 distinct words, none a prefix of another's first four letters)."""
+    import secrets
+
+    from shamir_mnemonic.wordlist import WORDLIST
+
+    return " ".join(secrets.choice(WORDLIST) for _ in range(words))
+
+
+def _generated_passphrase(out: object) -> bytes:
+    """Generate a passphrase and show it once, on the terminal only (never piped, never logged)."""
+    if not (_interactive() and stderr_is_tty()):
+        raise UsageError(
+            "--generate-passphrase shows the new passphrase once on the terminal, and there is none"
+            " here: give a passphrase through --passphrase-env VAR instead"
+        )
+    words = generate_passphrase()
+    sys.stderr.write(
+        f"The passphrase of {out} (write it down now; it is not shown again, nor stored):\n\n    {words}\n\n"
+    )
+    sys.stderr.flush()
+    try:
+        again = getpass.getpass("Type it once to confirm: ")
+    except EOFError:
+        raise UsageError("no confirmation was typed: nothing was written") from None
+    if " ".join(again.split()) != words:
+        raise UsageError("that is not the generated passphrase: nothing was written")
+    return words.encode("utf-8")
+
+
 def _flag(what: str) -> str:
     return {"passphrase": "passphrase", "PIN": "pin"}.get(what, what.split()[0])
 
@@ -191,6 +249,17 @@ def add_key_source(parser: argparse.ArgumentParser, *, key_flags: Sequence[str] 
     g.add_argument("--pin-env", metavar="VAR", help="environment variable holding the token PIN")
     g.add_argument("--pkcs11-module", metavar="PATH", help="the PKCS#11 module (default: SoftHSM2)")
     g.add_argument("--ssh-agent", metavar="FINGERPRINT", help="a key held by ssh-agent (SHA256:... or hex)")
+    add_yes(parser)
+
+
+def add_yes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-y",
+        "--yes",
+        action="store_true",
+        help="sign without asking (at a terminal, a signing command shows what it will sign and asks;"
+        " without a terminal it never asks)",
+    )
 
 
 def has_key_source(args: argparse.Namespace) -> bool:
@@ -566,14 +635,18 @@ def open_mirror(
 
 def sync_mirror(mirror: Mirror, client: Client, note: str | None = None) -> SyncResult:
     """Sync and verify; a failure here is exit 3 and nothing is signed."""
-    con = console()
     fresh = mirror.new and mirror.size == 0
+    if note is None:
+        note = client.checkpoint()
     try:
-        if con is not None:
-            with con.status("verifying the ledger…"):
-                result = mirror.sync(client, note=note)
-        else:
-            result = mirror.sync(client, note=note)
+        from ..view import checkpoint_size
+
+        missing: int | None = max(0, checkpoint_size(note) - mirror.size)
+    except WritError:
+        missing = None  # mirror.sync below records the evidence and raises
+    try:
+        with stage("verifying the ledger", missing, unit="new records", quiet_below=SYNC_QUIET) as s:
+            result = mirror.sync(client, note=note, progress=s.advance)
     except RecordRejected as exc:
         if fresh and exc.seq == 0 and exc.type in ("bad-signature", "invalid-field"):
             exc.message += (
@@ -617,21 +690,31 @@ class Pushed:
     retried: bool
 
 
-def push_intent(mirror: Mirror, client: Client, build: Builder, *, sync_first: bool = True) -> Pushed:
-    """Sync and verify, build, check on a copy, push; on a stale head re-sync and
-    re-build once (the builder re-checks that the intent still makes sense)."""
+def push_intent(
+    mirror: Mirror, client: Client, build: Builder, *, sync_first: bool = True, ask: bool = True
+) -> Pushed:
+    """Sync and verify, build, check on a copy, confirm (at a terminal, unless ``ask`` is false),
+    push; on a stale head re-sync and re-build once (the builder re-checks that the intent
+    still makes sense). A builder that returns no record has nothing to do (an idempotent
+    retry): nothing is pushed."""
     if sync_first:
         sync_mirror(mirror, client)
     for attempt in (0, 1):
         state = mirror.state
         raws = build(state, now_for(state))
+        if not raws:
+            return Pushed([], state, {"size": state.size, "root": state.root.hex()}, attempt == 1)
         new = check_on_copy(state, raws)
+        if attempt == 0 and ask:
+            confirm(state, raws, f"publish to {client.base}")
         try:
             answer = client.post_records(raws)
+            hold_interrupts()  # landed: a Ctrl-C from here on must not report a failure
         except WritError as exc:
             uncertain = exc.type == "stale-head" or isinstance(exc, TransportError)
             if uncertain and _landed(mirror, client, state.size, raws):
                 # our very records are in the ledger (an answer lost on the way back)
+                hold_interrupts()
                 say("writ: the records were appended (the server's answer was lost)")
                 return Pushed(raws, new, {"size": mirror.size, "root": mirror.state.root.hex()}, attempt == 1)
             if exc.type == "stale-head" and attempt == 0:
@@ -672,6 +755,81 @@ def _after_push(mirror: Mirror, client: Client) -> None:
             "writ: warning: the record was appended, but the mirror could not verify the new head:"
             f" {exc.message}"
         )
+
+
+# --- show what will be signed, and ask --------------------------------------------------
+
+
+def confirm(state: LedgerState, raws: list[bytes], action: str, *, ask: bool = True) -> None:
+    """At a terminal (stdin and stderr), show in plain words what these records say and ask
+    before they go anywhere; a "no" is :class:`~ledger.errors.Declined` and nothing is
+    published or written. Without a terminal it never asks (scripts run unchanged)."""
+    if not ask or not (_interactive() and stderr_is_tty()):
+        return
+    lines = describe(state, raws)
+    sys.stderr.write(f"About to sign and {action}:\n" + "".join(f"  {line}\n" for line in lines))
+    sys.stderr.write("Sign? [y/N] ")
+    sys.stderr.flush()
+    try:
+        answer = sys.stdin.readline()
+    except (EOFError, OSError):
+        answer = ""
+    if answer.strip().lower() not in ("y", "yes"):
+        raise Declined("not confirmed: nothing was signed or sent")
+
+
+def utc_iso(t: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _key(k: bytes) -> str:
+    return k.hex()[:16] + "…"
+
+
+def describe(state: LedgerState, raws: list[bytes]) -> list[str]:
+    """Plain words for records about to be signed: kind, subject, role, scope, name, the
+    validity window in UTC, and the signer (decoded from the very bytes that will be sent)."""
+    out: list[str] = []
+    st = state.copy()
+    for raw in raws:
+        body = rec.decode_unverified(raw).body
+        signer = st.root_key if not isinstance(body, rec.Genesis) else body.root
+        if isinstance(body, rec.Genesis):
+            succ = _key(body.next_root_digest) if body.next_root_digest else "none (never rotatable)"
+            out.append(f"genesis #{body.seq} of the ledger {body.origin!r}: root (anchor) {_key(body.root)}")
+            out.append(f"    committed successor digest: {succ}")
+        elif isinstance(body, rec.Grant):
+            scope = repr(body.scope) if body.scope else "everywhere"
+            start = utc_iso(body.not_before) if body.not_before else "now"
+            end = utc_iso(body.not_after) if body.not_after else "no expiry"
+            out.append(f"grant #{body.seq}: role {body.role!r} to the key {_key(body.subject)}")
+            out.append(f"    name {body.name!r}, scope {scope}, valid from {start} until {end}")
+        elif isinstance(body, rec.Revoke):
+            reason = rec.Reason.label(body.reason)
+            if isinstance(body.target, bytes):
+                what = f"the key {_key(body.target)} (every grant of it, now and later)"
+            else:
+                g = st.grants.get(body.target)
+                what = f"grant #{body.target}" + (
+                    f" ({g.name!r}, role {g.role!r}, key {_key(g.subject)})" if g else ""
+                )
+            out.append(f"revoke #{body.seq}: {what}; reason {reason}")
+            if body.signer:
+                g = st.grants.get(body.signer)
+                signer = g.subject if g else None
+        elif isinstance(body, rec.Rotate):
+            succ = _key(body.next_root_digest) if body.next_root_digest else "none (never rotatable again)"
+            out.append(f"rotate #{body.seq}: the root passes to {_key(body.new_root)}")
+            out.append(f"    its committed successor digest: {succ}")
+            signer = body.new_root
+        out.append(f"    signed by {_key(signer) if signer else '?'} at {utc_iso(body.time)}")
+        try:
+            st.apply(raw)
+        except WritError:
+            break
+    return out
 
 
 def usage_from(exc: WritError) -> NoReturn:

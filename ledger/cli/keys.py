@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 from .. import records as rec
 from ..crypto import SeedSigner, Signer, sha256
-from ..errors import UsageError, WritError
+from ..errors import Declined, MissingSuccessor, UsageError, WritError
 from ..records import Rotate
 from ..redact import redact
 from ..state import LedgerState
@@ -34,6 +35,7 @@ from .common import (
     has_key_source,
     kdf_cost,
     parse_hex,
+    read_new_passphrase,
     read_pub_json,
     read_secret,
     refuse,
@@ -81,12 +83,11 @@ def new_successor(
     sheets are kept and the error says where they are."""
     from .. import signers
 
+    _check_successor_flags(args)
     if args.shares is None:
-        if args.shares_out is not None:
-            raise UsageError("--shares-out goes with --shares K-of-N")
         say(
-            "writ: WARNING: no successor root key (give --shares K-of-N --shares-out DIR): the"
-            " next_root_digest is null, so a lost or stolen root can never be rotated away"
+            "writ: --no-successor: the next_root_digest is null, so a lost or stolen root can never be"
+            " rotated away"
         )
         yield None, []
         return
@@ -107,7 +108,10 @@ def new_successor(
     del successor
     written: list[Path] = []
     try:
-        out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise UsageError(f"cannot create the share directory {out_dir}: {exc.strerror}") from None
         for i, (p, m) in enumerate(zip(paths, mnemonics, strict=True), start=1):
             sheet = signers.share_sheet(m, i, k, n, anchor_hex or "0" * 64, digest.hex())
             write_new(p, sheet.encode("utf-8"), mode=0o600)
@@ -134,20 +138,52 @@ def new_successor(
 
 def _add_shares_out(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--shares", metavar="K-of-N", help="split the new successor key into K-of-N SLIP-39 shares"
+        "--shares",
+        metavar="K-of-N",
+        help="split the new successor key into K-of-N SLIP-39 shares (this or --no-successor is required)",
     )
     p.add_argument("--shares-out", metavar="DIR", help="where to write one share sheet per custodian (0600)")
     p.add_argument("--share-passphrase-env", metavar="VAR", help="optional SLIP-39 passphrase for the shares")
     p.add_argument(
         "--no-successor",
         action="store_true",
-        help="commit to no successor (next_root_digest null): not advised",
+        help="commit to no successor (next_root_digest null): the root can then never be rotated",
     )
 
 
 def _check_successor_flags(args: argparse.Namespace) -> None:
+    """The successor choice is explicit, and its share directory usable, before anything is written."""
+    from .. import signers
+
     if args.no_successor and args.shares is not None:
         raise UsageError("--no-successor and --shares exclude each other")
+    if not args.no_successor and args.shares is None:
+        raise MissingSuccessor(
+            "choose the successor root: --shares K-of-N --shares-out DIR (SLIP-39 sheets, advised) or"
+            " --no-successor (a root that can never be rotated); nothing was written"
+        )
+    if args.shares is None:
+        if args.shares_out is not None:
+            raise UsageError("--shares-out goes with --shares K-of-N")
+        return
+    signers.parse_threshold(args.shares)
+    if args.shares_out is None:
+        raise UsageError("--shares K-of-N needs --shares-out DIR (one sheet per custodian)")
+    _check_directory(Path(args.shares_out), "--shares-out")
+
+
+def _check_directory(path: Path, flag: str) -> None:
+    """``path`` is, or can become, a writable directory (checked before any key is made)."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "a directory" if probe == path else f"a directory ({probe} is a file)"
+        raise UsageError(f"{flag} {path} is not {what}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {probe} is not writable")
 
 
 # --- root init ------------------------------------------------------------------
@@ -162,9 +198,7 @@ def cmd_root_init(args: argparse.Namespace) -> dict[str, Any]:
     for p in (out, common.pub_json_path(out)):
         if p.exists():
             raise UsageError(f"refusing to overwrite the existing file {p}")
-    if args.shares is not None:
-        signers.parse_threshold(args.shares)
-    passphrase = read_secret(args.passphrase_env, f"New passphrase for {out}: ", confirm=True)
+    passphrase = read_new_passphrase(args, out)
     root = SeedSigner.generate()
     anchor = root.public_key
     signers.write_key_file(out, root, passphrase, cost=cost, label="writ root")
@@ -220,6 +254,7 @@ def cmd_root_recover(args: argparse.Namespace) -> dict[str, Any]:
     share_pass = b""
     if args.share_passphrase_env:
         share_pass = read_secret(args.share_passphrase_env, "", what="share passphrase")
+    new_pass = None if to_token else read_new_passphrase(args, args.out)  # a weak one: refused first
     signer = signers.recover_successor(mnemonics, share_pass, expected)  # checks the digest first
     public = signer.public_key
     if to_token:
@@ -228,8 +263,8 @@ def cmd_root_recover(args: argparse.Namespace) -> dict[str, Any]:
         where = {"pkcs11": redact(args.pkcs11), "label": args.label}  # never the PIN of a pin-value
     else:
         out = str(args.out)
-        passphrase = read_secret(args.passphrase_env, f"New passphrase for {out}: ", confirm=True)
-        signers.write_key_file(out, signer, passphrase, cost=kdf_cost(args.cost), label="writ root successor")
+        assert new_pass is not None
+        signers.write_key_file(out, signer, new_pass, cost=kdf_cost(args.cost), label="writ root successor")
         write_pub_json(
             out,
             {
@@ -319,7 +354,7 @@ def _save_recovered(
     s = succ._signer
     if not isinstance(s, SeedSigner) or args.out_key is None:
         return
-    passphrase = read_secret(args.passphrase_env, f"New passphrase for {args.out_key}: ", confirm=True)
+    passphrase = read_new_passphrase(args, args.out_key)
     signers.write_key_file(args.out_key, s, passphrase, cost=kdf_cost(args.cost), label="writ root")
     _write_root_pub(args.out_key, anchor, s.public_key, digest, args.shares)
 
@@ -410,7 +445,16 @@ def cmd_rotate(args: argparse.Namespace) -> dict[str, Any]:
         ):
             if args.successor_shares:
                 _save_recovered(args, succ, anchor, digest)
-            pushed = common.push_intent(mirror, client, rotate_builder(args, succ, digest), sync_first=False)
+            try:
+                pushed = common.push_intent(
+                    mirror, client, rotate_builder(args, succ, digest), sync_first=False, ask=not args.yes
+                )
+            except Declined:  # known not signed: the new key file of this run goes with the sheets
+                if args.successor_shares and args.out_key is not None:
+                    for p in (Path(args.out_key), common.pub_json_path(args.out_key)):
+                        with contextlib.suppress(OSError):
+                            p.unlink()
+                raise
         signer = succ.get(pending)
         if args.key is not None:
             _write_root_pub(args.key, anchor, signer.public_key, digest, args.shares)
@@ -436,7 +480,7 @@ def cmd_key_init(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"refusing to overwrite the existing file {out}")
     if args.role is not None and not rec.ROLE_PATTERN.fullmatch(args.role):
         raise UsageError("--role must match ^[a-z][a-z0-9-]{0,31}$")
-    passphrase = read_secret(args.passphrase_env, f"New passphrase for {out}: ", confirm=True)
+    passphrase = read_new_passphrase(args, out)
     signer = SeedSigner.generate()
     label = f"writ {args.role} key" if args.role else "writ key"
     signers.write_key_file(out, signer, passphrase, cost=kdf_cost(args.cost), label=label)
@@ -477,42 +521,27 @@ def cmd_key_import_token(args: argparse.Namespace) -> dict[str, Any]:
 # --- registration -------------------------------------------------------------------
 
 
-def register(sub: Any) -> None:
-    root = sub.add_parser("root", help="the root key: init, recover")
-    rs = root.add_subparsers(dest="root_command", metavar="COMMAND")
-    common.needs_subcommand(root, "init, recover")
+_COSTS = ("interactive", "moderate", "sensitive")
+_COST_HELP = "argon2id cost of the new key file (default: $WRIT_KDF_COST, else moderate)"
 
-    p = rs.add_parser("init", help="generate the root key and its successor (as SLIP-39 shares)")
-    p.add_argument("--out", required=True, metavar="FILE", help="the new root key file (0600)")
-    p.add_argument("--passphrase-env", metavar="VAR", help="environment variable holding the new passphrase")
-    p.add_argument(
-        "--cost", choices=("interactive", "moderate", "sensitive"), help="argon2id cost (default moderate)"
-    )
-    _add_shares_out(p)
-    p.set_defaults(handler=cmd_root_init)
 
-    p = rs.add_parser("recover", help="rebuild the successor root key from k share sheets")
+def _add_new_passphrase(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--shares", nargs="+", required=True, metavar="FILE", help="share sheets (or files of words)"
+        "--passphrase-env",
+        metavar="VAR",
+        help="environment variable holding the new key file's passphrase (at least 8 characters;"
+        " default: ask twice at the terminal)",
     )
-    p.add_argument("--expect-digest", required=True, metavar="HEX", help="the committed next_root_digest")
-    p.add_argument("--out", metavar="FILE", help="write the recovered key to this new key file")
-    p.add_argument("--passphrase-env", metavar="VAR", help="passphrase for the new key file")
     p.add_argument(
-        "--share-passphrase-env", metavar="VAR", help="the SLIP-39 passphrase, if the shares have one"
+        "--generate-passphrase",
+        action="store_true",
+        help="make a six-word passphrase and show it once on the terminal (never stored or logged)",
     )
-    p.add_argument("--anchor", metavar="HEX", help="the ledger's anchor (recorded in FILE.pub.json)")
-    p.add_argument("--cost", choices=("interactive", "moderate", "sensitive"))
-    p.add_argument("--pkcs11", metavar="URI", help="import the recovered key to this token instead of a file")
-    p.add_argument("--pin-env", metavar="VAR")
-    p.add_argument("--pkcs11-module", metavar="PATH")
-    p.add_argument("--label", metavar="NAME", help="the token object's label")
-    p.set_defaults(handler=cmd_root_recover)
+    p.add_argument("--cost", choices=_COSTS, help=_COST_HELP)
 
-    p = sub.add_parser("rotate", help="hand the root to its committed successor (and commit to a new one)")
-    p.add_argument("--server", required=True, metavar="URL")
-    p.add_argument("--anchor", metavar="HEX", help="the ledger's anchor (default: FILE.pub.json, the mirror)")
-    p.add_argument("--mirror", metavar="DIR", help="the verified mirror directory")
+
+def add_successor_source(p: argparse.ArgumentParser) -> None:
+    """Where the committed successor comes from (rotate, sign rotate): a key source or k sheets."""
     add_key_source(p, key_flags=("--successor-key", "--key"))
     p.add_argument(
         "--successor-shares", nargs="+", metavar="FILE", help="rebuild the successor from k sheets"
@@ -523,14 +552,52 @@ def register(sub: Any) -> None:
         metavar="VAR",
         help="SLIP-39 passphrase of the successor's shares",
     )
+
+
+def register(sub: Any) -> None:
+    root = sub.add_parser("root", help="the root key: init, recover")
+    rs = root.add_subparsers(dest="root_command", metavar="COMMAND")
+    common.needs_subcommand(root, "init, recover")
+
+    p = rs.add_parser("init", help="generate the root key and its successor (as SLIP-39 shares)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the new root key file (0600)")
+    _add_new_passphrase(p)
+    _add_shares_out(p)
+    p.set_defaults(handler=cmd_root_init)
+
+    p = rs.add_parser("recover", help="rebuild the successor root key from k share sheets")
+    p.add_argument(
+        "--shares", nargs="+", required=True, metavar="FILE", help="share sheets (or files of words)"
+    )
+    p.add_argument("--expect-digest", required=True, metavar="HEX32", help="the committed next_root_digest")
+    p.add_argument("--out", metavar="FILE", help="write the recovered key to this new key file")
+    _add_new_passphrase(p)
+    p.add_argument(
+        "--share-passphrase-env", metavar="VAR", help="the SLIP-39 passphrase, if the shares have one"
+    )
+    p.add_argument("--anchor", metavar="HEX32", help="the ledger's anchor (recorded in FILE.pub.json)")
+    p.add_argument("--pkcs11", metavar="URI", help="import the recovered key to this token instead of a file")
+    p.add_argument("--pin-env", metavar="VAR", help="environment variable holding the token PIN")
+    p.add_argument("--pkcs11-module", metavar="PATH", help="the PKCS#11 module (default: SoftHSM2)")
+    p.add_argument("--label", metavar="NAME", help="the token object's label")
+    p.set_defaults(handler=cmd_root_recover)
+
+    p = sub.add_parser("rotate", help="hand the root to its committed successor (and commit to a new one)")
+    p.add_argument("--server", required=True, metavar="URL", help="the ledger server")
+    p.add_argument(
+        "--anchor", metavar="HEX32", help="the ledger's anchor (default: $WRIT_ANCHOR, FILE.pub.json)"
+    )
+    p.add_argument("--mirror", metavar="DIR", help="the verified mirror directory (default under $WRIT_HOME)")
+    add_successor_source(p)
     p.add_argument(
         "--out",
         "--new-key-out",
         dest="out_key",
         metavar="FILE",
-        help="with --successor-shares: keep the new root in this new key file",
+        help="with --successor-shares: keep the new root in this new key file (its passphrase from"
+        " --passphrase-env)",
     )
-    p.add_argument("--cost", choices=("interactive", "moderate", "sensitive"))
+    p.add_argument("--cost", choices=_COSTS, help=_COST_HELP)
     _add_shares_out(p)
     p.set_defaults(handler=cmd_rotate)
 
@@ -538,20 +605,21 @@ def register(sub: Any) -> None:
     ks = key.add_subparsers(dest="key_command", metavar="COMMAND")
     common.needs_subcommand(key, "init, public, import-token")
     p = ks.add_parser("init", help="generate a key file (a revoker, an operator...)")
-    p.add_argument("--out", required=True, metavar="FILE")
-    p.add_argument("--passphrase-env", metavar="VAR")
+    p.add_argument("--out", required=True, metavar="FILE", help="the new key file (0600)")
+    _add_new_passphrase(p)
     p.add_argument("--role", metavar="ROLE", help="what the key is for (recorded in its label)")
     p.add_argument("--anchor", metavar="HEX32", help="the ledger's anchor, kept in FILE.pub.json for later")
-    p.add_argument("--cost", choices=("interactive", "moderate", "sensitive"))
     p.set_defaults(handler=cmd_key_init)
     p = ks.add_parser("public", help="print a key file's public key (no passphrase needed)")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the key file")
     p.set_defaults(handler=cmd_key_public)
     p = ks.add_parser("import-token", help="put a key file's key on a PKCS#11 token (non-extractable)")
-    p.add_argument("--key", required=True, metavar="FILE")
-    p.add_argument("--passphrase-env", metavar="VAR")
+    p.add_argument("--key", required=True, metavar="FILE", help="the key file to import")
+    p.add_argument(
+        "--passphrase-env", metavar="VAR", help="environment variable holding the key file's passphrase"
+    )
     p.add_argument("--pkcs11", required=True, metavar="URI", help="the token, e.g. pkcs11:token=writ")
-    p.add_argument("--pin-env", metavar="VAR")
-    p.add_argument("--pkcs11-module", metavar="PATH")
-    p.add_argument("--label", required=True, metavar="NAME")
+    p.add_argument("--pin-env", metavar="VAR", help="environment variable holding the token PIN")
+    p.add_argument("--pkcs11-module", metavar="PATH", help="the PKCS#11 module (default: SoftHSM2)")
+    p.add_argument("--label", required=True, metavar="NAME", help="the token object's label")
     p.set_defaults(handler=cmd_key_import_token)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, cast
 
@@ -62,10 +64,63 @@ class CommandFailed(WritError):
         self.code = code
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help with every default shown (``(default: ...)``), but no ``(default: None)`` noise."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+        self.register("action", "parsers", _Commands)
+
     def error(self, message: str) -> NoReturn:
         # argparse quotes the offending arguments: a URI with a PIN must not come back
         raise UsageError(redact(f"{self.prog}: {message}"))
+
+
+class _Commands(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """Sub-commands whose own ``--help`` starts with their one-line help (each its own description)."""
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        if "description" not in kwargs and kwargs.get("help"):
+            text = str(kwargs["help"])
+            kwargs["description"] = text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+        return cast(argparse.ArgumentParser, super().add_parser(name, **kwargs))
+
+
+def version() -> str:
+    """This installation's version, from the package metadata."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("writ")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+class _Version(argparse.Action):
+    """``writ --version``: plain text on stdout (not JSON), exit 0."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> NoReturn:
+        raise _VersionShown
+
+
+class _VersionShown(Exception):
+    pass
+
+
+def hold_interrupts() -> None:
+    """The command has landed (an append went through, or its answer is printed): from here on
+    Ctrl-C cannot turn a success into exit 130. Ignores SIGINT; :func:`run` restores it."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def exit_code(exc: WritError) -> int:
@@ -93,6 +148,7 @@ def build_parser(groups: Sequence[Registrar]) -> argparse.ArgumentParser:
         epilog=exit_codes_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     sub = cast(
         "argparse._SubParsersAction[argparse.ArgumentParser]",
         parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser),
@@ -102,8 +158,14 @@ def build_parser(groups: Sequence[Registrar]) -> argparse.ArgumentParser:
     return parser
 
 
-def run(argv: Sequence[str] | None = None, *, groups: Sequence[Registrar]) -> int:
-    """Parse ``argv`` with ``groups``, run the command, print its JSON; the exit code."""
+def run(
+    argv: Sequence[str] | None = None, *, groups: Sequence[Registrar], restore_signals: bool = True
+) -> int:
+    """Parse ``argv`` with ``groups``, run the command, print its JSON; the exit code.
+    SIGINT's handler is restored on return unless ``restore_signals`` is false (the
+    process is about to exit: keep a landed command's 0)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         parser = build_parser(groups)
         args = parser.parse_args(argv)
@@ -111,17 +173,27 @@ def run(argv: Sequence[str] | None = None, *, groups: Sequence[Registrar]) -> in
         if handler is None:
             parser.print_help(sys.stderr)
             raise UsageError("a command is required (see writ --help)")
-        emit(handler(args))
+        out = handler(args)
+        hold_interrupts()  # done: a Ctrl-C now must not turn the printed success into 130
+        emit(out)
+        return EXIT_OK
+    except _VersionShown:
+        sys.stdout.write(f"writ {version()}\n")
+        sys.stdout.flush()
         return EXIT_OK
     except CommandFailed as exc:
         emit(redact_fields(exc.payload))
         return exc.code
     except WritError as exc:
         emit(redact_fields(exc.to_json()))
-        sys.stderr.write(f"writ: {redact(exc.message)}\n")
+        message = exc.message if exc.message.startswith(("writ:", "writ ")) else f"writ: {exc.message}"
+        sys.stderr.write(redact(message) + "\n")
         return exit_code(exc)
     except KeyboardInterrupt as exc:  # Ctrl-C, or a command's own stop signal (the demo's SIGTERM)
         how = f" by {exc.args[0]}" if exc.args and isinstance(exc.args[0], str) else ""
         emit(Interrupted(f"interrupted{how}").to_json())
         sys.stderr.write(f"writ: interrupted{how}\n")
         return EXIT_INTERRUPTED
+    finally:
+        if restore_signals and previous is not None:
+            signal.signal(signal.SIGINT, previous)

@@ -79,11 +79,20 @@ def cmd_receipts_import(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("receipts", help="device receipts carried from offline sites: import")
+    p = sub.add_parser(
+        "receipts",
+        help="device receipts carried from offline sites: import",
+        description="Carry the signed receipts of devices synced from a bundle (USB) to the server.",
+    )
     rs = p.add_subparsers(dest="receipts_command", metavar="COMMAND")
     common.needs_subcommand(p, "import")
-    i = rs.add_parser("import", help="post receipt files (written by devices synced from a bundle)")
-    i.add_argument("--server", required=True, metavar="URL")
+    i = rs.add_parser(
+        "import",
+        help="post receipt files (written by devices synced from a bundle)",
+        description="Post each receipt file (written beside a bundle by `device sync --bundle`) to "
+        "POST /v1/receipts, so the integrator sees how far a revocation spread at USB-only sites.",
+    )
+    i.add_argument("--server", required=True, metavar="URL", help="the ledger server's base URL")
     i.add_argument(
         "files", nargs="+", metavar="FILE", help="receipt files (the signed receipt message bytes)"
     )

@@ -23,7 +23,7 @@ from typing import Any
 from .. import messages
 from .. import records as rec
 from ..crypto import Signer
-from ..errors import UsageError, WritError
+from ..errors import BadValidity, UnknownRole, UsageError, WritError
 from ..records import EMPTY_HASH, Genesis, Grant, Reason, Revoke
 from ..state import GrantInfo, LedgerState
 from ..views import credential
@@ -38,7 +38,7 @@ from .common import (
     refuse,
     say,
 )
-from .main import EXIT_FAILED, EXIT_USAGE
+from .main import EXIT_FAILED, EXIT_USAGE, hold_interrupts
 
 # --- helpers --------------------------------------------------------------------
 
@@ -64,13 +64,75 @@ def credential_json(state: LedgerState, g: GrantInfo, now: int) -> dict[str, Any
 
 
 def _is_active(state: LedgerState, g: GrantInfo) -> bool:
-    return not state.is_revoked(g.seq) and not state.key_revoked(g.subject)
+    return not state.is_withdrawn(g.seq)
+
+
+# --- what a grant may say (refused before anything is signed) ------------------------
+
+#: the furthest ahead a validity bound may be: more is a millisecond timestamp, or a typo
+MAX_VALIDITY_AHEAD = 100 * 366 * 86400
+
+
+def check_role(role: str, custom: bool) -> None:
+    """A role outside the protocol's list is a misspelling unless ``--custom-role`` says otherwise."""
+    if custom or role in rec.PROTOCOL_ROLES or not rec.ROLE_PATTERN.fullmatch(role):
+        return  # a malformed role is the rules' invalid-field, when the record is built
+    import difflib
+
+    close = difflib.get_close_matches(role, sorted(rec.PROTOCOL_ROLES), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise UnknownRole(
+        f"unknown role {role!r}{hint}: the protocol's roles are {', '.join(sorted(rec.PROTOCOL_ROLES))};"
+        " give --custom-role to grant a role of your own; nothing was signed",
+        role=role,
+    )
+
+
+def check_validity(not_before: int, not_after: int, now: int) -> None:
+    """Refuse a validity window nobody means: a not_after in the past, a bound more than 100
+    years ahead (a millisecond timestamp), not_after at or before not_before."""
+    iso = common.utc_iso
+    for flag, t in (("--not-before", not_before), ("--not-after", not_after)):
+        if t > now + MAX_VALIDITY_AHEAD:
+            raise BadValidity(
+                f"{flag} {t} is more than 100 years ahead: a UNIX time in seconds is wanted"
+                f" ({t // 1000} if that was milliseconds); nothing was signed"
+            )
+    if not_after and not_after <= now:
+        raise BadValidity(
+            f"--not-after {not_after} ({iso(not_after)}) is in the past: the grant would never be valid;"
+            " nothing was signed"
+        )
+    if not_after and not_after <= not_before:
+        raise BadValidity(
+            f"--not-after {iso(not_after)} is not after --not-before {iso(not_before)}: the grant would"
+            " never be valid; nothing was signed"
+        )
+
+
+def _check_grant_fields(args: argparse.Namespace) -> None:
+    check_role(args.role, args.custom_role)
+    check_validity(args.not_before or 0, args.not_after or 0, int(time.time()))
+
+
+def existing_grant(
+    state: LedgerState, subject: bytes, role: str, scope: str, name: str, nb: int, na: int, now: int
+) -> GrantInfo | None:
+    """The unexpired, unwithdrawn grant saying exactly this, if one is in the ledger (a retry)."""
+    for g in sorted(state.grants_of(subject), key=lambda g: g.seq):
+        if (g.role, g.scope, g.name, g.not_before, g.not_after) != (role, scope, name, nb, na):
+            continue
+        if not state.is_withdrawn(g.seq) and (g.not_after == 0 or now < g.not_after):
+            return g
+    return None
 
 
 # --- intents (builders) -----------------------------------------------------------
 
 
-def grant_builder(args: argparse.Namespace, signer: Signer) -> Builder:
+def grant_builder(args: argparse.Namespace, signer: Signer, found: list[int] | None = None) -> Builder:
+    """The grant; when the very same grant is already in force, no record (its seq goes to
+    ``found``): a retried grant appends nothing."""
     subject, name = _grant_subject(args)
     role, scope = args.role, args.scope or ""
     nb, na = args.not_before or 0, args.not_after or 0
@@ -78,6 +140,13 @@ def grant_builder(args: argparse.Namespace, signer: Signer) -> Builder:
 
     def build(state: LedgerState, now: int) -> list[bytes]:
         _root_only(state, signer, "grant")
+        check_role(role, args.custom_role)
+        check_validity(nb, na, now)
+        retry = existing_grant(state, subject, role, scope, name, nb, na, now)
+        if retry is not None:
+            if found is not None:
+                found.append(retry.seq)
+            return []
         if not warned:
             same = [g for g in state.grants_named(name) if _is_active(state, g)]
             if same:
@@ -93,6 +162,7 @@ def grant_builder(args: argparse.Namespace, signer: Signer) -> Builder:
 
 
 def _grant_subject(args: argparse.Namespace) -> tuple[bytes, str]:
+    """The subject key and name of a grant, from whichever subject source the arguments give."""
     if (args.subject is None) == (args.request is None):
         raise UsageError("give exactly one of --subject HEX32 and --request ENROLL_FILE")
     if args.request is not None:
@@ -197,6 +267,7 @@ def _revoke_signer(state: LedgerState, signer: Signer, now: int, *, revoker: boo
 def _online(
     args: argparse.Namespace, make: Callable[[Signer], Builder], *, revoker: bool = False
 ) -> common.Pushed:
+    """Open the key and the verified mirror, then sign, confirm and push the intent."""
     with contextlib.ExitStack() as stack:
         client = stack.enter_context(Client(args.server))
         signer = stack.enter_context(common.open_key(args))
@@ -206,13 +277,25 @@ def _online(
         )
         stack.enter_context(mirror)
         common.sync_mirror(mirror, client, note)
-        return common.push_intent(mirror, client, make(signer), sync_first=False)
+        return common.push_intent(mirror, client, make(signer), sync_first=False, ask=not args.yes)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 def cmd_grant(args: argparse.Namespace) -> dict[str, Any]:
-    _grant_subject(args)  # usage errors before any prompt or network
-    pushed = _online(args, lambda s: grant_builder(args, s))
+    subject, name = _grant_subject(args)  # usage errors before any prompt or network
+    _check_grant_fields(args)
+    found: list[int] = []
+    pushed = _online(args, lambda s: grant_builder(args, s, found))
+    if not pushed.records:
+        say(f"writ: this grant is already in force (seq {found[-1]}): nothing appended")
+        return {
+            "seq": found[-1],
+            "name": name,
+            "role": args.role,
+            "subject": subject.hex(),
+            "size": pushed.state.size,
+            "existing": True,
+        }
     body = rec.decode_unverified(pushed.records[-1]).body
     assert isinstance(body, Grant)
     return {
@@ -299,7 +382,7 @@ def cmd_genesis(args: argparse.Namespace) -> dict[str, Any]:
                 size=mirror.state.size,
             )
         build = genesis_builder(origin, digest, log_key, signer)
-        pushed = common.push_intent(mirror, client, build, sync_first=False)
+        pushed = common.push_intent(mirror, client, build, sync_first=False, ask=not args.yes)
         say(f"writ: log key granted: {log_key.hex()} (compare it with what `writ server init` printed)")
         return {
             "seq": _last_seq(pushed.records),
@@ -348,6 +431,7 @@ def _sign_genesis_offline(args: argparse.Namespace) -> dict[str, Any]:
         state = LedgerState(signer.public_key, origin=origin)
         raws = genesis_builder(origin, digest, log_key, signer)(state, common.now_for(state))
         check_on_copy(state, raws)
+        common.confirm(state, raws, f"write to {args.out}", ask=not args.yes)
         common.write_records_file(args.out, raws)
         _carry_hint(args.out)
         return {
@@ -409,6 +493,7 @@ def cmd_push(args: argparse.Namespace) -> dict[str, Any]:
         new = check_on_copy(state, raws)
         try:
             answer = client.post_records(raws)
+            hold_interrupts()  # landed: Ctrl-C from here on cannot turn it into a failure
         except WritError as exc:
             if exc.type == "stale-head":
                 refuse(
@@ -606,6 +691,7 @@ def cmd_sign(args: argparse.Namespace) -> dict[str, Any]:
     revoker = False
     if kind == "grant":
         _grant_subject(args)
+        _check_grant_fields(args)
     elif kind == "revoke":
         revoker = _revoker_args(args)
         revoke_builder(args, _NoSigner(), revoker=revoker)
@@ -651,17 +737,23 @@ def cmd_sign(args: argparse.Namespace) -> dict[str, Any]:
                     keys._save_recovered(args, succ, mirror.anchor, digest)
                 raws = keys.rotate_builder(args, succ, digest)(state, common.now_for(state))
                 check_on_copy(state, raws)
+                common.confirm(state, raws, f"write to {args.out}", ask=not args.yes)
                 common.write_records_file(args.out, batch + raws)
             extra = {"next_root_digest": digest.hex() if digest else None, "shares": sheets}
         else:
             signer = stack.enter_context(common.open_key(args))
+            found: list[int] = []
             build = (
-                grant_builder(args, signer)
+                grant_builder(args, signer, found)
                 if kind == "grant"
                 else revoke_builder(args, signer, revoker=revoker)
             )
             raws = build(state, common.now_for(state))
+            if not raws:
+                say(f"writ: this grant is already in force (seq {found[-1]}): nothing written")
+                return {"seq": found[-1], "out": args.out, "records": len(batch), "existing": True}
             check_on_copy(state, raws)
+            common.confirm(state, raws, f"write to {args.out}", ask=not args.yes)
             common.write_records_file(args.out, batch + raws)
         _carry_hint(args.out)
         return {"seq": _last_seq(raws), "out": args.out, "records": len(batch) + len(raws), **extra}
@@ -677,14 +769,32 @@ def _add_grant_args(p: argparse.ArgumentParser) -> None:
         "--request", metavar="ENROLL_FILE", help="a device's enrollment request (proof of possession)"
     )
     p.add_argument(
-        "--role", required=True, metavar="ROLE", help="device, operator, revoker, log, witness, ..."
+        "--role",
+        required=True,
+        metavar="ROLE",
+        help="one of " + ", ".join(sorted(rec.PROTOCOL_ROLES)) + " (others need --custom-role)",
+    )
+    p.add_argument(
+        "--custom-role",
+        action="store_true",
+        help="ROLE is deliberately outside the protocol's list (else it is refused as a misspelling)",
     )
     p.add_argument("--name", metavar="NAME", help="a label such as tablet-07 (default: the request's)")
     p.add_argument(
         "--scope", default="", metavar="S", help="'' (everywhere), or a site path like plant-7/line-3"
     )
-    p.add_argument("--not-before", type=_uint, metavar="UNIX")
-    p.add_argument("--not-after", type=_uint, metavar="UNIX", help="0 or absent: no expiry")
+    p.add_argument(
+        "--not-before",
+        type=_uint,
+        metavar="UNIX",
+        help="valid from this UNIX time in seconds (0 or absent: at once)",
+    )
+    p.add_argument(
+        "--not-after",
+        type=_uint,
+        metavar="UNIX",
+        help="valid until this UNIX time in seconds, in the future (0 or absent: no expiry)",
+    )
 
 
 def _add_revoke_args(p: argparse.ArgumentParser) -> None:
@@ -706,17 +816,19 @@ def _uint(text: str) -> int:
     return int(text)
 
 
+_ANCHOR_HELP = "the ledger's anchor (default: $WRIT_ANCHOR, FILE.pub.json)"
+_MIRROR_HELP = "the verified mirror directory (default under $WRIT_HOME)"
+
+
 def _add_server(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     p.add_argument("--server", required=required, metavar="URL", help="the ledger server")
-    p.add_argument(
-        "--anchor", metavar="HEX32", help="the ledger's anchor (default: $WRIT_ANCHOR, FILE.pub.json)"
-    )
-    p.add_argument("--mirror", metavar="DIR", help="the verified mirror directory (default under $WRIT_HOME)")
+    p.add_argument("--anchor", metavar="HEX32", help=_ANCHOR_HELP)
+    p.add_argument("--mirror", metavar="DIR", help=_MIRROR_HELP)
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("genesis", help="open the ledger: the genesis and the grant of the log key")
-    p.add_argument("--origin", required=True, metavar="ORIGIN")
+    p.add_argument("--origin", required=True, metavar="ORIGIN", help="the ledger's origin (as the server's)")
     p.add_argument(
         "--log-key", metavar="HEX32", help="the log's public key (default: what the server reports)"
     )
@@ -738,12 +850,12 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=cmd_revoke)
 
     p = sub.add_parser("push", help="push pre-signed records (a MessagePack array file)")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the records file (from writ sign)")
     _add_server(p)
     p.set_defaults(handler=cmd_push)
 
     p = sub.add_parser("status", help="a credential, its revocation, and how far it has spread")
-    p.add_argument("query", metavar="NAME|SEQ")
+    p.add_argument("query", metavar="NAME|SEQ", help="a grant's name, seq or subject key (hex)")
     _add_server(p)
     p.set_defaults(handler=cmd_status)
 
@@ -752,20 +864,20 @@ def register(sub: Any) -> None:
     common.needs_subcommand(p, "export")
     e = bs.add_parser("export", help="write a verified bundle (records + checkpoint)")
     _add_server(e)
-    e.add_argument("--start", type=_uint, default=0, metavar="N")
-    e.add_argument("--out", required=True, metavar="FILE")
+    e.add_argument("--start", type=_uint, default=0, metavar="N", help="the first record to include")
+    e.add_argument("--out", required=True, metavar="FILE", help="the bundle file to write")
     e.set_defaults(handler=cmd_bundle_export)
 
     p = sub.add_parser("mirror", help="offline mirrors")
     ms = p.add_subparsers(dest="mirror_command", metavar="COMMAND")
     common.needs_subcommand(p, "import, status")
     i = ms.add_parser("import", help="build or extend an offline mirror from a bundle, fully verified")
-    i.add_argument("bundle", metavar="BUNDLE")
-    i.add_argument("--anchor", metavar="HEX32")
-    i.add_argument("--mirror", required=True, metavar="DIR")
+    i.add_argument("bundle", metavar="BUNDLE", help="the bundle file (from writ bundle export)")
+    i.add_argument("--anchor", metavar="HEX32", help=_ANCHOR_HELP)
+    i.add_argument("--mirror", required=True, metavar="DIR", help="the offline mirror directory")
     i.set_defaults(handler=cmd_mirror_import)
     s = ms.add_parser("status", help="what a mirror holds")
-    s.add_argument("--mirror", required=True, metavar="DIR")
+    s.add_argument("--mirror", required=True, metavar="DIR", help="the offline mirror directory")
     s.set_defaults(handler=cmd_mirror_status)
 
     p = sub.add_parser("sign", help="sign records into a file without pushing (air-gapped: --offline)")
@@ -773,17 +885,24 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--server", metavar="URL", help="sync from this server first (and still only write the file)"
     )
-    p.add_argument("--anchor", metavar="HEX32")
-    p.add_argument("--mirror", metavar="DIR")
+    p.add_argument("--anchor", metavar="HEX32", help=_ANCHOR_HELP)
+    p.add_argument("--mirror", metavar="DIR", help=_MIRROR_HELP)
     p.add_argument("--out", metavar="FILE", help="the records file (extended if it exists)")
     ss = p.add_subparsers(dest="sign_kind", metavar="KIND")
     late = argparse.ArgumentParser(add_help=False)
-    late.add_argument("--out", default=argparse.SUPPRESS, metavar="FILE")
-    late.add_argument("--mirror", default=argparse.SUPPRESS, metavar="DIR")
-    late.add_argument("--anchor", default=argparse.SUPPRESS, metavar="HEX32")
-    late.add_argument("--offline", action="store_true", default=argparse.SUPPRESS)
+    late.add_argument(
+        "--out", default=argparse.SUPPRESS, metavar="FILE", help="the records file (extended if it exists)"
+    )
+    late.add_argument("--mirror", default=argparse.SUPPRESS, metavar="DIR", help=_MIRROR_HELP)
+    late.add_argument("--anchor", default=argparse.SUPPRESS, metavar="HEX32", help=_ANCHOR_HELP)
+    late.add_argument(
+        "--offline",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="sign on top of --mirror DIR, no network",
+    )
     gen = ss.add_parser("genesis", parents=[late], help="sign the genesis and the log grant (offline)")
-    gen.add_argument("--origin", required=True, metavar="ORIGIN")
+    gen.add_argument("--origin", required=True, metavar="ORIGIN", help="the ledger's origin")
     gen.add_argument("--log-key", required=True, metavar="HEX32", help="what `writ server init` printed")
     gen.add_argument("--next-root-digest", metavar="HEX32", help="override FILE.pub.json's successor digest")
     add_key_source(gen)
@@ -794,10 +913,8 @@ def register(sub: Any) -> None:
     _add_revoke_args(r)
     add_key_source(r)
     t = ss.add_parser("rotate", parents=[late], help="sign a rotate with the successor")
-    add_key_source(t, key_flags=("--successor-key", "--key"))
-    t.add_argument("--successor-shares", nargs="+", metavar="FILE")
-    t.add_argument("--successor-share-passphrase-env", dest="share_passphrase_env_old", metavar="VAR")
-    t.add_argument("--cost", choices=("interactive", "moderate", "sensitive"))
+    keys.add_successor_source(t)
+    t.add_argument("--cost", choices=keys._COSTS, help=keys._COST_HELP)
     t.add_argument(
         "--new-key-out",
         dest="out_key",

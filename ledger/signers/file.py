@@ -36,13 +36,15 @@ import nacl.secret
 import nacl.utils
 
 from ..crypto import PUBLIC_KEY_SIZE, SEED_SIZE, SeedSigner
-from ..errors import BadKeyFile, UsageError, WrongPassphrase
+from ..errors import BadKeyFile, UsageError, WeakPassphrase, WrongPassphrase
 from ..fileio import create_private
 
 FORMAT: Final = "writ-key/v1"
 KDF: Final = "argon2id13"
 MAX_FILE_SIZE: Final = 64 * 1024
 MAX_LABEL_LENGTH: Final = 256
+#: the shortest passphrase a NEW key file accepts, in characters (existing files still open)
+MIN_PASSPHRASE: Final = 8
 
 Cost = Literal["interactive", "moderate", "sensitive"]
 
@@ -124,7 +126,8 @@ def write_key_file(
     """Seal a key under ``passphrase`` into a new 0600 file at ``path``; return its public key.
 
     Refuses an existing path (:class:`UsageError`), an empty passphrase
-    (:class:`UsageError`) and an unknown ``cost``.
+    (:class:`UsageError`), one shorter than :data:`MIN_PASSPHRASE` characters
+    (:class:`WeakPassphrase`) and an unknown ``cost``.
     """
 
     seed = signer_or_seed.seed() if isinstance(signer_or_seed, SeedSigner) else signer_or_seed
@@ -132,6 +135,8 @@ def write_key_file(
         raise UsageError("an Ed25519 seed is 32 bytes")
     if not isinstance(passphrase, bytes) or not passphrase:
         raise UsageError("refusing an empty passphrase for a key file")
+    if len(passphrase.decode("utf-8", errors="replace")) < MIN_PASSPHRASE:
+        raise WeakPassphrase(f"a key file's passphrase needs at least {MIN_PASSPHRASE} characters")
     if cost not in COSTS:
         raise UsageError(f"unknown key file cost {cost!r}: one of {', '.join(COSTS)}")
     try:
