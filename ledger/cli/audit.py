@@ -222,7 +222,7 @@ def run_audit(
         if note is not None and st.origin is None and cp_size:
             raise Rollback(f"the checkpoint names {cp_size} records but no genesis was served")
         if note is not None and st.origin is not None:
-            vc = core_audit.check_checkpoint(st, note)
+            vc = core_audit.check_checkpoint(st, note, now=int(time.time()))
         if not isinstance(source, ServerSource):
             # a database may hold records appended after its last signed checkpoint
             st, _ = core_audit.audit(
