@@ -21,9 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from starlette.applications import Starlette
 
-from api.service import LedgerService
 from device_sim.device import Device
 from device_sim.sources import HttpSource, sync
 from ledger import audit, encoding, messages, notes, records
@@ -34,26 +32,13 @@ from ledger.state import LedgerState
 from ledger.tree import leaf_hash, mth
 from tests.device_fixtures import T0, FakeLog, World, signer
 from tests.helpers.server import BASE_URL, Mirror, inprocess_server
+from tests.test_reliability_time import Clock, service
 
 T = T0 + 5000  # the true time
 CENTURY = 100 * 365 * 86400
 ORIGIN = "ledger.test.example/story"
 MSGPACK = {"content-type": "application/msgpack"}
 THIEF = "http://thief.test"
-
-
-class Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def service(app: Starlette) -> LedgerService:
-    svc = app.state.service
-    assert isinstance(svc, LedgerService)
-    return svc
 
 
 async def post(c: httpx.AsyncClient, raws: Sequence[bytes]) -> None:
