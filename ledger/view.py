@@ -169,8 +169,10 @@ class AcceptedView:
         return view
 
     def to_list(self) -> list[Any]:
-        """The MessagePack-ready form a device stores (:meth:`from_list` reads it back)."""
-        return [self.size, self.root, self.timestamp, self.note, [w.to_list() for w in self.witnesses]]
+        """The MessagePack-ready form a device stores (:meth:`from_list` reads it back);
+        the witness stamps are flattened (key, timestamp, size, key, ...) to keep it two levels deep."""
+        flat = [x for w in self.witnesses for x in w.to_list()]
+        return [self.size, self.root, self.timestamp, self.note, flat]
 
     @classmethod
     def from_list(cls, f: Any) -> AcceptedView:
@@ -186,7 +188,12 @@ class AcceptedView:
             or type(f[3]) is not str
         ):
             raise BadMessage("damaged accepted view")
-        return cls(f[0], f[1], f[2], f[3], _stamps_from(f[4]) if len(f) == 5 else ())
+        wits: tuple[WitnessStamp, ...] = ()
+        if len(f) == 5:
+            if type(f[4]) is not list or len(f[4]) % 3:
+                raise BadMessage("damaged accepted view")
+            wits = _stamps_from([f[4][i : i + 3] for i in range(0, len(f[4]), 3)])
+        return cls(f[0], f[1], f[2], f[3], wits)
 
 
 def checkpoint_size(note: str | bytes) -> int:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from device_sim.device import Device
 from ledger import notes
 from ledger.credential import Freshness
 from ledger.crypto import SeedSigner
@@ -454,3 +456,64 @@ def test_evidence_clips_bad_data() -> None:
         Evidence.from_json({"kind": 1, "detail": "", "observed_at": 0})
     with pytest.raises(BadMessage):
         Evidence.from_json([])
+
+
+def test_view_with_witness_stamps_survives_a_device_restart(tmp_path: Path) -> None:
+    w, wits = _witness_world(2)
+    dev = Device.create(w.root.public_key, w.origin, directory=tmp_path / "d", now=NOW, require_witnesses=2)
+    note = _cosigned(w, NOW, [(0, wits[0], NOW - 1), (1, wits[1], NOW - 2)])
+    dev.apply_update(w.records, 0, note, NOW)
+    again = Device.load(tmp_path / "d")
+    assert again.view == dev.view and again.view is not None and len(again.view.witnesses) == 2
+    assert again.freshness().checkpoint_time == NOW - 2 and not again.is_stale(NOW)
+    # the four-element form written before witness floors still loads
+    assert dev.view is not None
+    old = AcceptedView.from_list(dev.view.to_list()[:4])
+    assert (old.size, old.timestamp, old.witnesses) == (dev.view.size, NOW, ())
+    for bad in ([*dev.view.to_list()[:4], [b"k"]], [*dev.view.to_list()[:4], [b"x" * 32, 1]], [1, 2]):
+        with pytest.raises(BadMessage):
+            AcceptedView.from_list(bad)
+
+
+_WW: list[tuple[World, list[SeedSigner]]] = []
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 600),  # the clock moves forward by this much
+            st.booleans(),  # the tree grows by one record first
+            st.lists(st.tuples(st.integers(0, 2), st.integers(-2 * _DAY, 200 * 365 * _DAY)), max_size=3),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_witness_floors_never_exceed_now_plus_300_and_honest_witnesses_make_fresh(
+    seq: list[tuple[int, bool, list[tuple[int, int]]]],
+) -> None:
+    if not _WW:
+        w0, wits0 = _witness_world()
+        for i in range(8):
+            w0.grant(signer(f"ww-{i}").public_key, "operator", f"ww-{i}")
+        _WW.append((w0, wits0))
+    w, wits = _WW[0]
+    size = w.size - 8
+    now = NOW
+    v: AcceptedView | None = None
+    for step, grow, stamps in seq:
+        now += step
+        size += int(grow)
+        by_witness = {i: off for i, off in stamps}  # one cosignature per witness and note
+        note = _cosigned(w, now, [(i, wits[i], now + off) for i, off in by_witness.items()], size)
+        v = accept(v, note, state_at(w, size), now=now)
+        assert all(s.timestamp <= now + MAX_AHEAD for s in v.witnesses)
+        for k in (1, 2, 3):
+            t = v.fresh_time(k)
+            assert t is None or t <= now + MAX_AHEAD
+    assert v is not None
+    later = now + MAX_AHEAD
+    honest = _cosigned(w, later, [(i, wits[i], later) for i in range(3)], w.size)
+    v2 = accept(v, honest, state_at(w, w.size), now=later)
+    assert v2.fresh_time(3) == later and not Freshness.of(v2, require_witnesses=3).is_stale(later)
