@@ -30,8 +30,9 @@ from starlette.applications import Starlette
 from api.service import LedgerService
 from device_sim.device import Device
 from ledger import encoding, messages, notes, records
-from ledger.errors import FutureCheckpoint, TimestampRegression, UnauthorizedSigner
+from ledger.errors import FutureCheckpoint, StorageError, TimestampRegression, UnauthorizedSigner
 from ledger.records import Revoke
+from ledger.storage import MemoryStorage
 from ledger.tree import leaf_hash, mth
 from tests.device_fixtures import T0, World, signer
 from tests.helpers.server import Mirror, inprocess_server
@@ -263,6 +264,29 @@ async def test_a_server_clock_jump_forward_is_refused_by_devices(tmp_path: Path)
             dev.apply_update(raws[:1], 2, vc.note, T)
         assert (dev.size, dev.checkpoint_time) == (2, T)
         assert dev.evidence[-1].kind == "future-checkpoint"
+
+
+async def test_a_stored_checkpoint_naming_no_head_stops_the_server(tmp_path: Path) -> None:
+    """The persisted note is the server's timestamp floor; one that verifies but
+    names a tree the stored ledger never had is not signed over: start-up stops."""
+    root = signer("root")
+    origin = "ledger.test.example/stored"
+    storage = MemoryStorage()
+    async with inprocess_server(tmp_path, root.public_key, origin, storage, clock=Clock(T)) as (c, app):
+        svc = service(app)
+        m = Mirror(root, origin, time=T)
+        m.genesis()
+        m.grant(svc.signer.public_key, "log", "log")
+        await post(c, m.records)
+        data_dir = svc.config.data_dir
+        forged = notes.sign_checkpoint(notes.Checkpoint(origin, 2, bytes(32)), origin, svc.signer, T + 1)
+    storage._closed = False  # the same memory, as a restarted process would find it on disk
+    await storage.put_checkpoint(2, forged)
+    with pytest.raises(StorageError, match="does not name a head"):
+        async with inprocess_server(
+            tmp_path, root.public_key, origin, storage, clock=Clock(T), data_dir=data_dir
+        ):
+            pass
 
 
 async def post(c: httpx.AsyncClient, raws: list[bytes]) -> httpx.Response:
