@@ -266,7 +266,10 @@ def _count_witnesses(
             continue  # below this witness's floor: an old cosignature, or a witness going back
         if old is None or ts > old.timestamp or size > old.size:
             floors[key] = WitnessStamp(key, ts, size)
-    return tuple(sorted(floors.values()))
+    kept: list[WitnessStamp] = list(floors.values())
+    if len(floors) > MAX_WITNESS_STAMPS:  # bounded: the stalest floors go first
+        kept = sorted(kept, key=lambda w: (w.size, w.timestamp), reverse=True)[:MAX_WITNESS_STAMPS]
+    return tuple(sorted(kept))
 
 
 def accept(
