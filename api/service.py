@@ -26,8 +26,12 @@ and the requests get ``503 storage-error`` (``409 stale-head`` when another
 writer moved the head): nothing half-applied.
 
 Checkpoints carry a 0x04 timestamp that never goes back, not even across a
-restart (the last persisted checkpoint's timestamp is the floor), and are
-re-signed at least every ``checkpoint_interval`` seconds.
+restart (the last persisted checkpoint's timestamp is the floor), and is never
+ahead of the server's clock (PROTOCOL 1.1): while the clock is behind the
+floor (it jumped back), nothing is signed and the last note is served
+unchanged; appends are still taken, and their checkpoint is signed as soon as
+the clock passes the floor. Checkpoints are re-signed at least every
+``checkpoint_interval`` seconds.
 """
 
 from __future__ import annotations
@@ -104,13 +108,14 @@ class _Pending:
     enqueued: float = field(default_factory=time.monotonic)
 
 
-def checkpoint_timestamp(note: str, origin: str, log_key: bytes) -> int:
-    """The verified 0x04 timestamp of a note signed by ``log_key`` (0 if it has none or does not verify)."""
+def stored_checkpoint(note: str, origin: str, log_key: bytes) -> CheckpointEvent | None:
+    """The persisted note signed by ``log_key`` as an event (``None`` if it does not verify)."""
     try:
         vc = notes.verify_checkpoint(note, origin, [log_key])
     except WritError:
-        return 0
-    return vc.timestamp or 0
+        return None
+    cp = vc.checkpoint
+    return CheckpointEvent(cp.size, cp.root, vc.timestamp or 0, vc.note)
 
 
 class LedgerService:
@@ -151,6 +156,7 @@ class LedgerService:
         self._receipt_lock = asyncio.Lock()
         self._receipt_tasks: set[asyncio.Task[None]] = set()
         self._ts_floor = ts_floor
+        self._behind_logged = False
         self._bundles: OrderedDict[int, list[bytes]] = OrderedDict()
         self._tail: list[bytes] = []  # records of the current partial entry bundle
         self._tail_start = 0
@@ -182,7 +188,12 @@ class LedgerService:
         try:
             loaded = await load_ledger(storage, anchor=ident.anchor, origin=ident.origin, executor=sig_pool)
             note = await storage.latest_checkpoint()
-            floor = checkpoint_timestamp(note, ident.origin, ident.log_public_key) if note else 0
+            stored = stored_checkpoint(note, ident.origin, ident.log_public_key) if note else None
+            if stored is not None and (
+                stored.size > loaded.levels.size or loaded.levels.root(stored.size) != stored.root
+            ):
+                raise StorageError("the stored checkpoint does not name a head of the stored ledger")
+            floor = stored.timestamp if stored is not None else 0
             self = cls(
                 config=config,
                 ident=ident,
@@ -194,6 +205,8 @@ class LedgerService:
                 sig_pool=sig_pool,
                 ts_floor=floor,
             )
+            if stored is not None:
+                self.checkpoint = stored  # served until a new one can be signed
             await self._reset_tail()
             for row in await storage.receipts():
                 self.receipts[row.device_grant_seq] = row
@@ -329,7 +342,8 @@ class LedgerService:
             return
         event = self._sign(work.size, work.root)
         try:
-            await self.storage.append(Head(base.size, base.root), batch, work.root, event.note)
+            note = event.note if event is not None else None
+            await self.storage.append(Head(base.size, base.root), batch, work.root, note)
         except Exception as exc:
             await self._recover(accepted, exc)
             self._answer_rejected(rejected)
@@ -341,7 +355,8 @@ class LedgerService:
         self.metrics.append_requests.inc(len(accepted))
         self.metrics.group_size.observe(len(accepted))
         self.metrics.tree_size.set(self.levels.size)
-        self._signed(event)  # persisted with the records, in the same transaction
+        if event is not None:
+            self._signed(event)  # persisted with the records, in the same transaction
         now_m = time.monotonic()
         for p in accepted:
             n = len(p.records)
@@ -352,8 +367,9 @@ class LedgerService:
         # The event streams are woken after the replies have gone out (the
         # append route's background task calls flush_notify), so 20,000
         # streams never delay an acknowledgement; a timer is the backstop.
-        self._pending_event = event
-        asyncio.get_running_loop().call_later(NOTIFY_BACKSTOP, self.flush_notify)
+        if event is not None:
+            self._pending_event = event
+            asyncio.get_running_loop().call_later(NOTIFY_BACKSTOP, self.flush_notify)
 
     def _answer_rejected(self, rejected: list[tuple[_Pending, WritError]]) -> None:
         """Refused requests learn the head as it is after the group's commit (or its failure)."""
@@ -459,9 +475,26 @@ class LedgerService:
 
     # -- checkpoints ---------------------------------------------------------
 
-    def _sign(self, size: int, root: bytes) -> CheckpointEvent:
-        """A new checkpoint of (size, root), its timestamp never below the last one."""
-        ts = max(int(self.clock()), self._ts_floor)
+    def clock_behind(self) -> float:
+        """Seconds the clock is behind the last timestamp signed (0 when it is not)."""
+        return max(0.0, self._ts_floor - self.clock())
+
+    def _sign(self, size: int, root: bytes) -> CheckpointEvent | None:
+        """A new checkpoint of (size, root) dated by the clock; ``None`` while the
+        clock is behind the last timestamp signed: a timestamp is never below one
+        signed before, nor ahead of the clock (PROTOCOL 1.1)."""
+        ts = int(self.clock())
+        if ts < self._ts_floor:
+            if not self._behind_logged:
+                self._behind_logged = True
+                log.warning(
+                    "the clock (%d) is behind the last checkpoint timestamp (%d): serving the last"
+                    " checkpoint unchanged until the clock passes it",
+                    ts,
+                    self._ts_floor,
+                )
+            return None
+        self._behind_logged = False
         note = notes.sign_checkpoint(notes.Checkpoint(self.origin, size, root), self.origin, self.signer, ts)
         return CheckpointEvent(size, root, ts, note)
 
@@ -474,8 +507,11 @@ class LedgerService:
         return event
 
     async def _publish(self, *, notify: bool = True) -> CheckpointEvent:
-        """Sign, persist and serve a checkpoint of the current head; wake the event streams."""
+        """Sign, persist and serve a checkpoint of the current head; wake the event streams.
+        While the clock is behind the last timestamp, the served checkpoint stays as it is."""
         event = self._sign(self.levels.size, self.state.root)
+        if event is None:
+            return self.checkpoint
         try:
             await self.storage.put_checkpoint(event.size, event.note)
         except Exception as exc:  # the records are durable; the note is re-signed and re-persisted later
@@ -505,8 +541,12 @@ class LedgerService:
         interval = self.config.checkpoint_interval
         while True:
             wait = self._published_mono + interval - time.monotonic()
+            behind = self.clock_behind()
+            if behind > 0:  # try again once the clock should have passed the last timestamp
+                wait = min(interval, behind + 0.01)
             await asyncio.sleep(max(0.01, wait))
-            if time.monotonic() - self._published_mono >= interval * 0.99:
+            unsigned = self.checkpoint.size != self.levels.size
+            if unsigned or time.monotonic() - self._published_mono >= interval * 0.99:
                 try:
                     async with self._lock:
                         await self._publish()

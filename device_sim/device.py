@@ -202,23 +202,11 @@ class SyncResult:
 
 
 def _view_to_list(v: AcceptedView | None) -> list[Any] | None:
-    return None if v is None else [v.size, v.root, v.timestamp, v.note]
+    return None if v is None else v.to_list()
 
 
 def _view_from_list(f: Any) -> AcceptedView | None:
-    if f is None:
-        return None
-    if (
-        type(f) is not list
-        or len(f) != 4
-        or type(f[0]) is not int
-        or type(f[1]) is not bytes
-        or len(f[1]) != 32
-        or not (f[2] is None or type(f[2]) is int)
-        or type(f[3]) is not str
-    ):
-        raise BadMessage("damaged accepted view in the device state")
-    return AcceptedView(f[0], f[1], f[2], f[3])
+    return None if f is None else AcceptedView.from_list(f)
 
 
 def _grants_from_list(f: Any) -> list[OwnGrant]:
@@ -410,7 +398,12 @@ class Device:
         return "" if g is None else g.scope
 
     def freshness(self) -> credential.Freshness:
-        return credential.Freshness(self.checkpoint_time, self.config.max_staleness, self.config.stale_policy)
+        return credential.Freshness.of(
+            self.view,
+            require_witnesses=self.config.require_witnesses,
+            max_staleness=self.config.max_staleness,
+            policy=self.config.stale_policy,
+        )
 
     def is_stale(self, now: int) -> bool:
         return self.freshness().is_stale(now)
@@ -435,7 +428,7 @@ class Device:
 
         self._failed_at = None
         try:
-            new_state, accepted, own = self._verify(records_, start, note)
+            new_state, accepted, own = self._verify(records_, start, note, now)
         except VerificationError as exc:
             self._keep_evidence(exc, records_, start, note, now)
             raise
@@ -448,17 +441,13 @@ class Device:
         return SyncResult(new_state.size, new_state.root, self.checkpoint_time, previous, self.is_stale(now))
 
     def _verify(
-        self, raws: Sequence[bytes], start: int, note: str | bytes
+        self, raws: Sequence[bytes], start: int, note: str | bytes, now: int
     ) -> tuple[LedgerState | None, AcceptedView | None, list[OwnGrant]]:
         size = view.checkpoint_size(note)
         cur = self.state
         own = list(self.own_grants)
         if size < cur.size:  # nothing to apply: accept() names the rollback once the note verifies
-            return (
-                cur,
-                view.accept(self.view, note, cur, require_witnesses=self.config.require_witnesses),
-                own,
-            )
+            return cur, view.accept(self.view, note, cur, now=now), own
         if size == 0 and not raws:
             return None, None, own
         if type(start) is not int or start < 0:
@@ -485,7 +474,7 @@ class Device:
         except VerificationError:
             self._failed_at = new.size  # the position of the refused record
             raise
-        accepted = view.accept(self.view, note, new, require_witnesses=self.config.require_witnesses)
+        accepted = view.accept(self.view, note, new, now=now)
         for rec in applied:
             body = rec.body
             if (

@@ -282,7 +282,7 @@ class Integrator:
                 raise BadMessage(f"GET /v1/records gave nothing at {new.size} below the checkpoint's {size}")
             new.apply_all(raws[: size - new.size])
         if new.active_keys(records.ROLE_LOG):
-            self.view = view.accept(self.view, note, new)
+            self.view = view.accept(self.view, note, new, now=int(time.time()))
         self.state = new
 
     # -- writing ---------------------------------------------------------------

@@ -14,7 +14,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import notes, records
+from . import notes, records, view
 from .errors import Fork, RecordRejected, Rollback
 from .records import Kind
 from .state import LedgerState
@@ -104,20 +104,16 @@ def audit(
 
 
 def check_checkpoint(
-    state: LedgerState, note: str | bytes, *, witnesses: int = 0
+    state: LedgerState, note: str | bytes, *, now: int, witnesses: int = 0
 ) -> notes.VerifiedCheckpoint:
-    """A checkpoint must be signed by a log key granted in the ledger and name
-    exactly the tree the audit computed (at its size, when the ledger is
-    ahead of it, only equal sizes are checked here)."""
+    """A checkpoint must be signed by a log key granted (and unrevoked) in the
+    ledger, be dated at most 300 s ahead of the auditor's clock ``now``
+    (``future-checkpoint``), and name exactly the tree the audit computed (at
+    its size, when the ledger is ahead of it, only equal sizes are checked
+    here). The signature rules are the devices' (:func:`ledger.view.verify`)."""
 
     assert state.origin is not None
-    vc = notes.verify_checkpoint(
-        note,
-        state.origin,
-        state.active_keys(records.ROLE_LOG),
-        [(g.name, g.subject) for g in state.grants.values() if g.role == records.ROLE_WITNESS],
-        require_witnesses=witnesses,
-    )
+    vc = view.verify(note, state, now=now, require_witnesses=witnesses)
     cp = vc.checkpoint
     if cp.size > state.size:
         # a truncated ledger: the first record missing is the first bad seq

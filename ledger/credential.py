@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from . import crypto, messages, records
 from .errors import CredentialRefusal, WritError
 from .state import LedgerState
+from .view import MAX_AHEAD, AcceptedView
 
 MAX_SKEW = 300
 DEFAULT_MAX_STALENESS = 24 * 3600
@@ -44,13 +45,38 @@ class Verdict:
 
 @dataclass(frozen=True, slots=True)
 class Freshness:
+    """How fresh the device's view is, and what it does when it is not.
+
+    ``checkpoint_time`` is the timestamp freshness is judged by
+    (:meth:`ledger.view.AcceptedView.fresh_time`: the log's, or with ``k``
+    required witnesses the k-th freshest witness timestamp on the device's
+    tree). Fresh when it is at most ``max_staleness`` behind ``now``; a
+    timestamp up to :data:`~ledger.view.MAX_AHEAD` seconds ahead counts as
+    ``now``, one further ahead is never fresh (PROTOCOL 1.1).
+    """
+
     checkpoint_time: int | None
     max_staleness: int = DEFAULT_MAX_STALENESS
     policy: str = "refuse"  # or "accept"
 
+    @classmethod
+    def of(
+        cls,
+        view: AcceptedView | None,
+        *,
+        require_witnesses: int = 0,
+        max_staleness: int = DEFAULT_MAX_STALENESS,
+        policy: str = "refuse",
+    ) -> Freshness:
+        """The freshness of an accepted view for a device requiring ``require_witnesses``."""
+        t = None if view is None else view.fresh_time(require_witnesses)
+        return cls(t, max_staleness, policy)
+
     def is_stale(self, now: int) -> bool:
         t = self.checkpoint_time
-        return t is None or abs(now - t) > self.max_staleness
+        if t is None or t > now + MAX_AHEAD:
+            return True
+        return now - min(t, now) > self.max_staleness
 
 
 def check_credential(

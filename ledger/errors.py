@@ -37,6 +37,7 @@ bare bool.
     │       ├── Rollback                   rollback (size went back)
     │       ├── Fork                       fork (same size, other root; or root != computed tree)
     │       ├── TimestampRegression        timestamp-regression
+    │       ├── FutureCheckpoint           future-checkpoint (timestamp > 300 s ahead of the verifier)
     │       └── MissingCosignatures        missing-cosignatures (fewer than k witnesses)
     ├── StorageError                       storage-error
     │   ├── HeadConflict                   stale-head (compare-and-swap lost; also a StaleHead)
@@ -235,6 +236,12 @@ class Fork(CheckpointRejected):
 
 class TimestampRegression(CheckpointRejected):
     type = "timestamp-regression"
+
+
+class FutureCheckpoint(CheckpointRejected):
+    """A checkpoint timestamp more than 300 s ahead of the verifier's clock (PROTOCOL 1.1)."""
+
+    type = "future-checkpoint"
 
 
 class MissingCosignatures(CheckpointRejected):

@@ -221,9 +221,18 @@ class Mirror:
     # -- verified updates --------------------------------------------------------
 
     def sync(
-        self, source: LedgerSource, *, note: str | None = None, progress: Callable[[int], None] | None = None
+        self,
+        source: LedgerSource,
+        *,
+        note: str | None = None,
+        progress: Callable[[int], None] | None = None,
+        now: int | None = None,
     ) -> SyncResult:
-        """Fetch the checkpoint and the records this mirror lacks; verify; commit."""
+        """Fetch the checkpoint and the records this mirror lacks; verify; commit.
+
+        ``now`` is this machine's clock (default: the system clock), read once
+        the records are in: a checkpoint dated more than 300 s ahead of it is
+        refused (``future-checkpoint``) and kept as evidence."""
         if note is None:
             note = source.checkpoint()
         try:
@@ -247,10 +256,14 @@ class Mirror:
         finally:
             if executor is not None:
                 executor.shutdown()
-        return self._accept_and_commit(new, fetched, note)
+        return self._accept_and_commit(new, fetched, note, int(time.time()) if now is None else now)
 
-    def extend(self, start: int, raws: Sequence[bytes], note: str) -> SyncResult:
-        """Apply a bundle (``raws`` from ``start``, and its checkpoint) on top of this mirror."""
+    def extend(self, start: int, raws: Sequence[bytes], note: str, *, now: int | None = None) -> SyncResult:
+        """Apply a bundle (``raws`` from ``start``, and its checkpoint) on top of this mirror.
+
+        ``now`` is this machine's clock (default: the system clock): a
+        checkpoint dated more than 300 s ahead of it is refused."""
+        now = int(time.time()) if now is None else now
         if start > self.state.size:
             raise BadMessage(
                 f"the bundle starts at {start} but this mirror has {self.state.size} records:"
@@ -273,7 +286,7 @@ class Mirror:
         finally:
             if executor is not None:
                 executor.shutdown()
-        return self._accept_and_commit(new, rest, note)
+        return self._accept_and_commit(new, rest, note, now)
 
     def _apply(
         self, new: LedgerState, page: Sequence[bytes], executor: ThreadPoolExecutor | None, note: str
@@ -297,7 +310,7 @@ class Mirror:
             self._evidence(exc, note, data=data)
             raise
 
-    def _accept_and_commit(self, new: LedgerState, fetched: list[bytes], note: str) -> SyncResult:
+    def _accept_and_commit(self, new: LedgerState, fetched: list[bytes], note: str, now: int) -> SyncResult:
         warning = None
         if not new.active_keys(records.ROLE_LOG):
             # Bootstrapping (empty ledger, or a genesis without a log grant): no key can
@@ -313,7 +326,7 @@ class Mirror:
             accepted = self.view
         else:
             try:
-                accepted = view.accept(self.view, note, new)
+                accepted = view.accept(self.view, note, new, now=now)
             except WritError as exc:
                 self._evidence(exc, note)
                 raise

@@ -515,7 +515,10 @@ class VerifiedCheckpoint:
     order when several trusted log keys signed); ``timestamp`` the
     verified 0x04 timestamp under that same key (``None`` when the log sent no
     0x04 line); ``cosigners`` the names of witnesses whose 0x04 verified, one per
-    distinct witness key; ``note`` the note text exactly as received.
+    distinct witness key; ``note`` the note text exactly as received;
+    ``witness_stamps`` the verified cosignature timestamp of each of those
+    witness keys, ``(public key, timestamp)`` in note order (the latest when
+    one key signed twice under two names).
     """
 
     checkpoint: Checkpoint
@@ -523,6 +526,7 @@ class VerifiedCheckpoint:
     timestamp: int | None
     cosigners: tuple[str, ...]
     note: str
+    witness_stamps: tuple[tuple[bytes, int], ...] = ()
 
 
 def verify_checkpoint(
@@ -576,6 +580,7 @@ def verify_checkpoint(
     log_key: bytes | None = None
     stamps: dict[bytes, int] = {}
     cosigners: dict[bytes, str] = {}
+    wstamps: dict[bytes, int] = {}
     for sig in note.signatures:
         v = known.get((sig.name, sig.key_id))
         if v is None:
@@ -591,6 +596,8 @@ def verify_checkpoint(
                 stamps[v.public_key] = ts
         else:
             cosigners.setdefault(v.public_key, v.name)
+            if ts is not None:
+                wstamps[v.public_key] = max(ts, wstamps.get(v.public_key, ts))
     if log_key is None:
         raise UntrustedCheckpoint("no trusted log key signed the checkpoint")
     if len(cosigners) < require_witnesses:
@@ -600,4 +607,6 @@ def verify_checkpoint(
             need=require_witnesses,
         )
     text = note_text if isinstance(note_text, str) else bytes(note_text).decode("utf-8")
-    return VerifiedCheckpoint(cp, log_key, stamps.get(log_key), tuple(cosigners.values()), text)
+    return VerifiedCheckpoint(
+        cp, log_key, stamps.get(log_key), tuple(cosigners.values()), text, tuple(wstamps.items())
+    )

@@ -78,11 +78,19 @@ class Reason(IntEnum):
 # --- field rules ------------------------------------------------------------
 
 
+#: Unicode general category Cc, exactly: C0, DEL and C1 (U+0000..U+001F, U+007F..U+009F).
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: the code points with the Unicode White_Space property (stable since Unicode 6.3), spelled out
+#: so that the verdict never depends on the Python's Unicode database.
+WHITE_SPACE = frozenset(
+    "\t\n\x0b\x0c\r \x85\xa0\u1680"
+    "\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+    "\u2028\u2029\u202f\u205f\u3000"
+)
 
 
 def _has_control(text: str) -> bool:
-    """C0, DEL or C1 control characters."""
+    """Any code point of general category Cc (C0, DEL or C1)."""
     return _CONTROL.search(text) is not None
 
 
@@ -101,8 +109,9 @@ def check_text(what: str, value: object, max_bytes: int, *, min_bytes: int = 0) 
 
 
 def check_origin(value: object) -> str:
+    """1..128 bytes of text, no control character, no White_Space code point, no '+'."""
     origin = check_text("origin", value, MAX_ORIGIN, min_bytes=1)
-    if any(c.isspace() for c in origin) or "+" in origin:
+    if "+" in origin or not WHITE_SPACE.isdisjoint(origin):
         raise InvalidField("origin must not contain spaces or '+'")
     return origin
 

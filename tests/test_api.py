@@ -535,10 +535,15 @@ async def test_sse_heartbeat_resign_and_connection_cap(tmp_path: Path) -> None:
             ).timestamp
             t2 = notes.verify_checkpoint(ev.data + "\n", V.origin, [service(app).signer.public_key]).timestamp
             assert t1 is not None and t2 is not None and t2 > t1
-            clock.t -= 1000  # the clock goes back: the timestamp does not
+            served = (await client.get("/checkpoint")).text
+            clock.t -= 1000  # the clock goes back: nothing is signed below t2 nor ahead of the clock
+            with pytest.raises(TimeoutError):
+                await stream.next_event(timeout=1)
+            assert (await client.get("/checkpoint")).text == served  # the last note, unchanged
+            clock.t += 1001  # the clock passes t2: re-signing resumes
             ev = await stream.next_event(timeout=3)
             t3 = notes.verify_checkpoint(ev.data + "\n", V.origin, [service(app).signer.public_key]).timestamp
-            assert t3 is not None and t3 >= t2
+            assert t3 is not None and t3 > t2
         metrics = (await client.get("/metrics")).text
         assert "writ_sse_clients 0.0" in metrics
 

@@ -23,6 +23,7 @@ from ledger.errors import (
     BadNote,
     BadSignature,
     Fork,
+    FutureCheckpoint,
     HTTPStatusError,
     ResponseTooLarge,
     Rollback,
@@ -109,6 +110,14 @@ def timestamp_going_backwards_with_growth(c: Ctx) -> None:
     c.log.publish(c.world, TS - 1)
 
 
+def future_dated_checkpoint(c: Ctx) -> None:  # a stolen log key dates its checkpoint a century ahead
+    c.log.publish(c.world, NOW + 100 * 365 * 86400)
+
+
+def future_dated_checkpoint_same_size(c: Ctx) -> None:  # just beyond the 300 s bound
+    c.log.publish(c.world, NOW + 301, c.have)
+
+
 def garbage_checkpoint(c: Ctx) -> None:
     c.log.note = "hello, device\n"
 
@@ -182,6 +191,8 @@ ATTACKS = [
     Attack(checkpoint_of_another_origin, WrongOrigin, both_notes=True),
     Attack(timestamp_going_backwards, TimestampRegression, both_notes=True),
     Attack(timestamp_going_backwards_with_growth, TimestampRegression, both_notes=True),
+    Attack(future_dated_checkpoint, FutureCheckpoint, both_notes=True),
+    Attack(future_dated_checkpoint_same_size, FutureCheckpoint, both_notes=True),
     Attack(garbage_checkpoint, BadNote),
     Attack(truncated_entry_bundle, BadMessage),
     Attack(garbage_entry_bundle, BadMessage),

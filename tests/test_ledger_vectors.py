@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
 from typing import Any
 
 import pytest
@@ -243,3 +244,71 @@ def test_rotate_with_a_malformed_new_root_is_invalid_field_before_the_signer_rul
     raw = encoding.join_record(body, b"\x00" * 64)
     with pytest.raises(errors.InvalidField):
         st.apply(raw)
+
+
+# --- text rules (1.1: exact) ------------------------------------------------------
+
+CC = ["\x00", "\x1f", "\x7f", "\x80", "\x85", "\x9f"]  # C0, DEL and C1: general category Cc
+WHITE_SPACE_NOT_CC = [
+    " ",
+    "\xa0",
+    "\u1680",
+    "\u2000",
+    "\u200a",
+    "\u2028",
+    "\u2029",
+    "\u202f",
+    "\u205f",
+    "\u3000",
+]
+
+
+@pytest.mark.parametrize("ch", CC, ids=lambda c: f"U+{ord(c):04X}")
+def test_control_character_in_any_text_field_is_invalid_field(ch: str) -> None:
+    prev = records.EMPTY_HASH
+    for scope, name in ((f"a{ch}b", "t"), ("", f"tab{ch}let")):
+        with pytest.raises(errors.InvalidField):
+            Grant(1, prev, 0, b"x" * 32, "operator", scope, name, 0, 0)
+    with pytest.raises(errors.InvalidField):
+        Genesis(0, prev, 0, f"ledger.example{ch}x", b"r" * 32, None)
+
+
+@pytest.mark.parametrize("ch", WHITE_SPACE_NOT_CC, ids=lambda c: f"U+{ord(c):04X}")
+def test_white_space_in_origin_is_invalid_field_but_allowed_in_a_name(ch: str) -> None:
+    prev = records.EMPTY_HASH
+    with pytest.raises(errors.InvalidField):
+        Genesis(0, prev, 0, f"ledger.example/plant{ch}7", b"r" * 32, None)
+    assert Grant(1, prev, 0, b"x" * 32, "operator", "", f"tablet{ch}07", 0, 0).name == f"tablet{ch}07"
+
+
+def test_text_rules_are_exactly_cc_and_white_space() -> None:
+    """Cc is exactly what a text field refuses; White_Space (plus '+') is exactly
+    what an origin refuses on top. Format characters such as U+200B (zero width
+    space) are neither: allowed, as the rule says."""
+    for cp in range(0x3001):
+        ch = chr(cp)
+        cc = unicodedata.category(ch) == "Cc"
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        try:
+            records.check_text("name", ch, 64)
+            text_ok = True
+        except errors.InvalidField:
+            text_ok = False
+        assert text_ok is not cc, f"U+{cp:04X}"
+        if not cc:
+            try:
+                records.check_origin(f"a{ch}b")
+                origin_ok = True
+            except errors.InvalidField:
+                origin_ok = False
+            assert origin_ok is not (ch in records.WHITE_SPACE or ch == "+"), f"U+{cp:04X}"
+    assert records.check_origin("ledger.example/a\u200bb") == "ledger.example/a\u200bb"
+    # the spelled-out set is the White_Space property (every one of them is a space to Python too)
+    assert all(c.isspace() for c in records.WHITE_SPACE)
+    assert {chr(c) for c in range(0x110000) if chr(c).isspace()} - records.WHITE_SPACE == {
+        "\x1c",
+        "\x1d",
+        "\x1e",
+        "\x1f",
+    }  # Python's extra four are Cc, refused anyway

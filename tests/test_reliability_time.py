@@ -5,13 +5,13 @@
   make of it (fail closed: any skew beyond 300 s refuses every credential as
   ``clock-skew``; a skew within the staleness bound still syncs).
 - A checkpoint timestamped in the future (a log key holder, or a server whose
-  clock jumped): the device accepts it, and then refuses every honest
-  checkpoint as ``timestamp-regression`` until that time: it can learn no new
-  revocation meanwhile. Far ahead, the device is stale at once and (by
-  default) refuses every credential; with the ``accept`` policy it keeps
-  honouring a revoked credential. The server's own timestamp floor keeps a
-  jumped clock's timestamp across restarts. These tests pin the behaviour
-  (docs/reliability.md, "Residual risks").
+  clock jumped): more than 300 s ahead of the device's clock it is refused
+  (``future-checkpoint``, evidence kept, the timestamp floor unchanged), so
+  honest checkpoints keep being accepted and revocations keep arriving; up to
+  300 s ahead it is accepted, and honest checkpoints are refused as
+  ``timestamp-regression`` for at most those 300 s. A server whose clock jumped
+  back never signs ahead of it: it serves its last note unchanged until its
+  clock passes that timestamp, also across a restart.
 - A revoker grant expiring mid-scenario: its later revokes are refused
   ``unauthorized-signer`` by the server and by a device; a revoke *backdated*
   into the window is accepted while no later record exists (pinned too).
@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -29,8 +30,9 @@ from starlette.applications import Starlette
 from api.service import LedgerService
 from device_sim.device import Device
 from ledger import encoding, messages, notes, records
-from ledger.errors import TimestampRegression, UnauthorizedSigner
+from ledger.errors import FutureCheckpoint, StorageError, TimestampRegression, UnauthorizedSigner
 from ledger.records import Revoke
+from ledger.storage import MemoryStorage
 from ledger.tree import leaf_hash, mth
 from tests.device_fixtures import T0, World, signer
 from tests.helpers.server import Mirror, inprocess_server
@@ -68,7 +70,7 @@ def test_skewed_device_against_an_honest_tablet(skew: int) -> None:
     """The tablet signs at the true time; the device judges at its own. Beyond
     300 s of skew every credential is refused (clock-skew): fail closed."""
     w, grant = tablet_world()
-    dev = synced_device(w, now=T + skew)  # the sync itself does not depend on the clock
+    dev = synced_device(w)  # synced while its clock was right
     assert dev.size == w.size
     accepted, reason = ask(dev, w, grant, now=T + skew, signed_at=T)
     if abs(skew) <= 300:
@@ -81,11 +83,12 @@ def test_skewed_device_against_an_honest_tablet(skew: int) -> None:
 def test_skewed_device_and_tablet_agree_freshness_decides(skew: int) -> None:
     """Tablet and device share the same wrong clock (the tablet set it from the device):
     the auth window passes, and the checkpoint's age on the device's clock decides.
-    A clock a day or more off (either way) makes the device stale: refused."""
+    More than a day fast, or more than 300 s slow (the checkpoint is then in its
+    future, never fresh), makes the device stale: refused."""
     w, grant = tablet_world()
-    dev = synced_device(w, now=T + skew)
+    dev = synced_device(w)
     accepted, reason = ask(dev, w, grant, now=T + skew, signed_at=T + skew)
-    stale = abs(skew) > DAY  # max_staleness is 24 h, inclusive
+    stale = skew > DAY or skew < -300  # max_staleness is 24 h, inclusive; 300 s ahead counts as now
     assert dev.is_stale(T + skew) is stale
     assert (accepted, reason) == ((False, "stale") if stale else (True, None))
 
@@ -95,11 +98,28 @@ def test_skew_shifts_expiry(skew: int) -> None:
     """A credential valid until T + 30 min: a device an hour fast refuses it early; one
     an hour slow honours it for an hour after it expired (bounded by the skew)."""
     w, grant = tablet_world(not_after=T + 1800)
-    dev = synced_device(w, now=T + skew)
+    dev = synced_device(w, now=T + skew, ts=T + min(skew, 0))  # the log's clock agrees, or is behind
     accepted, reason = ask(dev, w, grant, now=T + skew, signed_at=T + skew)
     assert (accepted, reason) == ((False, "expired") if skew > 0 else (True, None))
     if skew < 0:  # really expired 30 min ago, still accepted on the slow clock
         assert ask(dev, w, grant, now=T + 2 * 1800 + skew, signed_at=T + 2 * 1800 + skew) == (True, None)
+
+
+@pytest.mark.parametrize("skew", [-301, -HOUR, -DAY])
+def test_a_slow_device_refuses_honest_checkpoints_as_future(skew: int) -> None:
+    """A device clock more than 300 s slow sees the honest log's checkpoints in
+    its future: refused (``future-checkpoint``), state and floor unchanged,
+    evidence kept; it fails closed (stale) until its clock is fixed."""
+    w, grant = tablet_world()
+    dev = synced_device(w, ts=T - DAY, now=T - DAY)
+    before = dev.state.snapshot()
+    w.revoke(records.parse(grant).seq, reason=2)
+    with pytest.raises(FutureCheckpoint):
+        dev.apply_update(w.records[dev.size :], dev.size, w.checkpoint(T), T + skew)
+    assert dev.state.snapshot() == before and dev.checkpoint_time == T - DAY
+    assert dev.evidence[-1].kind == "future-checkpoint"
+    dev.apply_update(w.records[dev.size :], dev.size, w.checkpoint(T), T)  # the clock is fixed
+    assert ask(dev, w, grant, now=T, signed_at=T) == (False, "revoked")
 
 
 def test_a_device_clock_jumping_back_never_accepts_an_older_checkpoint() -> None:
@@ -107,45 +127,45 @@ def test_a_device_clock_jumping_back_never_accepts_an_older_checkpoint() -> None
     dev = synced_device(w, ts=T, now=T)
     with pytest.raises(TimestampRegression):
         dev.apply_update([], dev.size, w.checkpoint(T - HOUR), T - DAY)
+    with pytest.raises(FutureCheckpoint):  # and one at the true time is in its future
+        dev.apply_update([], dev.size, w.checkpoint(T + 1), T - DAY)
     assert dev.checkpoint_time == T
 
 
 # --- a checkpoint from the future -------------------------------------------------------
 
 
-@pytest.mark.parametrize("ahead", [HOUR, 10 * 365 * DAY])
-def test_a_future_checkpoint_blocks_honest_ones_until_its_time(ahead: int) -> None:
+@pytest.mark.parametrize("ahead", [301, HOUR, 10 * 365 * DAY])
+@pytest.mark.parametrize("policy", ["refuse", "accept"])
+def test_a_future_checkpoint_is_refused_and_blocks_nothing(ahead: int, policy: str) -> None:
+    """Issue #10: a log key signs the same tree `ahead` seconds in the future.
+    It is refused, the floor stays, and the honest log's next checkpoint (with
+    the tablet's revocation) is accepted: under either staleness policy."""
+    w, grant = tablet_world()
+    dev = synced_device(w, policy=policy)
+    before = dev.state.snapshot()
+    with pytest.raises(FutureCheckpoint):
+        dev.apply_update([], dev.size, w.checkpoint(T + ahead), T)
+    assert dev.checkpoint_time == T and dev.state.snapshot() == before
+    assert dev.evidence[-1].kind == "future-checkpoint" and len(dev.evidence[-1].notes) == 2
+    assert ask(dev, w, grant, now=T, signed_at=T) == (True, None)
+    w.revoke(records.parse(grant).seq, reason=2)
+    dev.apply_update(w.records[dev.size :], dev.size, w.checkpoint(T + 60), T + 60)
+    assert ask(dev, w, grant, now=T + 60, signed_at=T + 60) == (False, "revoked")
+
+
+def test_a_checkpoint_300_s_ahead_blocks_honest_ones_for_at_most_300_s() -> None:
+    """Within the bound the note is accepted (a log clock a little fast is no
+    attack); honest checkpoints dated before it are refused until then."""
     w, grant = tablet_world()
     dev = synced_device(w)
-    # the log key signs the same tree with a timestamp `ahead` seconds in the future
-    dev.apply_update([], dev.size, w.checkpoint(T + ahead), T)
-    assert dev.checkpoint_time == T + ahead
-    stale = ahead > DAY
-    assert dev.is_stale(T) is stale  # staleness is |now - timestamp|: the far future is stale
-    assert ask(dev, w, grant, now=T, signed_at=T) == ((False, "stale") if stale else (True, None))
-    # meanwhile the tablet is lost and revoked; the honest log signs at the true time
-    w.revoke(records.parse(grant).seq, reason=2)
-    before = dev.state.snapshot()
-    with pytest.raises(TimestampRegression):
-        dev.apply_update(w.records[dev.size :], dev.size, w.checkpoint(T + 60), T + 60)
-    assert dev.state.snapshot() == before and dev.evidence[-1].kind == "timestamp-regression"
-    if not stale:  # once the true time passes the future timestamp, honest checkpoints are accepted again
-        dev.apply_update(w.records[dev.size :], dev.size, w.checkpoint(T + ahead), T + ahead)
-        assert ask(dev, w, grant, now=T + ahead, signed_at=T + ahead) == (False, "revoked")
-
-
-def test_a_far_future_checkpoint_with_the_accept_policy_keeps_a_revoked_tablet_valid() -> None:
-    """The residual risk, pinned: a device with stale_policy=accept that took a checkpoint
-    timestamped ten years ahead can learn no revocation for ten years."""
-    w, grant = tablet_world()
-    dev = synced_device(w, policy="accept")
-    dev.apply_update([], dev.size, w.checkpoint(T + 10 * 365 * DAY), T)
+    dev.apply_update([], dev.size, w.checkpoint(T + 300), T)
+    assert dev.checkpoint_time == T + 300 and not dev.is_stale(T)
     w.revoke(records.parse(grant).seq, reason=2)
     with pytest.raises(TimestampRegression):
         dev.apply_update(w.records[dev.size :], dev.size, w.checkpoint(T + 60), T + 60)
-    auth = messages.make_auth(grant, w.tablet, dev.public_key, dev.challenge(), T + 120)
-    v = dev.check(auth, T + 120)
-    assert (v.accepted, v.stale) == (True, True)  # accepted (and reported stale) although revoked
+    dev.apply_update(w.records[dev.size :], dev.size, w.checkpoint(T + 300), T + 300)
+    assert ask(dev, w, grant, now=T + 300, signed_at=T + 300) == (False, "revoked")
 
 
 class Clock:
@@ -162,45 +182,111 @@ def service(app: Starlette) -> LedgerService:
     return svc
 
 
-async def test_a_server_clock_jump_forward_is_kept_as_the_floor_across_restarts(tmp_path: Path) -> None:
-    """The server's clock jumps ten years ahead once and comes back: every later
-    checkpoint (also after a restart) carries the future timestamp (it never goes
-    back), so devices stay synced but stale until the true time catches up."""
+async def served(c: httpx.AsyncClient, svc: LedgerService) -> notes.VerifiedCheckpoint:
+    return notes.verify_checkpoint((await c.get("/checkpoint")).text, svc.origin, [svc.signer.public_key])
+
+
+async def wait_for_size(c: httpx.AsyncClient, svc: LedgerService, size: int) -> notes.VerifiedCheckpoint:
+    for _ in range(200):
+        vc = await served(c, svc)
+        if vc.checkpoint.size == size:
+            return vc
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no checkpoint of size {size} was served")
+
+
+async def test_a_server_clock_jumping_back_serves_its_last_note_until_it_passes(tmp_path: Path) -> None:
+    """The server's clock steps back 60 s: nothing is signed below the last
+    timestamp nor ahead of the clock; the last note is served unchanged (also
+    across a restart) while appends are still taken, and the checkpoint that
+    covers them is signed as soon as the clock passes the old timestamp."""
     root = signer("root")
-    clock = Clock(T)
-    async with inprocess_server(tmp_path, root.public_key, "ledger.test.example/jump", clock=clock) as (
+    origin = "ledger.test.example/back"
+    clock = Clock(T + 100)
+    async with inprocess_server(tmp_path, root.public_key, origin, clock=clock, checkpoint_interval=0.05) as (
         c,
         app,
     ):
         svc = service(app)
-        m = Mirror(root, "ledger.test.example/jump", time=T - 100)
+        m = Mirror(root, origin, time=T)
         m.genesis()
         m.grant(svc.signer.public_key, "log", "log")
-        assert (
-            await c.post("/v1/records", content=encoding.pack_records(m.records), headers=MSGPACK)
-        ).status_code == 200
+        assert (await post(c, m.records)).status_code == 200
+        first = await served(c, svc)
+        assert first.timestamp == T + 100
+        clock.t = T + 40  # NTP steps the clock back
+        m.time = T + 10
+        assert (await post(c, [m.grant(os.urandom(32), "operator", "x")])).status_code == 200
+        await asyncio.sleep(0.2)  # several re-sign intervals
+        assert (await c.get("/checkpoint")).text == first.note  # unchanged: size 2, T + 100
+        data_dir = svc.config.data_dir
+    async with inprocess_server(
+        tmp_path, root.public_key, origin, clock=clock, checkpoint_interval=0.05, data_dir=data_dir
+    ) as (c, app):
+        svc = service(app)
+        assert (await c.get("/checkpoint")).text == first.note  # a restart does not sign either
+        clock.t = T + 101
+        vc = await wait_for_size(c, svc, 3)
+        assert vc.timestamp == T + 101
+        dev = Device.create(root.public_key, origin, now=T + 101)
+        raws = encoding.unpack_records((await c.get("/v1/records")).content, max_count=1000)
+        r = dev.apply_update(raws, 0, vc.note, T + 101)
+        assert r.size == 3 and not r.stale
+
+
+async def test_a_server_clock_jump_forward_is_refused_by_devices(tmp_path: Path) -> None:
+    """The server's clock jumps ten years ahead once and comes back: the note it
+    signed then is refused by every device (``future-checkpoint``, nothing
+    moves), and the server, which never signs below it, keeps serving it
+    (docs/operations.md: replace the log key to recover before that date)."""
+    root = signer("root")
+    origin = "ledger.test.example/jump"
+    clock = Clock(T)
+    async with inprocess_server(tmp_path, root.public_key, origin, clock=clock) as (c, app):
+        svc = service(app)
+        m = Mirror(root, origin, time=T - 100)
+        m.genesis()
+        m.grant(svc.signer.public_key, "log", "log")
+        assert (await post(c, m.records)).status_code == 200
+        dev = Device.create(root.public_key, origin, now=T)
+        good = await served(c, svc)
+        dev.apply_update(list(m.records), 0, good.note, T)
         clock.t = T + 10 * 365 * DAY
         m.time = T - 50
         assert (await post(c, [m.grant(os.urandom(32), "operator", "x")])).status_code == 200
         clock.t = T
         m.time = T - 40
         assert (await post(c, [m.grant(os.urandom(32), "operator", "y")])).status_code == 200
-        vc = notes.verify_checkpoint((await c.get("/checkpoint")).text, svc.origin, [svc.signer.public_key])
-        assert vc.timestamp == T + 10 * 365 * DAY
-        data_dir = svc.config.data_dir
-    async with inprocess_server(
-        tmp_path, root.public_key, "ledger.test.example/jump", clock=clock, data_dir=data_dir
-    ) as (
-        c,
-        app,
-    ):
+        vc = await served(c, svc)
+        assert (vc.checkpoint.size, vc.timestamp) == (3, T + 10 * 365 * DAY)
+        raws = encoding.unpack_records((await c.get("/v1/records?start=2")).content, max_count=1000)
+        with pytest.raises(FutureCheckpoint):
+            dev.apply_update(raws[:1], 2, vc.note, T)
+        assert (dev.size, dev.checkpoint_time) == (2, T)
+        assert dev.evidence[-1].kind == "future-checkpoint"
+
+
+async def test_a_stored_checkpoint_naming_no_head_stops_the_server(tmp_path: Path) -> None:
+    """The persisted note is the server's timestamp floor; one that verifies but
+    names a tree the stored ledger never had is not signed over: start-up stops."""
+    root = signer("root")
+    origin = "ledger.test.example/stored"
+    storage = MemoryStorage()
+    async with inprocess_server(tmp_path, root.public_key, origin, storage, clock=Clock(T)) as (c, app):
         svc = service(app)
-        vc = notes.verify_checkpoint((await c.get("/checkpoint")).text, svc.origin, [svc.signer.public_key])
-        assert vc.timestamp == T + 10 * 365 * DAY
-        dev = Device.create(root.public_key, svc.origin, now=T)
-        raws = encoding.unpack_records((await c.get("/v1/records")).content, max_count=1000)
-        r = dev.apply_update(raws, 0, vc.note, T)
-        assert r.size == 4 and r.stale
+        m = Mirror(root, origin, time=T)
+        m.genesis()
+        m.grant(svc.signer.public_key, "log", "log")
+        await post(c, m.records)
+        data_dir = svc.config.data_dir
+        forged = notes.sign_checkpoint(notes.Checkpoint(origin, 2, bytes(32)), origin, svc.signer, T + 1)
+    storage._closed = False  # the same memory, as a restarted process would find it on disk
+    await storage.put_checkpoint(2, forged)
+    with pytest.raises(StorageError, match="does not name a head"):
+        async with inprocess_server(
+            tmp_path, root.public_key, origin, storage, clock=Clock(T), data_dir=data_dir
+        ):
+            pass
 
 
 async def post(c: httpx.AsyncClient, raws: list[bytes]) -> httpx.Response:

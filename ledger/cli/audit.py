@@ -217,13 +217,13 @@ def run_audit(
                     cause="missing-record",
                 )
             if note is not None and st.origin is not None:
-                vc = core_audit.check_checkpoint(st, note)
+                vc = core_audit.check_checkpoint(st, note, now=int(time.time()))
         else:
             st, _ = core_audit.audit(pages(0, cp_size), anchor=anchor, executor=executor, progress=progress)
             if note is not None and st.origin is None and cp_size:
                 raise Rollback(f"the checkpoint names {cp_size} records but no genesis was served", seq=0)
             if note is not None and st.origin is not None:
-                vc = core_audit.check_checkpoint(st, note)
+                vc = core_audit.check_checkpoint(st, note, now=int(time.time()))
         if vc is not None:
             checked = {
                 "size": vc.checkpoint.size,
