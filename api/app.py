@@ -25,7 +25,7 @@ from ledger.storage.sqlite import SqliteStorage
 from . import config as cfg
 from .metrics import Metrics
 from .problems import EXCEPTION_HANDLERS, InternalErrorMiddleware
-from .ratelimit import TokenBuckets
+from .ratelimit import AddressCounts, TokenBuckets
 from .routes import ROUTES
 from .service import LedgerService
 
@@ -75,6 +75,7 @@ def create_app(
     app.state.write_buckets = TokenBuckets(lim.write_rate, lim.write_burst)
     app.state.receipt_buckets = TokenBuckets(lim.receipt_rate, lim.receipt_burst)
     app.state.report_buckets = TokenBuckets(lim.report_rate, lim.report_burst)
+    app.state.sse_per_address = AddressCounts(lim.max_sse_per_address)
     return app
 
 
@@ -137,7 +138,9 @@ async def _start(
 class LoadProgress:
     """Logs the start-up audit's progress: a line every ``every`` seconds, and the total time."""
 
-    def __init__(self, total: int, *, every: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, total: int, *, every: float = 2.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.total = total
         self.every = every
         self.clock = clock

@@ -4,10 +4,12 @@
 log key (``DIR/log.key``, 0600), the SQLite ledger and ``DIR/server.json``,
 and prints ``{"log_public_key", "log_vkey", "cosig_vkey"}``.
 
-``serve --data DIR [--host] [--port] [--checkpoint-interval]`` runs uvicorn
-(uvloop, httptools, one process) until SIGTERM or SIGINT, then ends the event
-streams, finishes the appends in flight, and exits 0 within 10 s, printing
-one JSON line.
+``serve --data DIR [--host] [--port] [--checkpoint-interval] [limits]`` runs
+uvicorn (uvloop, httptools with the connection guards of :mod:`api.connguard`,
+one process) until SIGTERM or SIGINT, then ends the event streams, finishes
+the appends in flight, and exits 0 within 10 s, printing one JSON line. Every
+limit is an option whose default ``--help`` shows (docs/operations.md,
+"Limits").
 """
 
 from __future__ import annotations
@@ -46,18 +48,87 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     init.add_argument("--origin", required=True, help="the ledger's origin, e.g. ledger.example/plant-7")
     init.set_defaults(handler=cmd_server_init)
 
-    serve = subparsers.add_parser("serve", help="serve a ledger over HTTP")
-    serve.add_argument("--data", required=True, help="the data directory (from `writ server init`)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=_port, default=8000)
-    serve.add_argument("--checkpoint-interval", type=_positive, default=10.0, metavar="SECONDS")
-    serve.add_argument("--write-rate", type=_positive, default=_DEFAULTS.write_rate, metavar="PER_SECOND")
-    serve.add_argument("--write-burst", type=_count, default=_DEFAULTS.write_burst)
-    serve.add_argument("--receipt-rate", type=_positive, default=_DEFAULTS.receipt_rate, metavar="PER_SECOND")
-    serve.add_argument("--receipt-burst", type=_count, default=_DEFAULTS.receipt_burst)
-    serve.add_argument("--max-sse-clients", type=_count, default=_DEFAULTS.max_sse_clients)
+    serve = subparsers.add_parser(
+        "serve", help="serve a ledger over HTTP", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     serve.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+        "--data",
+        required=True,
+        default=argparse.SUPPRESS,
+        help="the data directory (from `writ server init`)",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    serve.add_argument("--port", type=_port, default=8000, help="the port to listen on")
+    serve.add_argument(
+        "--checkpoint-interval",
+        type=_positive,
+        default=10.0,
+        metavar="SECONDS",
+        help="re-sign the checkpoint at least this often",
+    )
+    d = _DEFAULTS
+    add = serve.add_argument
+    add(
+        "--write-rate",
+        type=_positive,
+        default=d.write_rate,
+        metavar="PER_SECOND",
+        help="POST /v1/records per client address",
+    )
+    add("--write-burst", type=_count, default=d.write_burst, help="POST /v1/records burst per client address")
+    add(
+        "--receipt-rate",
+        type=_positive,
+        default=d.receipt_rate,
+        metavar="PER_SECOND",
+        help="POST /v1/receipts per client address",
+    )
+    add(
+        "--receipt-burst",
+        type=_count,
+        default=d.receipt_burst,
+        help="POST /v1/receipts burst per client address",
+    )
+    add(
+        "--report-rate",
+        type=_positive,
+        default=d.report_rate,
+        metavar="PER_SECOND",
+        help="GET /v1/fleet and the dashboard per client address (never /checkpoint, tiles, records)",
+    )
+    add("--report-burst", type=_count, default=d.report_burst, help="reports burst per client address")
+    add("--max-sse-clients", type=_count, default=d.max_sse_clients, help="open /v1/events streams in all")
+    add(
+        "--max-sse-per-address",
+        type=_count,
+        default=d.max_sse_per_address,
+        help="open /v1/events streams per client address",
+    )
+    add(
+        "--max-connections-per-address",
+        type=_count,
+        default=d.max_connections_per_address,
+        help="open sockets per peer address (trusted proxies, FORWARDED_ALLOW_IPS, not counted)",
+    )
+    add(
+        "--header-timeout",
+        type=_header_timeout,
+        default=d.header_timeout,
+        metavar="SECONDS",
+        help="seconds to send a whole request head (at most 60)",
+    )
+    add(
+        "--keep-alive-timeout",
+        type=_count,
+        default=d.keep_alive_timeout,
+        metavar="SECONDS",
+        help="seconds an idle keep-alive connection stays open",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="debug adds an access log",
     )
     serve.set_defaults(handler=cmd_serve)
 
@@ -79,6 +150,13 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError("expected a positive number") from None
     if not v > 0 or v != v or v == float("inf"):
         raise argparse.ArgumentTypeError("expected a positive number")
+    return v
+
+
+def _header_timeout(text: str) -> float:
+    v = _positive(text)
+    if v > 60:
+        raise argparse.ArgumentTypeError("the header timeout is at most 60 seconds")
     return v
 
 
@@ -172,8 +250,9 @@ def _server_class() -> type[Any]:
     return WritServer
 
 
-def _raise_open_files_limit() -> None:
-    """Event streams hold a socket each: allow as many open files as the hard limit lets us."""
+def _raise_open_files_limit() -> int:
+    """Event streams hold a socket each: allow as many open files as the hard limit lets us
+    (up to 65536). Returns the soft limit now in force (-1 where it cannot be read)."""
     try:
         import resource
 
@@ -181,14 +260,17 @@ def _raise_open_files_limit() -> None:
         want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
         if soft != resource.RLIM_INFINITY and soft < want:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return want
+        return int(soft)
     except (ImportError, ValueError, OSError):
-        pass
+        return -1
 
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     import uvicorn
 
     from .app import create_app
+    from .connguard import TrustedProxies, guarded_protocol
 
     data_dir = Path(args.data)
     if not data_dir.is_dir():
@@ -202,7 +284,13 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
         write_burst=args.write_burst,
         receipt_rate=args.receipt_rate,
         receipt_burst=args.receipt_burst,
+        report_rate=args.report_rate,
+        report_burst=args.report_burst,
         max_sse_clients=args.max_sse_clients,
+        max_sse_per_address=args.max_sse_per_address,
+        max_connections_per_address=args.max_connections_per_address,
+        header_timeout=args.header_timeout,
+        keep_alive_timeout=args.keep_alive_timeout,
     )
     config = cfg.ServerConfig(
         data_dir=data_dir,
@@ -232,8 +320,15 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
         proxy_headers=True,
         server_header=False,
         backlog=4096,
+        timeout_keep_alive=limits.keep_alive_timeout,
     )
-    _raise_open_files_limit()
+    uconfig.http = guarded_protocol(
+        header_timeout=limits.header_timeout,
+        max_per_address=limits.max_connections_per_address,
+        trusted=TrustedProxies(uconfig.forwarded_allow_ips),
+    )
+    nofile = _raise_open_files_limit()
+    log.info("open files limit %s", nofile if nofile >= 0 else "unknown")
     server = _server_class()(uconfig)
     hide = _HideTracebacks()
     uv_log = logging.getLogger("uvicorn.error")

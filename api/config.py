@@ -53,6 +53,12 @@ class Limits:
     #: bucket per client host. Never applied to /checkpoint, tiles or /v1/records.
     report_rate: float = 5.0
     report_burst: int = 50
+    #: connection level (``writ serve``, api/connguard.py): seconds a client has to send a
+    #: whole request head, seconds an idle keep-alive connection stays open, and open
+    #: sockets per client address (a trusted proxy's own sockets are not counted).
+    header_timeout: float = 30.0
+    keep_alive_timeout: int = 5
+    max_connections_per_address: int = 2000
     sse_heartbeat: float = 15.0
     #: seconds a request may take before the client gets 503 (the append itself still completes).
     request_timeout: float = 30.0

@@ -12,7 +12,6 @@ from ledger.records import Reason
 from ledger.state import GrantInfo, LedgerState, Revocation
 from ledger.storage import ReceiptRow
 
-
 #: the most devices one fleet page lists.
 MAX_DEVICES_PAGE = 1000
 #: the most revocations one fleet report covers.
@@ -80,10 +79,10 @@ class FleetIndex:
         for rev in reversed(revs):
             self.revocations.append(rev)
             if isinstance(rev.target, int):
-                g = state.grants.get(rev.target)
-                self.names[rev.seq] = g.name if g is not None else None
-                if g is not None:
-                    self._remove(g.seq, g.subject)
+                target = state.grants.get(rev.target)
+                self.names[rev.seq] = target.name if target is not None else None
+                if target is not None:
+                    self._remove(target.seq, target.subject)
             else:
                 self.names[rev.seq] = ", ".join(sorted(self._subject_names.get(rev.target, ()))) or None
                 for seq in list(self.by_subject.get(rev.target, ())):
@@ -121,7 +120,7 @@ class FleetIndex:
         return bisect.bisect_right(self.by_size, (rev_seq, 1 << 64))
 
     def stragglers(self, rev_seq: int, after: tuple[int, int] | None, limit: int) -> list[tuple[int, int]]:
-        """Up to ``limit`` (size, seq) of devices behind ``rev_seq``, furthest behind first, past ``after``."""
+        """Up to ``limit`` (size, seq) of devices behind ``rev_seq`` past ``after``, furthest behind first."""
         end = self.not_applied(rev_seq)
         start = 0 if after is None else bisect.bisect_right(self.by_size, after)
         return self.by_size[start : min(end, start + limit)]
