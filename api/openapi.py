@@ -328,7 +328,7 @@ _PATHS: dict[str, Any] = {
                 _q("limit", "Devices on this page (1..1000, default 1000)"),
                 _q("after", "Devices after this grant seq (the previous page's next)"),
                 _q("revocations", "Newest revocations to report (0..100, default 50)"),
-                _q("stragglers", "Stragglers listed per revocation (0..100, default 20)"),
+                _q("stragglers", "Stragglers listed per revocation (0..20, default 20)"),
             ],
             "responses": {
                 "200": _json(_ref("Fleet")),

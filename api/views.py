@@ -16,8 +16,10 @@ from ledger.storage import ReceiptRow
 MAX_DEVICES_PAGE = 1000
 #: the most revocations one fleet report covers.
 MAX_REVOCATIONS = 100
-#: the most stragglers listed per revocation in one answer.
+#: the most stragglers listed per revocation on one page of GET /v1/fleet/revocations/{seq}.
 MAX_STRAGGLERS = 100
+#: ... and per revocation in the fleet report (the rest: that page's link).
+MAX_FLEET_STRAGGLERS = 20
 _NONE = -1  # the receipt size of a device that never sent one (sorts first: furthest behind)
 
 

@@ -4,9 +4,10 @@ receipts, and how far each revocation has spread.
 Both are reports (rate-limited per client address, ``Limits.report_rate``) whose
 cost is bounded by their page sizes, which are capped: at most
 :data:`~api.views.MAX_DEVICES_PAGE` devices (``?limit=``, paged with ``?after=SEQ``,
-the answer's ``next``), :data:`~api.views.MAX_REVOCATIONS` revocations and
-:data:`~api.views.MAX_STRAGGLERS` stragglers each (the per-revocation route pages
-them with its ``stragglers_next`` cursor). The counts come from the service's
+the answer's ``next``), :data:`~api.views.MAX_REVOCATIONS` revocations with
+:data:`~api.views.MAX_FLEET_STRAGGLERS` stragglers each; the per-revocation route
+pages all of them, :data:`~api.views.MAX_STRAGGLERS` at a time, with its
+``stragglers_next`` cursor. The counts come from the service's
 :class:`~api.views.FleetIndex`, kept as records and receipts arrive.
 """
 
@@ -35,7 +36,9 @@ async def get_fleet(request: Request) -> Response:
     limit = c.query_int(request, "limit", views.MAX_DEVICES_PAGE, lo=1, hi=views.MAX_DEVICES_PAGE)
     after = c.query_int(request, "after", -1, lo=0) if "after" in request.query_params else None
     max_revs = c.query_int(request, "revocations", 50, lo=0, hi=views.MAX_REVOCATIONS)
-    max_stragglers = c.query_int(request, "stragglers", 20, lo=0, hi=views.MAX_STRAGGLERS)
+    max_stragglers = c.query_int(
+        request, "stragglers", views.MAX_FLEET_STRAGGLERS, lo=0, hi=views.MAX_FLEET_STRAGGLERS
+    )
     index = synced_index(svc)
     return c.json_response(
         views.fleet(
