@@ -23,6 +23,7 @@ from ledger.storage import Storage
 from ledger.storage.sqlite import SqliteStorage
 
 from . import config as cfg
+from .connguard import TrustedProxies
 from .metrics import Metrics
 from .problems import EXCEPTION_HANDLERS, InternalErrorMiddleware
 from .ratelimit import AddressCounts, TokenBuckets
@@ -76,6 +77,9 @@ def create_app(
     app.state.receipt_buckets = TokenBuckets(lim.receipt_rate, lim.receipt_burst)
     app.state.report_buckets = TokenBuckets(lim.report_rate, lim.report_burst)
     app.state.sse_per_address = AddressCounts(lim.max_sse_per_address)
+    # the proxies whose X-Forwarded-For is believed (``writ serve`` sets uvicorn's); in
+    # process, none: every client is capped
+    app.state.trusted_proxies = TrustedProxies("")
     return app
 
 

@@ -322,10 +322,12 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
         backlog=4096,
         timeout_keep_alive=limits.keep_alive_timeout,
     )
+    trusted = TrustedProxies(uconfig.forwarded_allow_ips)
+    app.state.trusted_proxies = trusted
     uconfig.http = guarded_protocol(
         header_timeout=limits.header_timeout,
         max_per_address=limits.max_connections_per_address,
-        trusted=TrustedProxies(uconfig.forwarded_allow_ips),
+        trusted=trusted,
     )
     nofile = _raise_open_files_limit()
     log.info("open files limit %s", nofile if nofile >= 0 else "unknown")

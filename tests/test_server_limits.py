@@ -389,10 +389,11 @@ def test_socket_hoarding_from_one_address_is_capped_and_others_still_served(tmp_
             assert again.get(srv.url + "/checkpoint").status_code == 200
 
 
-def _open_stream(address: str, url: str, stack: contextlib.ExitStack) -> bytes:
+def _open_stream(address: str, url: str, stack: contextlib.ExitStack, forwarded: str = "") -> bytes:
     """Open GET /v1/events from ``address``; the status line and headers, and a refusal's body."""
     s = stack.enter_context(_socket_from(address, url))
-    s.sendall(b"GET /v1/events HTTP/1.1\r\nHost: writ\r\n\r\n")
+    xff = f"X-Forwarded-For: {forwarded}\r\n".encode() if forwarded else b""
+    s.sendall(b"GET /v1/events HTTP/1.1\r\nHost: writ\r\n" + xff + b"\r\n")
     got = b""
     while b"\r\n\r\n" not in got:
         got += s.recv(4096)
@@ -416,6 +417,13 @@ def test_event_stream_hogging_from_one_address_is_capped(tmp_path: Path) -> None
             assert refused.startswith(b"HTTP/1.1 503 "), refused
             assert b"urn:writ:problem:overloaded" in refused
             assert _open_stream("127.0.0.3", srv.url, stack).startswith(b"HTTP/1.1 200 ")
+            # behind the trusted proxy (127.0.0.1), each forwarded client is capped on its own,
+            # and the proxy's own address is not capped
+            proxied = [_open_stream("127.0.0.1", srv.url, stack, "198.51.100.7") for _ in range(4)]
+            assert [r[:13] for r in proxied] == [b"HTTP/1.1 200 "] * 3 + [b"HTTP/1.1 503 "]
+            assert _open_stream("127.0.0.1", srv.url, stack, "198.51.100.8").startswith(b"HTTP/1.1 200 ")
+            for _ in range(4):
+                assert _open_stream("127.0.0.1", srv.url, stack).startswith(b"HTTP/1.1 200 ")
         time.sleep(0.3)  # the streams above are closed: their slots come back
         with contextlib.ExitStack() as stack:
             assert _open_stream("127.0.0.2", srv.url, stack).startswith(b"HTTP/1.1 200 ")

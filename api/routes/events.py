@@ -13,7 +13,8 @@ each event sent) to the new size, when there are at most 1000 of them (a
 client further behind falls back to tiles). A ``: hb`` comment is sent every
 heartbeat interval. Over the connection cap, or over the per-address cap
 (``Limits.max_sse_per_address``, counted per client address: the forwarded one
-behind a trusted proxy), ``503 overloaded``: one client cannot hold every slot.
+behind a trusted proxy; the trusted proxies' own addresses are not capped),
+``503 overloaded``: one client cannot hold every slot.
 """
 
 from __future__ import annotations
@@ -105,7 +106,10 @@ async def get_events(request: Request) -> Response:
         raise Problem("overloaded", 503, "too many event streams", headers={"Retry-After": "10"})
     per_address: AddressCounts = request.app.state.sse_per_address
     address = request.client.host if request.client is not None else "unknown"
-    if not per_address.acquire(address):
+    # a trusted proxy's own address (the operator's nginx, tools on its host) is not
+    # capped; the clients behind it arrive with their forwarded address, which is
+    exempt = address in request.app.state.trusted_proxies
+    if not exempt and not per_address.acquire(address):
         raise Problem(
             "overloaded",
             503,
@@ -120,7 +124,8 @@ async def get_events(request: Request) -> Response:
 
     def release() -> None:
         hub.clients -= 1
-        per_address.release(address)
+        if not exempt:
+            per_address.release(address)
         metrics.sse_clients.set(hub.clients)
 
     async def stream() -> AsyncIterator[bytes]:
