@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -66,64 +66,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="SECONDS",
         help="re-sign the checkpoint at least this often",
     )
-    d = _DEFAULTS
-    add = serve.add_argument
-    add(
-        "--write-rate",
-        type=_positive,
-        default=d.write_rate,
-        metavar="PER_SECOND",
-        help="POST /v1/records per client address",
-    )
-    add("--write-burst", type=_count, default=d.write_burst, help="POST /v1/records burst per client address")
-    add(
-        "--receipt-rate",
-        type=_positive,
-        default=d.receipt_rate,
-        metavar="PER_SECOND",
-        help="POST /v1/receipts per client address",
-    )
-    add(
-        "--receipt-burst",
-        type=_count,
-        default=d.receipt_burst,
-        help="POST /v1/receipts burst per client address",
-    )
-    add(
-        "--report-rate",
-        type=_positive,
-        default=d.report_rate,
-        metavar="PER_SECOND",
-        help="GET /v1/fleet and the dashboard per client address (never /checkpoint, tiles, records)",
-    )
-    add("--report-burst", type=_count, default=d.report_burst, help="reports burst per client address")
-    add("--max-sse-clients", type=_count, default=d.max_sse_clients, help="open /v1/events streams in all")
-    add(
-        "--max-sse-per-address",
-        type=_count,
-        default=d.max_sse_per_address,
-        help="open /v1/events streams per client address",
-    )
-    add(
-        "--max-connections-per-address",
-        type=_count,
-        default=d.max_connections_per_address,
-        help="open sockets per peer address (trusted proxies, FORWARDED_ALLOW_IPS, not counted)",
-    )
-    add(
-        "--header-timeout",
-        type=_header_timeout,
-        default=d.header_timeout,
-        metavar="SECONDS",
-        help="seconds to send a whole request head (at most 60)",
-    )
-    add(
-        "--keep-alive-timeout",
-        type=_count,
-        default=d.keep_alive_timeout,
-        metavar="SECONDS",
-        help="seconds an idle keep-alive connection stays open",
-    )
+    for name, kind, metavar, text in _LIMIT_OPTIONS:
+        serve.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=getattr(_DEFAULTS, name),
+            metavar=metavar,
+            help=text,
+        )
     serve.add_argument(
         "--log-level",
         default="info",
@@ -168,6 +118,33 @@ def _count(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError("expected a positive integer")
     return v
+
+
+#: the ``writ serve`` options that set a :class:`~api.config.Limits` field of the same name:
+#: (field, type, metavar, help). Their defaults are the dataclass's (``--help`` shows them).
+_LIMIT_OPTIONS: list[tuple[str, Callable[[str], Any], str | None, str]] = [
+    ("write_rate", _positive, "PER_SECOND", "POST /v1/records per client address"),
+    ("write_burst", _count, None, "POST /v1/records burst per client address"),
+    ("receipt_rate", _positive, "PER_SECOND", "POST /v1/receipts per client address"),
+    ("receipt_burst", _count, None, "POST /v1/receipts burst per client address"),
+    (
+        "report_rate",
+        _positive,
+        "PER_SECOND",
+        "GET /v1/fleet and the dashboard per client address (never /checkpoint, tiles, records)",
+    ),
+    ("report_burst", _count, None, "reports burst per client address"),
+    ("max_sse_clients", _count, None, "open /v1/events streams in all"),
+    ("max_sse_per_address", _count, None, "open /v1/events streams per client address"),
+    (
+        "max_connections_per_address",
+        _count,
+        None,
+        "open sockets per peer address (trusted proxies, FORWARDED_ALLOW_IPS, not counted)",
+    ),
+    ("header_timeout", _header_timeout, "SECONDS", "seconds to send a whole request head (at most 60)"),
+    ("keep_alive_timeout", _count, "SECONDS", "seconds an idle keep-alive connection stays open"),
+]
 
 
 # --- server init --------------------------------------------------------------
@@ -279,19 +256,7 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     cfg.load_log_key(data_dir)
     if not (data_dir / cfg.LEDGER_DB).exists():
         raise UsageError(f"no {cfg.LEDGER_DB} in {data_dir}: run `writ server init` first")
-    limits = cfg.Limits(
-        write_rate=args.write_rate,
-        write_burst=args.write_burst,
-        receipt_rate=args.receipt_rate,
-        receipt_burst=args.receipt_burst,
-        report_rate=args.report_rate,
-        report_burst=args.report_burst,
-        max_sse_clients=args.max_sse_clients,
-        max_sse_per_address=args.max_sse_per_address,
-        max_connections_per_address=args.max_connections_per_address,
-        header_timeout=args.header_timeout,
-        keep_alive_timeout=args.keep_alive_timeout,
-    )
+    limits = cfg.Limits(**{name: getattr(args, name) for name, *_ in _LIMIT_OPTIONS})
     config = cfg.ServerConfig(
         data_dir=data_dir,
         host=args.host,
