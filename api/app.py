@@ -23,9 +23,10 @@ from ledger.storage import Storage
 from ledger.storage.sqlite import SqliteStorage
 
 from . import config as cfg
+from .connguard import TrustedProxies
 from .metrics import Metrics
 from .problems import EXCEPTION_HANDLERS, InternalErrorMiddleware
-from .ratelimit import TokenBuckets
+from .ratelimit import AddressCounts, TokenBuckets
 from .routes import ROUTES
 from .service import LedgerService
 
@@ -74,6 +75,11 @@ def create_app(
     lim = config.limits
     app.state.write_buckets = TokenBuckets(lim.write_rate, lim.write_burst)
     app.state.receipt_buckets = TokenBuckets(lim.receipt_rate, lim.receipt_burst)
+    app.state.report_buckets = TokenBuckets(lim.report_rate, lim.report_burst)
+    app.state.sse_per_address = AddressCounts(lim.max_sse_per_address)
+    # the proxies whose X-Forwarded-For is believed (``writ serve`` sets uvicorn's); in
+    # process, none: every client is capped
+    app.state.trusted_proxies = TrustedProxies("")
     return app
 
 
@@ -86,16 +92,29 @@ async def _start(
     clock: Callable[[], float],
     metrics: Metrics,
 ) -> LedgerService:
-    """Open the storage, load and audit the ledger, start the service."""
+    """Open the storage, load and audit the ledger, start the service.
+
+    Each stage logs one line (opening, verifying with progress, serving), so an
+    operator whose server takes a minute to re-verify a large ledger sees why."""
+    log.info("opening the ledger %s", "(injected storage)" if storage is not None else config.ledger_db)
     try:
         store = storage if storage is not None else await SqliteStorage.open(config.ledger_db)
     except WritError as exc:
         app.state.startup_error = exc
         raise
     try:
+        head = await store.head()
+        log.info("verifying %d stored records (every signature, every rule)", head.size)
         service = await LedgerService.start(
-            config=config, ident=ident, storage=store, signer=signer, clock=clock, metrics=metrics
+            config=config,
+            ident=ident,
+            storage=store,
+            signer=signer,
+            clock=clock,
+            metrics=metrics,
+            progress=LoadProgress(head.size),
         )
+        service.fleet.sync(service.state, service.receipts)  # the fleet report's counts, once
     except BaseException as exc:
         if isinstance(exc, WritError):
             app.state.startup_error = exc
@@ -111,10 +130,34 @@ async def _start(
         raise
     app.state.service = service
     log.info(
-        "serving %s: %d records, root %s, log key %s",
+        "verified; serving %s: %d records, root %s, log key %s",
         ident.origin,
         service.size,
         service.root.hex(),
         ident.log_public_key.hex(),
     )
     return service
+
+
+class LoadProgress:
+    """Logs the start-up audit's progress: a line every ``every`` seconds, and the total time."""
+
+    def __init__(
+        self, total: int, *, every: float = 2.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.total = total
+        self.every = every
+        self.clock = clock
+        self.started = clock()
+        self.last = self.started
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        if done >= total:
+            log.info("verified %d records in %.1f s", done, now - self.started)
+        elif now - self.last >= self.every:
+            pct = 100.0 * done / total if total else 100.0
+            log.info("verifying: %d of %d records (%.0f%%)", done, total, pct)
+        else:
+            return
+        self.last = now

@@ -4,10 +4,12 @@
 log key (``DIR/log.key``, 0600), the SQLite ledger and ``DIR/server.json``,
 and prints ``{"log_public_key", "log_vkey", "cosig_vkey"}``.
 
-``serve --data DIR [--host] [--port] [--checkpoint-interval]`` runs uvicorn
-(uvloop, httptools, one process) until SIGTERM or SIGINT, then ends the event
-streams, finishes the appends in flight, and exits 0 within 10 s, printing
-one JSON line.
+``serve --data DIR [--host] [--port] [--checkpoint-interval] [limits]`` runs
+uvicorn (uvloop, httptools with the connection guards of :mod:`api.connguard`,
+one process) until SIGTERM or SIGINT, then ends the event streams, finishes
+the appends in flight, and exits 0 within 10 s, printing one JSON line. Every
+limit is an option whose default ``--help`` shows (docs/operations.md,
+"Limits").
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -48,59 +50,38 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     init.set_defaults(handler=cmd_server_init)
 
-    serve = subparsers.add_parser("serve", help="serve a ledger over HTTP")
+    serve = subparsers.add_parser(
+        "serve", help="serve a ledger over HTTP", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     serve.add_argument(
-        "--data", required=True, metavar="DIR", help="the data directory (from `writ server init`)"
+        "--data",
+        required=True,
+        default=argparse.SUPPRESS,
+        metavar="DIR",
+        help="the data directory (from `writ server init`)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on")
-    serve.add_argument("--port", type=_port, default=8000, help="the TCP port to listen on")
+    serve.add_argument("--port", type=_port, default=8000, help="the port to listen on")
     serve.add_argument(
         "--checkpoint-interval",
         type=_positive,
         default=10.0,
         metavar="SECONDS",
-        help="how often a new checkpoint is signed while the ledger grows",
+        help="re-sign the checkpoint at least this often",
     )
-    serve.add_argument(
-        "--write-rate",
-        type=_positive,
-        default=_DEFAULTS.write_rate,
-        metavar="PER_SECOND",
-        help="appends per second per client host (then 429)",
-    )
-    serve.add_argument(
-        "--write-burst",
-        type=_count,
-        default=_DEFAULTS.write_burst,
-        metavar="N",
-        help="append burst allowance",
-    )
-    serve.add_argument(
-        "--receipt-rate",
-        type=_positive,
-        default=_DEFAULTS.receipt_rate,
-        metavar="PER_SECOND",
-        help="device receipts per second per client host (then 429)",
-    )
-    serve.add_argument(
-        "--receipt-burst",
-        type=_count,
-        default=_DEFAULTS.receipt_burst,
-        metavar="N",
-        help="receipt burst allowance",
-    )
-    serve.add_argument(
-        "--max-sse-clients",
-        type=_count,
-        default=_DEFAULTS.max_sse_clients,
-        metavar="N",
-        help="event-stream clients at once (then 503)",
-    )
+    for name, kind, metavar, text in _LIMIT_OPTIONS:
+        serve.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=getattr(_DEFAULTS, name),
+            metavar=metavar,
+            help=text,
+        )
     serve.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
-        help="the server log's level (on stderr)",
+        help="the server log's level (on stderr; debug adds an access log)",
     )
     serve.set_defaults(handler=cmd_serve)
 
@@ -125,6 +106,13 @@ def _positive(text: str) -> float:
     return v
 
 
+def _header_timeout(text: str) -> float:
+    v = _positive(text)
+    if v > 60:
+        raise argparse.ArgumentTypeError("the header timeout is at most 60 seconds")
+    return v
+
+
 def _count(text: str) -> int:
     try:
         v = int(text)
@@ -133,6 +121,33 @@ def _count(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError("expected a positive integer")
     return v
+
+
+#: the ``writ serve`` options that set a :class:`~api.config.Limits` field of the same name:
+#: (field, type, metavar, help). Their defaults are the dataclass's (``--help`` shows them).
+_LIMIT_OPTIONS: list[tuple[str, Callable[[str], Any], str | None, str]] = [
+    ("write_rate", _positive, "PER_SECOND", "POST /v1/records per client address"),
+    ("write_burst", _count, None, "POST /v1/records burst per client address"),
+    ("receipt_rate", _positive, "PER_SECOND", "POST /v1/receipts per client address"),
+    ("receipt_burst", _count, None, "POST /v1/receipts burst per client address"),
+    (
+        "report_rate",
+        _positive,
+        "PER_SECOND",
+        "GET /v1/fleet and the dashboard per client address (never /checkpoint, tiles, records)",
+    ),
+    ("report_burst", _count, None, "reports burst per client address"),
+    ("max_sse_clients", _count, None, "open /v1/events streams in all"),
+    ("max_sse_per_address", _count, None, "open /v1/events streams per client address"),
+    (
+        "max_connections_per_address",
+        _count,
+        None,
+        "open sockets per peer address (trusted proxies, FORWARDED_ALLOW_IPS, not counted)",
+    ),
+    ("header_timeout", _header_timeout, "SECONDS", "seconds to send a whole request head (at most 60)"),
+    ("keep_alive_timeout", _count, "SECONDS", "seconds an idle keep-alive connection stays open"),
+]
 
 
 # --- server init --------------------------------------------------------------
@@ -257,8 +272,9 @@ def _server_class() -> type[Any]:
     return WritServer
 
 
-def _raise_open_files_limit() -> None:
-    """Event streams hold a socket each: allow as many open files as the hard limit lets us."""
+def _raise_open_files_limit() -> int:
+    """Event streams hold a socket each: allow as many open files as the hard limit lets us
+    (up to 65536). Returns the soft limit now in force (-1 where it cannot be read)."""
     try:
         import resource
 
@@ -266,14 +282,17 @@ def _raise_open_files_limit() -> None:
         want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
         if soft != resource.RLIM_INFINITY and soft < want:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return want
+        return int(soft)
     except (ImportError, ValueError, OSError):
-        pass
+        return -1
 
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     import uvicorn
 
     from .app import create_app
+    from .connguard import TrustedProxies, guarded_protocol
 
     data_dir = Path(args.data)
     if not data_dir.is_dir():
@@ -283,13 +302,7 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     if not (data_dir / cfg.LEDGER_DB).exists():
         raise UsageError(f"no {cfg.LEDGER_DB} in {data_dir}: run `writ server init` first")
     check_data_dir_writable(data_dir)
-    limits = cfg.Limits(
-        write_rate=args.write_rate,
-        write_burst=args.write_burst,
-        receipt_rate=args.receipt_rate,
-        receipt_burst=args.receipt_burst,
-        max_sse_clients=args.max_sse_clients,
-    )
+    limits = cfg.Limits(**{name: getattr(args, name) for name, *_ in _LIMIT_OPTIONS})
     config = cfg.ServerConfig(
         data_dir=data_dir,
         host=args.host,
@@ -318,8 +331,17 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
         proxy_headers=True,
         server_header=False,
         backlog=4096,
+        timeout_keep_alive=limits.keep_alive_timeout,
     )
-    _raise_open_files_limit()
+    trusted = TrustedProxies(uconfig.forwarded_allow_ips)
+    app.state.trusted_proxies = trusted
+    uconfig.http = guarded_protocol(
+        header_timeout=limits.header_timeout,
+        max_per_address=limits.max_connections_per_address,
+        trusted=trusted,
+    )
+    nofile = _raise_open_files_limit()
+    log.info("open files limit %s", nofile if nofile >= 0 else "unknown")
     server = _server_class()(uconfig)
     hide = _HideTracebacks()
     uv_log = logging.getLogger("uvicorn.error")

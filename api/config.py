@@ -47,6 +47,19 @@ class Limits:
     receipt_rate: float = 2000.0
     receipt_burst: int = 20000
     max_sse_clients: int = 20000
+    #: open /v1/events streams per client address (a plant behind one NAT, the fleet
+    #: simulation's 500 relay streams stay well below it).
+    max_sse_per_address: int = 1000
+    #: expensive reports (GET /v1/fleet, its revocation pages, the dashboard): a token
+    #: bucket per client host. Never applied to /checkpoint, tiles or /v1/records.
+    report_rate: float = 5.0
+    report_burst: int = 50
+    #: connection level (``writ serve``, api/connguard.py): seconds a client has to send a
+    #: whole request head, seconds an idle keep-alive connection stays open, and open
+    #: sockets per client address (a trusted proxy's own sockets are not counted).
+    header_timeout: float = 30.0
+    keep_alive_timeout: int = 5
+    max_connections_per_address: int = 2000
     sse_heartbeat: float = 15.0
     #: seconds a request may take before the client gets 503 (the append itself still completes).
     request_timeout: float = 30.0

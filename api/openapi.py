@@ -151,6 +151,8 @@ _SCHEMAS: dict[str, Any] = {
             "total": UINT,
             "stragglers": {"type": "array", "items": _ref("Straggler")},
             "stragglers_total": UINT,
+            "stragglers_next": {"type": ["string", "null"]},
+            "stragglers_url": {"type": "string"},
         },
     },
     "Fleet": {
@@ -158,7 +160,11 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["devices", "revocations"],
         "properties": {
             "devices": {"type": "array", "items": _ref("Device")},
+            "devices_total": UINT,
+            "active_devices": UINT,
+            "next": {"type": ["integer", "null"]},
             "revocations": {"type": "array", "items": _ref("RevocationSpread")},
+            "revocations_total": UINT,
         },
     },
     "InclusionProof": {
@@ -316,13 +322,36 @@ _PATHS: dict[str, Any] = {
     },
     "/v1/fleet": {
         "get": {
-            "summary": "Devices, their latest receipts, and how far each revocation has spread",
+            "summary": "A page of devices with their latest receipts; how far each revocation has spread",
             "operationId": "getFleet",
             "parameters": [
-                _q("revocations", "Newest revocations to report (default 50)"),
-                _q("stragglers", "Stragglers listed per revocation (default 100)"),
+                _q("limit", "Devices on this page (1..1000, default 1000)"),
+                _q("after", "Devices after this grant seq (the previous page's next)"),
+                _q("revocations", "Newest revocations to report (0..100, default 50)"),
+                _q("stragglers", "Stragglers listed per revocation (0..20, default 20)"),
             ],
-            "responses": {"200": _json(_ref("Fleet")), "400": BAD_REQUEST},
+            "responses": {
+                "200": _json(_ref("Fleet")),
+                "400": BAD_REQUEST,
+                "429": _problem("rate-limited: a report (see Retry-After)"),
+            },
+        }
+    },
+    "/v1/fleet/revocations/{seq}": {
+        "get": {
+            "summary": "One revocation's spread, with a page of its stragglers (furthest behind first)",
+            "operationId": "getRevocationSpread",
+            "parameters": [
+                {"name": "seq", "in": "path", "required": True, "schema": UINT},
+                _q("stragglers", "Stragglers on this page (1..100, default 100)"),
+                _q("after", "The previous page's stragglers_next cursor", schema={"type": "string"}),
+            ],
+            "responses": {
+                "200": _json(_ref("RevocationSpread")),
+                "400": BAD_REQUEST,
+                "404": _problem("not-found: no revocation at that seq"),
+                "429": _problem("rate-limited: a report (see Retry-After)"),
+            },
         }
     },
     "/v1/proof/inclusion": {

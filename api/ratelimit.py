@@ -1,4 +1,4 @@
-"""Token buckets keyed by client host."""
+"""Per-client limits: token buckets keyed by client host, and per-address slot counts."""
 
 from __future__ import annotations
 
@@ -54,3 +54,34 @@ class TokenBuckets:
     @staticmethod
     def retry_after(wait: float) -> str:
         return str(max(1, math.ceil(wait)))
+
+
+class AddressCounts:
+    """How many of something (sockets, event streams) each client address holds, capped.
+
+    :meth:`acquire` takes a slot for ``key`` unless it already holds ``cap``;
+    :meth:`release` gives one back. Only addresses holding a slot are kept.
+    """
+
+    def __init__(self, cap: int) -> None:
+        if cap < 1:
+            raise ValueError("a per-address cap is at least 1")
+        self.cap = cap
+        self._counts: dict[str, int] = {}
+
+    def acquire(self, key: str) -> bool:
+        n = self._counts.get(key, 0)
+        if n >= self.cap:
+            return False
+        self._counts[key] = n + 1
+        return True
+
+    def release(self, key: str) -> None:
+        n = self._counts.get(key, 0) - 1
+        if n > 0:
+            self._counts[key] = n
+        else:
+            self._counts.pop(key, None)
+
+    def held(self, key: str) -> int:
+        return self._counts.get(key, 0)

@@ -68,6 +68,7 @@ from .broadcast import Broadcaster, CheckpointEvent
 from .config import Identity, ServerConfig
 from .metrics import Metrics
 from .problems import Problem
+from .views import FleetIndex
 
 log = logging.getLogger("writ.api")
 
@@ -161,6 +162,7 @@ class LedgerService:
         self._tail: list[bytes] = []  # records of the current partial entry bundle
         self._tail_start = 0
         self.receipts: dict[int, ReceiptRow] = {}
+        self.fleet = FleetIndex()  # the fleet report's running counts (api/views.py)
         self.checkpoint: CheckpointEvent = CheckpointEvent(0, b"", 0, "")
         self._published_mono = 0.0
         self.broadcaster: Broadcaster | None = None
@@ -178,6 +180,7 @@ class LedgerService:
         signer: Signer,
         clock: Callable[[], float],
         metrics: Metrics,
+        progress: Callable[[int, int], None] | None = None,
     ) -> LedgerService:
         if signer.public_key != ident.log_public_key:
             raise StorageError("the log key file does not match the log public key in server.json")
@@ -186,7 +189,9 @@ class LedgerService:
             raise StorageError("the ledger database was initialised with another log key")
         sig_pool = ThreadPoolExecutor(2, thread_name_prefix="writ-verify")
         try:
-            loaded = await load_ledger(storage, anchor=ident.anchor, origin=ident.origin, executor=sig_pool)
+            loaded = await load_ledger(
+                storage, anchor=ident.anchor, origin=ident.origin, executor=sig_pool, progress=progress
+            )
             note = await storage.latest_checkpoint()
             stored = stored_checkpoint(note, ident.origin, ident.log_public_key) if note else None
             if stored is not None and (
@@ -614,5 +619,6 @@ class LedgerService:
         await self._store_receipt(row)
         if receipt_is_newer(r.size, r.time, self.receipts.get(r.device_grant_seq)):
             self.receipts[r.device_grant_seq] = row
+            self.fleet.receipt(row)
         self.metrics.receipts.inc()
         return {"accepted": True, "device_grant_seq": r.device_grant_seq, "size": r.size}

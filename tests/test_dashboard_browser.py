@@ -245,6 +245,17 @@ def test_header_shows_the_origin_and_the_size(plant: Plant, rendered: tuple[Page
     assert page.by_id["root"].strip() == plant.mirror.state.root.hex()
 
 
+def test_header_shows_the_root_key_in_force_and_the_log_key_as_server_init_printed_it(
+    plant: Plant, rendered: tuple[Page, Path]
+) -> None:
+    page, _ = rendered
+    assert plant.mirror.root.public_key.hex() in page.by_id["root-key"]
+    assert "never rotated" in page.by_id["root-key"]
+    # `writ server init` prints the log key as 64 hex digits: the operator compares those
+    assert page.by_id["log-key"].strip() == plant.server.log_public_key.hex()
+    assert page.by_id["log-vkey"].strip().startswith(ORIGIN + "+")
+
+
 def test_credentials_show_tablet_07_revoked_for_lost_and_the_rest_active(
     plant: Plant, rendered: tuple[Page, Path]
 ) -> None:
@@ -284,6 +295,9 @@ def test_revocation_spread_shows_half_the_devices_and_the_stragglers(
     assert f"plc-line4-02 (last receipt: size {plant.revoke_seq}" in stragglers
     assert "plc-line4-03 (last receipt: none)" in stragglers
     assert "plc-line3-17" not in stragglers and "plc-line3-18" not in stragglers
+    assert stragglers.strip().startswith("2 behind:")  # a count first; no link for a short list
+    # the never-reporting device is the furthest behind: listed first
+    assert stragglers.index("plc-line4-03") < stragglers.index("plc-line4-02")
 
 
 def test_recent_records_describe_the_revoke_in_words(plant: Plant, rendered: tuple[Page, Path]) -> None:

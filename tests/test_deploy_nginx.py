@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -114,18 +115,20 @@ def _main_conf(prefix: Path, site: Path) -> str:
 
 
 @contextlib.contextmanager
-def running_nginx(tmp: Path, upstream_url: str) -> Iterator[Nginx]:
-    """nginx with the rendered site on a free loopback port, proxying to ``upstream_url``."""
+def running_nginx(tmp: Path, upstream_url: str, *, edits: dict[str, str] | None = None) -> Iterator[Nginx]:
+    """nginx with the rendered site on a free loopback port, proxying to ``upstream_url``
+    (``edits``: exact replacements in the site, to scale a limit down to a test's size)."""
     assert NGINX is not None
     prefix = tmp / f"nginx-{free_port()}"
     (prefix / "temp").mkdir(parents=True)
     (prefix / "cache").mkdir()
     port = free_port()
     site = prefix / "writ.conf"
-    site.write_text(
-        render_site(f"127.0.0.1:{port}", upstream_url.removeprefix("http://"), prefix / "cache"),
-        encoding="utf-8",
-    )
+    text = render_site(f"127.0.0.1:{port}", upstream_url.removeprefix("http://"), prefix / "cache")
+    for old, new in (edits or {}).items():
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    site.write_text(text, encoding="utf-8")
     conf = prefix / "nginx.conf"
     conf.write_text(_main_conf(prefix, site), encoding="utf-8")
     cmd = [NGINX, "-c", str(conf), "-p", str(prefix) + "/", "-g", f"daemon off; pid {prefix / 'nginx.pid'};"]
@@ -417,6 +420,74 @@ def test_tiles_come_from_the_cache_when_the_server_is_down(tmp_path: Path) -> No
         down = httpx.get(proxy + "/checkpoint", timeout=10)
         assert down.status_code == 503
         assert down.json()["type"] == "urn:writ:problem:unavailable"
+
+
+@needs_nginx
+def test_report_flood_through_nginx_is_rate_limited_but_checkpoint_tiles_and_records_are_not(
+    tmp_path: Path, deployed: Deployment
+) -> None:
+    with running_nginx(tmp_path, deployed.server.url) as fresh, httpx.Client(timeout=5) as client:
+        codes = []
+        for _ in range(120):
+            r = client.get(fresh.url + "/v1/fleet", params={"limit": 1, "revocations": 0})
+            codes.append(r.status_code)
+            if r.status_code == 429:
+                break
+        assert codes[0] == 200 and codes[-1] == 429, codes
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["type"] == "urn:writ:problem:rate-limited"
+        for _ in range(120):
+            assert client.get(fresh.url + "/checkpoint").status_code == 200
+            assert client.get(fresh.url + "/tile/0/000").status_code == 200
+            assert client.get(fresh.url + "/v1/records?start=0&limit=5").status_code == 200
+
+
+def _open_events(url: str, stack: contextlib.ExitStack) -> int:
+    """Open GET /v1/events through nginx on a raw socket (kept open by ``stack``); its status."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = stack.enter_context(socket.create_connection((host, int(port)), timeout=10))
+    sock.sendall(b"GET /v1/events HTTP/1.1\r\nHost: writ\r\n\r\n")
+    head = b""
+    while b"\r\n" not in head:
+        head += sock.recv(4096)
+    return int(head.split(b" ", 2)[1])
+
+
+@needs_nginx
+def test_event_stream_hogging_through_nginx_is_capped_per_address(
+    tmp_path: Path, deployed: Deployment
+) -> None:
+    # the shipped cap is 500 streams per address; the same directive, scaled down to 3
+    edits = {"limit_conn writ_sse 500;": "limit_conn writ_sse 3;"}
+    with running_nginx(tmp_path, deployed.server.url, edits=edits) as proxy, contextlib.ExitStack() as stack:
+        assert [_open_events(proxy.url, stack) for _ in range(3)] == [200, 200, 200]
+        assert _open_events(proxy.url, stack) == 429
+        r = httpx.get(proxy.url + "/checkpoint", timeout=5)  # everything else still answers
+        assert r.status_code == 200
+
+
+def test_nginx_site_times_out_slow_heads_and_caps_each_address() -> None:
+    text = SITE.read_text(encoding="utf-8")
+
+    def seconds(directive: str) -> int:
+        (value,) = [
+            ln.split()[1].rstrip(";") for ln in text.splitlines() if ln.strip().startswith(directive + " ")
+        ]
+        assert value.endswith("s"), (directive, value)
+        return int(value[:-1])
+
+    assert 0 < seconds("client_header_timeout") <= 60
+    assert 0 < seconds("client_body_timeout") <= 60
+    assert 0 < seconds("keepalive_timeout") <= 75
+    caps = [ln.split()[1:3] for ln in text.splitlines() if ln.strip().startswith("limit_conn writ_")]
+    conn = {int(n.rstrip(";")) for zone, n in caps if zone == "writ_conn"}
+    sse = {int(n.rstrip(";")) for zone, n in caps if zone == "writ_sse"}
+    assert conn and min(conn) >= 1000 and sse and min(sse) >= 500  # a plant behind one NAT never hits them
+    assert "limit_conn_status 429;" in text
+    # reports are rate limited; /checkpoint, tiles and /v1/records never by the report zone
+    blocks = text.split("\n    location ")[1:]  # the server block's locations
+    limited = [b.split("{", 1)[0].strip() for b in blocks if "limit_req zone=writ_reports" in b]
+    assert limited == ["/v1/fleet", "= /"]
 
 
 # --- the rest of deploy/ ---------------------------------------------------------

@@ -1,9 +1,12 @@
 """``GET /``: the operator's dashboard, server-rendered (``api/templates/dashboard.html``).
 
-Shows the head and checkpoint age, the recent records in words, the
-credentials (searchable by name with ``?q=``) and, per revocation, how many
-devices have applied it with the stragglers by name and their last receipt.
-Every value from the ledger is HTML-escaped.
+Shows the head and checkpoint age, the root key in force (after a rotation,
+not the anchor), the log key as hex (what ``writ server init`` printed) and as
+a vkey, the recent records in words, the credentials (searchable by name with
+``?q=``) and, per revocation, how many devices have applied it with the count
+of stragglers, the first few by name and their last receipt, and a link to
+the whole list (``/v1/fleet/revocations/{seq}``). Every value from the ledger
+is HTML-escaped. A report: rate-limited per client address like ``/v1/fleet``.
 """
 
 from __future__ import annotations
@@ -25,9 +28,13 @@ from ledger.views import credential
 from .. import views
 from ..service import LedgerService
 from . import _common as c
+from . import fleet as fleet_routes
 
 RECENT = 30
 MAX_CREDENTIALS = 200
+#: revocations shown, and straggler names per revocation (the rest: a count and a link).
+REVOCATIONS = 20
+STRAGGLERS = 5
 
 
 @cache
@@ -106,9 +113,12 @@ def _credentials(svc: LedgerService, q: str) -> str:
 
 
 def _revocations(svc: LedgerService) -> str:
-    fleet = views.fleet(svc.state, svc.receipts, max_revocations=20, max_stragglers=20)
+    index = fleet_routes.synced_index(svc)
+    report = views.fleet(
+        svc.state, svc.receipts, index, limit=1, max_revocations=REVOCATIONS, max_stragglers=STRAGGLERS
+    )
     blocks = []
-    for r in fleet["revocations"]:
+    for r in report["revocations"]:
         applied, total = int(r["applied"]), int(r["total"])
         pct = 100 if total == 0 else round(100 * applied / total)
         stragglers = ", ".join(
@@ -117,26 +127,51 @@ def _revocations(svc: LedgerService) -> str:
             + ")"
             for s in r["stragglers"]
         )
-        extra = int(r["stragglers_total"]) - len(r["stragglers"])
-        if extra > 0:
-            stragglers += f" and {extra} more"
+        n = int(r["stragglers_total"])
+        if n > len(r["stragglers"]):
+            url = escape(str(r["stragglers_url"]), quote=True)
+            stragglers += f' and {n - len(r["stragglers"])} more (<a href="{url}">all {n} stragglers</a>)'
+        count = f'<span class="muted">{n} behind:</span> ' if n else ""
         blocks.append(
             f"<tr><td>{r['seq']}</td><td>{escape(str(r['name'] or r['target']))}</td>"
             f"<td>{escape(str(r['reason']))}</td>"
             f'<td><span class="bar"><span style="width:{pct}%"></span></span> {applied}/{total} devices</td>'
-            f"<td>{stragglers or '—'}</td></tr>"
+            f'<td class="stragglers">{count}{stragglers or "—"}</td></tr>'
         )
     if not blocks:
         return '<p class="muted">No revocations yet.</p>'
+    more = int(report["revocations_total"]) - len(blocks)
+    tail = (
+        f'<p class="muted">{more} older revocations not shown: <a href="/v1/fleet?revocations='
+        f'{views.MAX_REVOCATIONS}&amp;limit=1">/v1/fleet</a>.</p>'
+        if more > 0
+        else ""
+    )
     return (
         "<table><tr><th>seq</th><th>revoked</th><th>reason</th><th>applied</th><th>stragglers</th></tr>"
         + "".join(blocks)
         + "</table>"
+        + tail
+    )
+
+
+def _root_in_force(svc: LedgerService) -> str:
+    """The root key that signs now, and since when (the anchor until the first rotation)."""
+    roots = svc.state.roots
+    if not roots:
+        return '<span class="muted">none (no genesis yet)</span>'
+    first, key = roots[-1]
+    if len(roots) == 1:
+        return f'<span class="mono">{key.hex()}</span> <span class="muted">(the anchor; never rotated)</span>'
+    return (
+        f'<span class="mono">{key.hex()}</span> <span class="muted">(since the rotation at seq {first}; '
+        f"{len(roots) - 1} rotation{'s' if len(roots) > 2 else ''})</span>"
     )
 
 
 async def dashboard(request: Request) -> Response:
     """The HTML dashboard."""
+    c.rate_limit(request, request.app.state.report_buckets)
     svc = c.service(request)
     q = c.query_str(request, "q", max_len=64) or ""
     cp = svc.checkpoint
@@ -147,6 +182,8 @@ async def dashboard(request: Request) -> Response:
         checkpoint_time=escape(_when(cp.timestamp)),
         checkpoint_age=max(0, int(svc.clock()) - cp.timestamp),
         anchor=svc.anchor.hex(),
+        root_in_force=_root_in_force(svc),
+        log_key=svc.signer.public_key.hex(),
         log_vkey=escape(svc.log_vkey),
         revocations=_revocations(svc),
         q=escape(q, quote=True),

@@ -11,7 +11,10 @@ records`` whose data is ``{"start": S, "records": [base64, ...]}``: the
 records from the client's last known size (``Last-Event-ID``/``since``, then
 each event sent) to the new size, when there are at most 1000 of them (a
 client further behind falls back to tiles). A ``: hb`` comment is sent every
-heartbeat interval. Over the connection cap: ``503 overloaded``.
+heartbeat interval. Over the connection cap, or over the per-address cap
+(``Limits.max_sse_per_address``, counted per client address: the forwarded one
+behind a trusted proxy; the trusted proxies' own addresses are not capped),
+``503 overloaded``: one client cannot hold every slot.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ledger.errors import HttpProblem
 
 from ..broadcast import Broadcaster, CheckpointEvent
 from ..problems import Problem, bad_request
+from ..ratelimit import AddressCounts
 from ..service import LedgerService
 from . import _common as c
 
@@ -102,14 +106,28 @@ async def get_events(request: Request) -> Response:
         raise Problem(HttpProblem.SHUTTING_DOWN, 503, "the server is shutting down")
     if hub.clients >= lim.max_sse_clients:
         raise Problem(HttpProblem.OVERLOADED, 503, "too many event streams", headers={"Retry-After": "10"})
+    per_address: AddressCounts = request.app.state.sse_per_address
+    address = request.client.host if request.client is not None else "unknown"
+    # a trusted proxy's own address (the operator's nginx, tools on its host) is not
+    # capped; the clients behind it arrive with their forwarded address, which is
+    exempt = address in request.app.state.trusted_proxies
+    if not exempt and not per_address.acquire(address):
+        raise Problem(
+            HttpProblem.OVERLOADED,
+            503,
+            f"{address} already holds {per_address.cap} event streams",
+            headers={"Retry-After": "10"},
+        )
     metrics = svc.metrics
-    # the slot is taken here, with no await since the check, and given back when
+    # the slots are taken here, with no await since the checks, and given back when
     # the response ends however it ends (even before its first byte)
     hub.clients += 1
     metrics.sse_clients.set(hub.clients)
 
     def release() -> None:
         hub.clients -= 1
+        if not exempt:
+            per_address.release(address)
         metrics.sse_clients.set(hub.clients)
 
     async def stream() -> AsyncIterator[bytes]:

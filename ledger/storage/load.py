@@ -24,6 +24,7 @@ runs (the server loads before it listens).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -50,11 +51,13 @@ async def load_ledger(
     origin: str | None,
     executor: Executor | None = None,
     batch: int = 5000,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Loaded:
     """Read and re-verify every stored record; see the module docstring.
 
     ``origin`` None means the origin stored by ``init``; the genesis must
-    match it either way. Raises :class:`LedgerMissing` for an uninitialised
+    match it either way. ``progress(verified, total)`` is called after each
+    batch (the server logs it). Raises :class:`LedgerMissing` for an uninitialised
     storage and :class:`CorruptLedger` for anything that does not audit.
     """
 
@@ -108,6 +111,8 @@ async def load_ledger(
         levels.extend(rec.leaf_hash for rec in applied)
         if bad is not None:
             raise bad
+        if progress is not None:
+            progress(state.size, head.size)
 
     if state.size < head.size:
         raise CorruptLedger(
