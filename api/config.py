@@ -132,15 +132,17 @@ def write_identity(data_dir: Path, ident: Identity) -> None:
         os.fsync(f.fileno())
 
 
-def create_log_key(data_dir: Path) -> SeedSigner:
-    """Generate the log key and write it to ``DIR/log.key`` (O_EXCL, 0600)."""
+def create_log_key(data_dir: Path, filename: str = LOG_KEY) -> SeedSigner:
+    """Generate the log key and write it to ``DIR/log.key`` (O_EXCL, 0600).
+
+    (``filename``: the witness keeps its online key in the same format.)"""
     signer = SeedSigner.generate()
-    path = data_dir / LOG_KEY
+    path = data_dir / filename
     doc = {"version": 1, "seed": signer.seed().hex(), "public_key": signer.public_key.hex()}
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise LedgerExists(f"{path} exists; a log key is never overwritten") from None
+        raise LedgerExists(f"{path} exists; a key is never overwritten") from None
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         os.fchmod(f.fileno(), 0o600)
         f.write(json.dumps(doc) + "\n")
@@ -149,13 +151,13 @@ def create_log_key(data_dir: Path) -> SeedSigner:
     return signer
 
 
-def load_log_key(data_dir: Path) -> SeedSigner:
-    """Read ``DIR/log.key``; refuse a file that group or others may read or write."""
-    path = data_dir / LOG_KEY
+def load_log_key(data_dir: Path, filename: str = LOG_KEY) -> SeedSigner:
+    """Read ``DIR/log.key`` (or ``filename``); refuse a file that group or others may read or write."""
+    path = data_dir / filename
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
-        raise LedgerMissing(f"no {LOG_KEY} in {data_dir}: run `writ server init` first") from None
+        raise LedgerMissing(f"no {filename} in {data_dir}: run `writ server init` first") from None
     except OSError as exc:
         raise BadKeyFile(f"cannot open {path}: {type(exc).__name__}") from None
     with os.fdopen(fd, "r", encoding="utf-8") as f:
@@ -164,7 +166,7 @@ def load_log_key(data_dir: Path) -> SeedSigner:
             raise BadKeyFile(f"{path} is not a regular file")
         if st.st_mode & 0o077:
             raise BadKeyFile(
-                f"{path} has mode {stat.S_IMODE(st.st_mode):04o}; the log key must be 0600 (chmod 600 it)"
+                f"{path} has mode {stat.S_IMODE(st.st_mode):04o}; an online key must be 0600 (chmod 600 it)"
             )
         try:
             doc: Any = json.loads(f.read(4096))

@@ -35,7 +35,9 @@ bare bool.
     │       ├── Rollback                   rollback (size went back)
     │       ├── Fork                       fork (same size, other root; or root != computed tree)
     │       ├── TimestampRegression        timestamp-regression
-    │       └── MissingCosignatures        missing-cosignatures (fewer than k witnesses)
+    │       ├── MissingCosignatures        missing-cosignatures (fewer than k witnesses)
+    │       ├── UnknownLog                 unknown-log (witness: an origin it does not witness; 404)
+    │       └── WitnessConflict            witness-conflict (witness: old size not its latest; 409, .size)
     ├── StorageError                       storage-error
     │   ├── HeadConflict                   stale-head (compare-and-swap lost)
     │   ├── CorruptLedger                  corrupt-ledger (carries .seq and the cause)
@@ -213,6 +215,25 @@ class TimestampRegression(CheckpointRejected):
 
 class MissingCosignatures(CheckpointRejected):
     type = "missing-cosignatures"
+
+
+class UnknownLog(CheckpointRejected):
+    """A witness was sent a checkpoint of an origin it does not witness."""
+
+    type = "unknown-log"
+    http_status = 404
+
+
+class WitnessConflict(CheckpointRejected):
+    """tlog-witness: the old size is not the size the witness last cosigned (``detail["size"]``)."""
+
+    type = "witness-conflict"
+    http_status = 409
+
+    @property
+    def size(self) -> int:
+        size = self.detail.get("size")
+        return size if type(size) is int else 0
 
 
 # --- storage ----------------------------------------------------------------

@@ -14,6 +14,7 @@ GROUPS = (
     "ledger.cli.records",  # genesis, grant, revoke, push, sign, bundle, status
     "ledger.cli.audit",  # audit, show, log
     "api.cli",  # server init, serve
+    "api.witness_cli",  # witness init, witness serve
     "device_sim.demo",  # demo
 )
 
