@@ -71,7 +71,7 @@ from ledger.tree import verify_consistency
 from . import config as cfg
 from .problems import EXCEPTION_HANDLERS, InternalErrorMiddleware, Problem, from_writ_error
 from .ratelimit import TokenBuckets
-from .witness_store import LogHead, SqliteWitnessStore, WitnessStore
+from .witness_store import EMPTY_HEAD, LogHead, SqliteWitnessStore, WitnessStore
 
 log = logging.getLogger("writ.witness")
 
@@ -327,19 +327,19 @@ class Witness:
 
     async def status(self) -> dict[str, Any]:
         heads = await self.store.heads()
-        return {
-            "name": self.name,
-            "witness_vkey": self.vkey,
-            "logs": [
+        logs = []
+        for origin, verifiers in self.logs.items():
+            head = heads.get(origin, EMPTY_HEAD)
+            logs.append(
                 {
-                    "origin": o,
-                    "size": heads.get(o, LogHead(0, b"", 0)).size,
-                    "timestamp": heads.get(o, LogHead(0, b"", 0)).timestamp,
-                    "log_vkeys": [v.vkey() for v in vs],
+                    "origin": origin,
+                    "size": head.size,
+                    "root": base64.b64encode(head.root).decode("ascii"),
+                    "timestamp": head.timestamp,
+                    "log_vkeys": [v.vkey() for v in verifiers],
                 }
-                for o, vs in self.logs.items()
-            ],
-        }
+            )
+        return {"name": self.name, "witness_vkey": self.vkey, "logs": logs}
 
 
 # --- the app ----------------------------------------------------------------------
