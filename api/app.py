@@ -28,6 +28,7 @@ from .problems import EXCEPTION_HANDLERS, InternalErrorMiddleware
 from .ratelimit import TokenBuckets
 from .routes import ROUTES
 from .service import LedgerService
+from .witnessing import Witnessing
 
 log = logging.getLogger("writ.api")
 
@@ -55,9 +56,12 @@ def create_app(
             raise
         try:
             service = await _start(app, config, ident, signer, storage, clock, metrics)
+            witnessing = _start_witnessing(service, config, clock)  # (witness)
             try:
                 yield
             finally:
+                if witnessing is not None:  # (witness)
+                    await witnessing.close()
                 await service.close()
         finally:
             cfg.unlock_data_dir(lock)
@@ -75,6 +79,18 @@ def create_app(
     app.state.write_buckets = TokenBuckets(lim.write_rate, lim.write_burst)
     app.state.receipt_buckets = TokenBuckets(lim.receipt_rate, lim.receipt_burst)
     return app
+
+
+def _start_witnessing(
+    service: LedgerService, config: cfg.ServerConfig, clock: Callable[[], float]
+) -> Witnessing | None:
+    """(witness) Submit checkpoints to ``config.witnesses`` and collect their cosignatures."""
+    if not config.witnesses:
+        return None
+    witnessing = Witnessing(service, config.witnesses, clock=clock)
+    service.witnessing = witnessing
+    witnessing.start()
+    return witnessing
 
 
 async def _start(

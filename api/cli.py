@@ -59,6 +59,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
+    serve.add_argument(  # (witness)
+        "--witness",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a C2SP tlog-witness to submit every checkpoint to (repeatable)",
+    )
     serve.set_defaults(handler=cmd_serve)
 
 
@@ -90,6 +97,15 @@ def _count(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError("expected a positive integer")
     return v
+
+
+def _witness_urls(urls: list[str]) -> tuple[str, ...]:
+    """(witness) ``--witness`` URLs: http(s), no query or fragment."""
+    for url in urls:
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in ("http", "https") or not rest or "?" in rest or "#" in rest:
+            raise UsageError(f"--witness takes an http(s) URL, not {url[:80]!r}")
+    return tuple(dict.fromkeys(u.rstrip("/") for u in urls))
 
 
 # --- server init --------------------------------------------------------------
@@ -210,6 +226,7 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
         port=args.port,
         checkpoint_interval=args.checkpoint_interval,
         limits=limits,
+        witnesses=_witness_urls(args.witness),  # (witness)
     )
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),

@@ -60,6 +60,8 @@ class ServerConfig:
     port: int = 8000
     checkpoint_interval: float = 10.0
     limits: Limits = field(default_factory=Limits)
+    #: (witness) witness URLs each new checkpoint is submitted to (api/witnessing.py).
+    witnesses: tuple[str, ...] = ()
 
     @property
     def server_json(self) -> Path:
