@@ -326,9 +326,11 @@ def free_port() -> int:
 
 
 def _flags(flags: Mapping[str, Any]) -> list[str]:
+    """``name=value`` as ``--name value``; a list or tuple value repeats the flag."""
     out: list[str] = []
     for k, v in flags.items():
-        out += ["--" + k.replace("_", "-"), str(v)]
+        for item in v if isinstance(v, list | tuple) else [v]:
+            out += ["--" + k.replace("_", "-"), str(item)]
     return out
 
 
