@@ -173,8 +173,11 @@ def test_two_witnesses_a_real_server_and_devices_requiring_1_and_2(tmp_path: Pat
             assert device("device", "sync", "--state", d, "--server", url)["size"] == ledger()["size"]
             assert check(d) == (0, {**check(d)[1], "accepted": True})
 
-        r = writ("revoke", "--server", url, "--name", "tablet-07", "--reason", "lost", *key)
-        _wait(lambda: cosigned(2), "the revoke to be cosigned")
+        r = writ(
+            "revoke", "--server", url, "--name", "tablet-07", "--reason", "lost", "--wait-witnessed", *key
+        )
+        assert r["witnessed"]["complete"] and r["witnessed"]["cosigners"] == sorted(w.name for w in witnesses)
+        assert r["witnessed"]["size"] > r["seq"]
         for d in devices.values():
             assert device("device", "sync", "--state", d, "--server", url)["size"] == r["seq"] + 1
             rc, doc = check(d)
@@ -206,7 +209,16 @@ def test_two_witnesses_a_real_server_and_devices_requiring_1_and_2(tmp_path: Pat
         )
         assert device("device", "sync", "--state", devices[1], "--server", url)["size"] == s["seq"] + 1
         audit = writ("audit", "--server", url, "--anchor", anchor)
-        assert audit["ok"]
+        assert audit["ok"] and audit["checkpoint"]["cosigners"] == [witnesses[0].name]
+        # every witness cosigning is what --wait-witnessed waits for: with one down it times out
+        rc, late = _run(
+            [*writ_command(), "grant", "--server", url, "--subject", SeedSigner.generate().public_key.hex(),
+             "--role", "operator", "--name", "late", "--wait-witnessed", "2", *map(str, key)],
+            env,
+        )  # fmt: skip
+        assert (rc, late["error"]) == (1, "not-witnessed") and late["witnessed"]["cosigners"] == [
+            witnesses[0].name
+        ]
     finally:
         stop_server(srv)
         for w in witnesses:
