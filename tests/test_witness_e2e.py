@@ -217,3 +217,16 @@ def test_cosignatures_verify_under_aics_tlog(tmp_path: Path, aics_python: Path) 
         assert abs(r["timestamps"][WNAME] - time.time()) < 120
     assert conflict == {"status": 409, "content_type": "text/x.tlog.size", "body": "37\n"}
     assert tampered["status"] == 200 and tampered["tampered_ok"] is False
+
+
+def test_the_deploy_unit_runs_the_witness_on_its_own_data_directory() -> None:
+    unit = (Path(__file__).parent.parent / "deploy" / "writ-witness.service").read_text()
+    values = dict(
+        line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#")
+    )
+    argv = values["ExecStart"].split()
+    assert argv[1:5] == ["witness", "serve", "--data", "/var/lib/writ-witness"]
+    assert values["ReadWritePaths"] == "/var/lib/writ-witness"
+    assert values["KillSignal"] == "SIGTERM"
+    env = (Path(__file__).parent.parent / "deploy" / "writ-witness.env").read_text()
+    assert "WRIT_WITNESS_LOGS=" in env and "$WRIT_WITNESS_LOGS" in values["ExecStart"]
