@@ -127,6 +127,8 @@ async def test_checkpoint_is_served_with_every_witness_cosignature(tmp_path: Pat
         led = (await ledger.client.get("/v1/ledger")).json()
         assert [x["state"] for x in led["witnesses"]] == ["ok", "ok"]
         assert all(x["cosigned_size"] == led["size"] and x["age"] is not None for x in led["witnesses"])
+        page = (await ledger.client.get("/")).text
+        assert all(f"{w.name}</span>: ok, cosigned size {led['size']}" in page for w in wits)
         # an append is cosigned in turn, the proof from the witness's size
         tablet = ledger.m.grant(SeedSigner.generate().public_key, "operator", "tablet")
         await ledger.push(tablet, ledger.m.revoke(ledger.m.state.size - 1, 2))
