@@ -71,6 +71,7 @@ from ledger.tree import verify_consistency
 from . import config as cfg
 from .problems import EXCEPTION_HANDLERS, InternalErrorMiddleware, Problem, from_writ_error
 from .ratelimit import TokenBuckets
+from .routes._common import rate_limit, read_body, take_or_429
 from .witness_store import EMPTY_HEAD, LogHead, SqliteWitnessStore, WitnessStore
 
 log = logging.getLogger("writ.witness")
@@ -283,15 +284,7 @@ class Witness:
             notes.verify_note(req.note, verifiers)
         except BadNote as exc:
             raise UntrustedCheckpoint(f"no trusted log signature: {exc.message}") from None
-        wait = self.log_buckets.take(cp.origin)
-        if wait > 0:
-            retry = TokenBuckets.retry_after(wait)
-            raise Problem(
-                "rate-limited",
-                429,
-                f"too many checkpoints of this log; retry in {retry} s",
-                headers={"Retry-After": retry},
-            )
+        take_or_429(self.log_buckets, cp.origin, "too many checkpoints of this log")
         if req.old_size > cp.size:
             raise BadMessage(f"old size {req.old_size} is larger than the checkpoint size {cp.size}")
         async with self._locks[cp.origin]:
@@ -376,7 +369,6 @@ def _witness(request: Request) -> Witness:
 
 async def add_checkpoint(request: Request) -> Response:
     """c2sp.org/tlog-witness add-checkpoint."""
-    from .routes._common import rate_limit, read_body
 
     w = _witness(request)
     lim: WitnessLimits = request.app.state.limits

@@ -5,9 +5,7 @@ nothing stalls."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -21,23 +19,12 @@ from ledger import encoding, messages, notes
 from ledger.crypto import SeedSigner
 
 from .helpers.server import run_writ, start_server, stop_server, writ_command
-from .helpers.witness import init_witness, start_witness, stop_witness
+from .helpers.witness import init_witness, run_json, start_witness, stop_witness
 
 pytestmark = pytest.mark.e2e
 
 ORIGIN = "ledger.example/witnessed"
 PW = "witness passphrase"
-
-
-def _run(cmd: list[str], env: dict[str, str]) -> tuple[int, dict[str, Any]]:
-    proc = subprocess.run(
-        cmd, capture_output=True, timeout=90, check=False, env=env, stdin=subprocess.DEVNULL
-    )
-    err = proc.stderr.decode()
-    assert "Traceback" not in err, err
-    out = proc.stdout.decode().strip().splitlines()
-    assert len(out) == 1, (cmd, proc.stdout, err)
-    return proc.returncode, json.loads(out[0])
 
 
 def _wait(pred: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
@@ -53,12 +40,12 @@ def test_two_witnesses_a_real_server_and_devices_requiring_1_and_2(tmp_path: Pat
     env.pop("WRIT_ANCHOR", None)
 
     def writ(*args: object) -> dict[str, Any]:
-        code, doc = _run([*writ_command(), *map(str, args)], env)
+        code, doc = run_json([*writ_command(), *map(str, args)], env)
         assert code == 0, (args, doc)
         return doc
 
     def device(*args: object, code: int = 0) -> dict[str, Any]:
-        rc, doc = _run([sys.executable, "-m", "device_sim", *map(str, args)], env)
+        rc, doc = run_json([sys.executable, "-m", "device_sim", *map(str, args)], env)
         assert rc == code, (args, doc)
         return doc
 
@@ -153,7 +140,7 @@ def test_two_witnesses_a_real_server_and_devices_requiring_1_and_2(tmp_path: Pat
                     int(time.time()),
                 )
             )
-            rc, doc = _run(
+            rc, doc = run_json(
                 [
                     sys.executable,
                     "-m",
@@ -211,7 +198,7 @@ def test_two_witnesses_a_real_server_and_devices_requiring_1_and_2(tmp_path: Pat
         audit = writ("audit", "--server", url, "--anchor", anchor)
         assert audit["ok"] and audit["checkpoint"]["cosigners"] == [witnesses[0].name]
         # every witness cosigning is what --wait-witnessed waits for: with one down it times out
-        rc, late = _run(
+        rc, late = run_json(
             [*writ_command(), "grant", "--server", url, "--subject", SeedSigner.generate().public_key.hex(),
              "--role", "operator", "--name", "late", "--wait-witnessed", "2", *map(str, key)],
             env,

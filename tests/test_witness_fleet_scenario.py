@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ import pytest
 from ledger import view
 
 from .helpers.server import RunningServer, run_writ, start_server, stop_server, writ_command
-from .helpers.witness import RunningWitness, init_witness, start_witness, stop_witness
+from .helpers.witness import RunningWitness, init_witness, run_json, start_witness, stop_witness
 
 pytestmark = pytest.mark.e2e
 
@@ -32,24 +30,13 @@ class Setup(NamedTuple):
     witnesses: list[RunningWitness]
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> tuple[int, dict[str, Any]]:
-    proc = subprocess.run(
-        cmd, capture_output=True, timeout=180, check=False, env=env, stdin=subprocess.DEVNULL
-    )
-    err = proc.stderr.decode()
-    assert "Traceback" not in err, err
-    out = proc.stdout.decode().strip().splitlines()
-    assert len(out) == 1, (cmd, proc.stdout, err)
-    return proc.returncode, json.loads(out[0])
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     tmp = tmp_path_factory.mktemp("stolen")
     env = {**os.environ, "WRIT_HOME": str(tmp / "home"), "PW": PW, "WRIT_KDF_COST": "interactive"}
     env.pop("WRIT_ANCHOR", None)
     root = tmp / "root.key"
-    code, doc = _run(
+    code, doc = run_json(
         [*writ_command(), "root", "init", "--out", str(root), "--passphrase-env", "PW", "--no-successor"], env
     )
     assert code == 0, doc
@@ -65,9 +52,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     srv = start_server(data, checkpoint_interval=1, witness=[w.url for w in witnesses])
     try:
         key = ["--key", str(root), "--passphrase-env", "PW"]
-        assert _run([*writ_command(), "genesis", "--origin", ORIGIN, "--server", srv.url, *key], env)[0] == 0
+        assert (
+            run_json([*writ_command(), "genesis", "--origin", ORIGIN, "--server", srv.url, *key], env)[0] == 0
+        )
         for w in witnesses:
-            code, doc = _run(
+            code, doc = run_json(
                 [*writ_command(), "grant", "--server", srv.url, "--subject", w.public_key.hex(),
                  "--role", "witness", "--name", w.name, *key],
                 env,
@@ -82,7 +71,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
 
 
 def _fleet(s: Setup, k: int) -> tuple[int, dict[str, Any]]:
-    return _run(
+    return run_json(
         [sys.executable, "-m", "device_sim", "fleet", "--server", s.srv.url, "--devices", "4",
          "--key", str(s.root), "--passphrase-env", "PW", "--scenario", "stolen-log-key",
          "--log-key", str(s.srv.data_dir / "log.key"), "--require-witnesses", str(k), "--max-staleness", "2"],
@@ -112,7 +101,7 @@ def test_with_one_witness_required_every_device_refuses_and_keeps_evidence(setup
 
 
 def test_the_scenario_needs_the_stolen_key(setup: Setup) -> None:
-    code, out = _run(
+    code, out = run_json(
         [sys.executable, "-m", "device_sim", "fleet", "--server", setup.srv.url, "--devices", "2",
          "--key", str(setup.root), "--passphrase-env", "PW", "--scenario", "stolen-log-key"],
         setup.env,

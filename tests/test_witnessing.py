@@ -193,30 +193,46 @@ async def test_log_learns_the_witness_size_from_409_and_sends_a_proof(tmp_path: 
         assert restarted.peers[0].state == "ok"
 
 
-async def test_an_ungranted_witness_is_not_served(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def one_witness(
+    tmp_path: Path, transport: httpx.AsyncBaseTransport, url: str, grant: tuple[bytes, str] | None = None
+) -> AsyncIterator[tuple[Ledger, Witnessing]]:
+    """A ledger (``grant``: a witness grant) whose server submits to ``url`` through ``transport``."""
     root = SeedSigner.generate()
-    router = Router()
     async with inprocess_server(tmp_path, root.public_key, ORIGIN, MemoryStorage()) as (client, app):
         svc = app.state.service
         m = Mirror(root, ORIGIN)
         m.genesis()
         m.grant(svc.signer.public_key, records.ROLE_LOG, "log")
+        if grant is not None:
+            m.grant(grant[0], records.ROLE_WITNESS, grant[1])
         ledger = Ledger(client, app, m)
         await ledger.push(*m.records)
+        witnessing = Witnessing(svc, [url], transport=transport)
+        svc.witnessing = witnessing
+        witnessing.start()
+        try:
+            async with asyncio.timeout(5):
+                while witnessing.peers[0].state == "pending":
+                    await asyncio.sleep(0.02)
+            yield ledger, witnessing
+        finally:
+            await witnessing.close()
+            svc.witnessing = None
+
+
+async def test_an_ungranted_witness_is_not_served(tmp_path: Path) -> None:
+    router = Router()  # the witness is not up yet: the first attempt finds it down
+    async with one_witness(tmp_path, router, "http://stranger.example") as (ledger, witnessing):
+        svc = ledger.app.state.service
         async with witness_app(tmp_path, "stranger.example/w", svc.signer.public_key) as w:
             router.apps["stranger.example"] = httpx.ASGITransport(app=w.app)
-            witnessing = Witnessing(svc, ["http://stranger.example"], transport=router)
-            svc.witnessing = witnessing
-            witnessing.start()
-            try:
-                async with asyncio.timeout(5):
-                    while witnessing.peers[0].state == "pending":
-                        await asyncio.sleep(0.02)
-                assert witnessing.peers[0].state == "ungranted"
-                assert w.name not in await ledger.note()
-            finally:
-                await witnessing.close()
-                svc.witnessing = None
+            witnessing.peers[0].wake.set()
+            async with asyncio.timeout(5):
+                while witnessing.peers[0].state in ("pending", "down"):
+                    await asyncio.sleep(0.02)
+            assert witnessing.peers[0].state == "ungranted"
+            assert w.name not in await ledger.note()
 
 
 class Liar(httpx.AsyncBaseTransport):
@@ -232,33 +248,16 @@ class Liar(httpx.AsyncBaseTransport):
 
 
 async def test_a_witness_sending_a_bad_cosignature_cannot_poison_the_note(tmp_path: Path) -> None:
-    root = SeedSigner.generate()
     wkey = SeedSigner.generate()
-    async with inprocess_server(tmp_path, root.public_key, ORIGIN, MemoryStorage()) as (client, app):
-        svc = app.state.service
-        m = Mirror(root, ORIGIN)
-        m.genesis()
-        m.grant(svc.signer.public_key, records.ROLE_LOG, "log")
-        m.grant(wkey.public_key, records.ROLE_WITNESS, "liar.example/w")
-        ledger = Ledger(client, app, m)
-        await ledger.push(*m.records)
-        witnessing = Witnessing(
-            svc, ["http://liar.example"], transport=Liar("liar.example/w", wkey.public_key)
-        )
-        svc.witnessing = witnessing
-        witnessing.start()
-        try:
-            async with asyncio.timeout(5):
-                while witnessing.peers[0].state == "pending":
-                    await asyncio.sleep(0.02)
-            note = await ledger.note()
-            assert "liar.example" not in note
-            notes.verify_checkpoint(
-                note, ORIGIN, [svc.signer.public_key], [("liar.example/w", wkey.public_key)]
-            )
-        finally:
-            await witnessing.close()
-            svc.witnessing = None
+    liar = Liar("liar.example/w", wkey.public_key)
+    async with one_witness(tmp_path, liar, "http://liar.example", (wkey.public_key, "liar.example/w")) as (
+        ledger,
+        _,
+    ):
+        svc = ledger.app.state.service
+        note = await ledger.note()
+        assert "liar.example" not in note
+        notes.verify_checkpoint(note, ORIGIN, [svc.signer.public_key], [("liar.example/w", wkey.public_key)])
 
 
 @pytest.mark.parametrize("url", ["ftp://x", "w.example", "http://", "http://x/?q=1"])

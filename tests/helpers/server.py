@@ -348,28 +348,38 @@ def start_server(
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     log.close()
-    deadline = _time.monotonic() + ready_timeout
+    wait_ready(proc, url + "/checkpoint", ready_timeout, "writ serve")
+    ident = read_identity(data_dir)
+    return RunningServer(url, ident.log_public_key, data_dir, proc)
+
+
+def wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float, what: str) -> httpx.Response:
+    """Poll ``url`` until it answers 200 (returned); kill ``proc`` and raise if it exits or times out."""
+    deadline = _time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             out = proc.stdout.read().decode() if proc.stdout else ""
-            raise RuntimeError(f"writ serve exited with {proc.returncode}: {out}")
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {out}")
         try:
-            if httpx.get(url + "/checkpoint", timeout=1.0).status_code == 200:
-                break
+            r = httpx.get(url, timeout=1.0)
+            if r.status_code == 200:
+                return r
         except httpx.HTTPError:
             pass
         if _time.monotonic() > deadline:
             proc.kill()
             proc.wait()
-            raise RuntimeError("writ serve did not become ready")
+            raise RuntimeError(f"{what} did not become ready")
         _time.sleep(0.05)
-    ident = read_identity(data_dir)
-    return RunningServer(url, ident.log_public_key, data_dir, proc)
 
 
 def stop_server(srv: RunningServer, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
     """Signal the server and wait; asserts it exits within ``timeout`` seconds. Returns its exit code."""
-    proc = srv.process
+    return stop_process(srv.process, sig, timeout, "writ serve")
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int, timeout: float, what: str) -> int:
+    """Signal ``proc`` and wait; asserts it exits within ``timeout`` seconds. Returns its exit code."""
     if proc.poll() is None:
         proc.send_signal(sig)
         try:
@@ -378,7 +388,7 @@ def stop_server(srv: RunningServer, sig: int = signal.SIGTERM, timeout: float = 
             proc.kill()
             proc.wait()
             raise AssertionError(
-                f"writ serve did not exit within {timeout} s of {signal.Signals(sig).name}"
+                f"{what} did not exit within {timeout} s of {signal.Signals(sig).name}"
             ) from None
     if proc.stdout is not None:
         proc.stdout.close()

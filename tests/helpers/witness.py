@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -25,15 +26,13 @@ import subprocess
 import time as _time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
-
-import httpx
+from typing import Any, NamedTuple
 
 from ledger import notes
 from ledger.crypto import SeedSigner
 from ledger.tree import MerkleLevels, leaf_hash
 
-from .server import free_port, run_writ, writ_command
+from .server import free_port, run_writ, stop_process, wait_ready, writ_command
 
 
 class FakeLog:
@@ -101,6 +100,19 @@ class RunningWitness(NamedTuple):
     process: subprocess.Popen[bytes]
 
 
+def run_json(cmd: list[str], env: dict[str, str], timeout: float = 180.0) -> tuple[int, dict[str, Any]]:
+    """Run a command that prints one JSON line (and never a traceback); its exit code and the JSON."""
+    proc = subprocess.run(
+        cmd, capture_output=True, timeout=timeout, check=False, env=env, stdin=subprocess.DEVNULL
+    )
+    err = proc.stderr.decode()
+    assert "Traceback" not in err, err
+    out = proc.stdout.decode().strip().splitlines()
+    assert len(out) == 1, (cmd, proc.stdout, err)
+    doc: dict[str, Any] = json.loads(out[0])
+    return proc.returncode, doc
+
+
 def init_witness(data_dir: Path, name: str) -> dict[str, str]:
     code, doc, err = run_writ("witness", "init", "--data", str(data_dir), "--name", name)
     assert code == 0, (doc, err)
@@ -126,41 +138,14 @@ def start_witness(
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     log.close()
-    deadline = _time.monotonic() + ready_timeout
-    while True:
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode() if proc.stdout else ""
-            raise RuntimeError(f"writ witness serve exited with {proc.returncode}: {out}")
-        try:
-            r = httpx.get(url + "/healthz", timeout=1.0)
-            if r.status_code == 200:
-                doc = r.json()
-                break
-        except httpx.HTTPError:
-            pass
-        if _time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            raise RuntimeError("writ witness serve did not become ready")
-        _time.sleep(0.05)
+    doc = wait_ready(proc, url + "/healthz", ready_timeout, "writ witness serve").json()
     vkey = doc["witness_vkey"]
     pub = notes.parse_vkey(vkey).public_key
     return RunningWitness(url, vkey, pub, doc["name"], data_dir, proc)
 
 
 def stop_witness(w: RunningWitness, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-    proc = w.process
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise AssertionError(f"writ witness serve did not exit within {timeout} s") from None
-    if proc.stdout is not None:
-        proc.stdout.close()
-    return proc.returncode
+    return stop_process(w.process, sig, timeout, "writ witness serve")
 
 
 @contextlib.contextmanager
