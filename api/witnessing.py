@@ -52,6 +52,16 @@ BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
 #: 409 size answers followed for one checkpoint before backing off.
 MAX_CONFLICTS = 3
+#: seconds between two submissions to one witness (its rate limit allows at least 20 per second).
+MIN_INTERVAL = 0.1
+
+
+def _retry_after(value: str | None) -> float:
+    """A 429's ``Retry-After`` in seconds (1 when absent or not a number), at most :data:`BACKOFF_MAX`."""
+    try:
+        return min(BACKOFF_MAX, max(0.1, float(value or "1")))
+    except ValueError:
+        return 1.0
 
 
 @dataclass(slots=True)
@@ -75,6 +85,7 @@ class WitnessPeer:
         self.granted = False
         self.wake = asyncio.Event()
         self.submitted: CheckpointEvent | None = None
+        self.retry_after: float | None = None
 
     def to_json(self, now: float) -> dict[str, Any]:
         return {
@@ -234,9 +245,13 @@ class Witnessing:
                 peer.state, peer.error, ok = "error", f"{type(exc).__name__}", False
             if ok:
                 backoff = BACKOFF_MIN
+                await asyncio.sleep(MIN_INTERVAL)  # a busy log submits at most 1/MIN_INTERVAL per second
                 continue
-            await asyncio.sleep(backoff)
-            backoff = min(BACKOFF_MAX, backoff * 2)
+            if peer.retry_after is not None:  # the witness said when (429): no exponential backoff
+                wait, peer.retry_after = peer.retry_after, None
+            else:
+                wait, backoff = backoff, min(BACKOFF_MAX, backoff * 2)
+            await asyncio.sleep(wait)
             peer.wake.set()
 
     async def _submit(self, peer: WitnessPeer, base: CheckpointEvent) -> bool:
@@ -258,7 +273,7 @@ class Witnessing:
                 + base.note
             ).encode("utf-8")
             try:
-                status, ctype, text = await self._post(peer.url + "/add-checkpoint", body)
+                status, headers, text = await self._post(peer.url + "/add-checkpoint", body)
             except TransportError as exc:
                 peer.state, peer.error = "down", exc.message
                 return False
@@ -266,29 +281,37 @@ class Witnessing:
                 peer.size = base.size
                 peer.submitted = base
                 kept = self._accept_lines(peer, base, text)
-                peer.state = "ok" if kept else "ungranted"
-                peer.error = (
-                    None
-                    if kept
-                    else "no cosignature under a key granted role witness in the ledger (grant its key)"
-                )
+                if kept:
+                    peer.state, peer.error = "ok", None
+                elif peer.granted:
+                    peer.state, peer.error = (
+                        "bad-cosignature",
+                        "its cosignature does not verify under its grant",
+                    )
+                else:
+                    peer.state = "ungranted"
+                    peer.error = (
+                        "no cosignature under a key granted role witness in the ledger (grant its key)"
+                    )
                 if kept:
                     self._publish()
                 return True
-            if status == 409 and ctype.split(";")[0].strip() == "text/x.tlog.size":
+            if status == 409 and headers.get("content-type", "").split(";")[0].strip() == "text/x.tlog.size":
                 size_text = text.strip()
                 if not size_text.isdigit() or len(size_text) > 19:
                     peer.state, peer.error = "error", "a 409 answer without a size"
                     return False
                 peer.size = int(size_text)
                 continue
+            if status == 429:
+                peer.retry_after = _retry_after(headers.get("retry-after"))
             peer.state = "conflict" if status == 409 else "refused"
             peer.error = f"HTTP {status}: {text[:200]}"
             return False
         peer.state, peer.error = "error", "the witness's size keeps changing"
         return False
 
-    async def _post(self, url: str, body: bytes) -> tuple[int, str, str]:
+    async def _post(self, url: str, body: bytes) -> tuple[int, httpx.Headers, str]:
         client = self._client
         if client is None:
             raise TransportError("witnessing is not started")
@@ -300,7 +323,7 @@ class Witnessing:
                 async for chunk in resp.aiter_raw():
                     acc.feed(chunk)
                 data = acc.finish()
-                return resp.status_code, resp.headers.get("content-type", ""), data.decode("utf-8", "replace")
+                return resp.status_code, resp.headers, data.decode("utf-8", "replace")
         except httpx.TimeoutException:
             raise TransportError(f"{url} did not answer in {self.timeout} s") from None
         except httpx.HTTPError as exc:

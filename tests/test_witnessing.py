@@ -244,7 +244,7 @@ class Liar(httpx.AsyncBaseTransport):
         ).line()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, text=self.line)
+        return httpx.Response(200, stream=httpx.ByteStream(self.line.encode()))
 
 
 async def test_a_witness_sending_a_bad_cosignature_cannot_poison_the_note(tmp_path: Path) -> None:
@@ -256,6 +256,7 @@ async def test_a_witness_sending_a_bad_cosignature_cannot_poison_the_note(tmp_pa
     ):
         svc = ledger.app.state.service
         note = await ledger.note()
+        assert ledger.app.state.service.witnessing.peers[0].state == "bad-cosignature"
         assert "liar.example" not in note
         notes.verify_checkpoint(note, ORIGIN, [svc.signer.public_key], [("liar.example/w", wkey.public_key)])
 
@@ -267,3 +268,31 @@ def test_bad_witness_url_is_a_usage_error(url: str) -> None:
 
     with pytest.raises(UsageError):
         _witness_urls([url])
+
+
+class Busy(httpx.AsyncBaseTransport):
+    """A witness that first answers 429 with a Retry-After, then serves normally."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, times: int) -> None:
+        self.inner = inner
+        self.times = times
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.times > 0:
+            self.times -= 1
+            return httpx.Response(429, headers={"Retry-After": "1"}, stream=httpx.ByteStream(b"slow down"))
+        return await self.inner.handle_async_request(request)
+
+
+async def test_a_rate_limited_log_waits_as_told_and_is_then_cosigned(tmp_path: Path) -> None:
+    router = Router()
+    busy = Busy(router, 1)
+    wkey_name = "busy.example/w"
+    async with one_witness(tmp_path, busy, "http://busy.example") as (ledger, witnessing):
+        assert witnessing.peers[0].state == "refused"
+        svc = ledger.app.state.service
+        async with witness_app(tmp_path, wkey_name, svc.signer.public_key) as w:
+            router.apps["busy.example"] = httpx.ASGITransport(app=w.app)
+            await ledger.push(ledger.m.grant(w.public_key, records.ROLE_WITNESS, wkey_name))
+            note = await ledger.wait_cosigned({wkey_name}, size=ledger.m.state.size)
+            assert wkey_name in note and witnessing.peers[0].state == "ok"
