@@ -12,9 +12,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from api.witness import (
     MAX_PROOF_LINES,
+    Witness,
     WitnessConfig,
     WitnessLimits,
     create_witness_app,
@@ -24,7 +27,7 @@ from api.witness import (
 from api.witness_store import MemoryWitnessStore, SqliteWitnessStore, WitnessStore
 from ledger import notes
 from ledger.crypto import SeedSigner
-from ledger.errors import UsageError, WitnessConflict
+from ledger.errors import UsageError, WitnessConflict, WritError
 
 from .helpers.witness import FakeLog, spec_body
 
@@ -510,3 +513,58 @@ async def test_witness_init_refuses_a_bad_key_name(tmp_path: Path) -> None:
     with pytest.raises(UsageError):
         await init_witness_dir(tmp_path / "w", "bad name")
     assert not (tmp_path / "w").exists()
+
+
+# --- property: whatever logs send, the cosigned trees form one append-only history -------------
+
+
+#: a step: which of three histories submits, how many leaves it grows by, which old size it claims.
+STEP = st.tuples(st.integers(0, 2), st.integers(0, 4), st.sampled_from(["right", "zero", "stale", "own"]))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(STEP, min_size=1, max_size=25))
+def test_cosigned_trees_always_form_one_append_only_history(steps: list[tuple[int, int, str]]) -> None:
+    """Three forks of one log (same key) submit in any order with any old size:
+    every cosignature the witness returns is for a tree consistent with every
+    other it returned, it never cosigns two roots of one size, and its stored
+    size never goes down."""
+    base = FakeLog(ORIGIN)
+    base.append(2)
+    logs = [base.fork(2) for _ in range(3)]
+    w = Witness(
+        WNAME, SeedSigner.generate(), logs_from_flags([f"{ORIGIN}={base.vkey}"]), MemoryWitnessStore()
+    )
+    cosigned: list[tuple[int, bytes, FakeLog]] = []
+    known = [0, 0, 0]  # what each submitter believes the witness's size is
+    last = 0
+
+    async def run() -> None:
+        nonlocal last
+        for who, grow, claim in steps:
+            lg = logs[who]
+            lg.append(grow)
+            old = {"right": known[who], "zero": 0, "stale": max(0, known[who] - 1), "own": lg.size}[claim]
+            old = min(old, lg.size)
+            proof = lg.proof(old) if old <= lg.size else []
+            try:
+                await w.add_checkpoint(spec_body(old, proof, lg.note(T0)))
+            except WitnessConflict as exc:
+                known[who] = exc.size
+            except WritError:
+                pass
+            else:
+                cosigned.append((lg.size, lg.root(), lg))
+                known[who] = lg.size
+            size = (await w.store.head(ORIGIN)).size
+            assert size >= last
+            last = size
+
+    asyncio.run(run())
+    roots: dict[int, bytes] = {}
+    for size, root, _ in cosigned:
+        assert roots.setdefault(size, root) == root
+    for s1, r1, _ in cosigned:
+        for s2, _, l2 in cosigned:
+            if s1 <= s2:
+                assert l2.root(s1) == r1
