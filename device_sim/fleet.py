@@ -101,9 +101,9 @@ from ledger.records import Genesis, Grant, Kind, Revoke
 from ledger.state import LedgerState
 from ledger.view import AcceptedView, Evidence
 
+from . import scenarios
 from .cli import _seconds
 from .device import DEFAULT_MAX_STALENESS, Device, OwnGrant
-from .scenarios import SCENARIOS
 from .sources import (
     DEFAULT_TIMEOUT,
     BundleSource,
@@ -1829,8 +1829,6 @@ def _stolen_log_key(args: argparse.Namespace, server: str) -> dict[str, Any]:
     from ledger.cli.common import open_key
     from ledger.cli.main import EXIT_FAILED, CommandFailed
 
-    from . import scenarios
-
     if args.log_key is None:
         raise UsageError("--scenario stolen-log-key needs --log-key FILE (the server's DIR/log.key)")
     stolen = scenarios.read_stolen_log_key(args.log_key)
@@ -1904,7 +1902,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--deadline", type=_seconds, default=120.0, metavar="SECONDS")
     p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS")
     # (witness) device_sim/scenarios.py
-    p.add_argument("--scenario", choices=SCENARIOS, default="lost-tablet", help="what to play (lost-tablet)")
+    p.add_argument(
+        "--scenario", choices=scenarios.SCENARIOS, default="lost-tablet", help="what to play (lost-tablet)"
+    )
     p.add_argument("--log-key", metavar="FILE", help="stolen-log-key: the server's DIR/log.key")
     p.add_argument("--require-witnesses", type=_uint, default=1, metavar="K", help="stolen-log-key: K (1)")
     p.add_argument("--max-staleness", type=_positive_int, default=3, metavar="SECONDS", help="stolen-log-key")
