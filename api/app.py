@@ -29,6 +29,7 @@ from .problems import EXCEPTION_HANDLERS, InternalErrorMiddleware
 from .ratelimit import AddressCounts, TokenBuckets
 from .routes import ROUTES
 from .service import LedgerService
+from .witnessing import Witnessing
 
 log = logging.getLogger("writ.api")
 
@@ -56,9 +57,12 @@ def create_app(
             raise
         try:
             service = await _start(app, config, ident, signer, storage, clock, metrics)
+            witnessing = _start_witnessing(service, config, clock)  # (witness)
             try:
                 yield
             finally:
+                if witnessing is not None:  # (witness)
+                    await witnessing.close()
                 await service.close()
         finally:
             cfg.unlock_data_dir(lock)
@@ -81,6 +85,18 @@ def create_app(
     # process, none: every client is capped
     app.state.trusted_proxies = TrustedProxies("")
     return app
+
+
+def _start_witnessing(
+    service: LedgerService, config: cfg.ServerConfig, clock: Callable[[], float]
+) -> Witnessing | None:
+    """(witness) Submit checkpoints to ``config.witnesses`` and collect their cosignatures."""
+    if not config.witnesses:
+        return None
+    witnessing = Witnessing(service, config.witnesses, clock=clock)
+    service.witnessing = witnessing
+    witnessing.start()
+    return witnessing
 
 
 async def _start(

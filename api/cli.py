@@ -83,6 +83,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         choices=["critical", "error", "warning", "info", "debug"],
         help="the server log's level (on stderr; debug adds an access log)",
     )
+    serve.add_argument(  # (witness)
+        "--witness",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a C2SP tlog-witness to submit every checkpoint to (repeatable)",
+    )
     serve.set_defaults(handler=cmd_serve)
 
 
@@ -148,6 +155,15 @@ _LIMIT_OPTIONS: list[tuple[str, Callable[[str], Any], str | None, str]] = [
     ("header_timeout", _header_timeout, "SECONDS", "seconds to send a whole request head (at most 60)"),
     ("keep_alive_timeout", _count, "SECONDS", "seconds an idle keep-alive connection stays open"),
 ]
+
+
+def _witness_urls(urls: list[str]) -> tuple[str, ...]:
+    """(witness) ``--witness`` URLs: http(s), no query or fragment."""
+    for url in urls:
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in ("http", "https") or not rest or "?" in rest or "#" in rest:
+            raise UsageError(f"--witness takes an http(s) URL, not {url[:80]!r}")
+    return tuple(dict.fromkeys(u.rstrip("/") for u in urls))
 
 
 # --- server init --------------------------------------------------------------
@@ -309,6 +325,7 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
         port=args.port,
         checkpoint_interval=args.checkpoint_interval,
         limits=limits,
+        witnesses=_witness_urls(args.witness),  # (witness)
     )
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),

@@ -74,6 +74,8 @@ class ServerConfig:
     port: int = 8000
     checkpoint_interval: float = 10.0
     limits: Limits = field(default_factory=Limits)
+    #: (witness) witness URLs each new checkpoint is submitted to (api/witnessing.py).
+    witnesses: tuple[str, ...] = ()
 
     @property
     def server_json(self) -> Path:
@@ -142,23 +144,25 @@ def write_identity(data_dir: Path, ident: Identity) -> None:
     create_private(data_dir / SERVER_JSON, data, mode=0o644, exists=LedgerExists, error=StorageError)
 
 
-def create_log_key(data_dir: Path) -> SeedSigner:
-    """Generate the log key and write it to ``DIR/log.key`` (O_EXCL, 0600)."""
+def create_log_key(data_dir: Path, filename: str = LOG_KEY) -> SeedSigner:
+    """Generate the log key and write it to ``DIR/log.key`` (O_EXCL, 0600).
+
+    (``filename``: the witness keeps its online key in the same format.)"""
     signer = SeedSigner.generate()
-    path = data_dir / LOG_KEY
+    path = data_dir / filename
     doc = {"version": 1, "seed": signer.seed().hex(), "public_key": signer.public_key.hex()}
     data = (json.dumps(doc) + "\n").encode("utf-8")
-    create_private(path, data, mode=0o600, exists=LedgerExists, error=StorageError, what="the log key ")
+    create_private(path, data, mode=0o600, exists=LedgerExists, error=StorageError, what="the key ")
     return signer
 
 
-def load_log_key(data_dir: Path) -> SeedSigner:
-    """Read ``DIR/log.key``; refuse a file that group or others may read or write."""
-    path = data_dir / LOG_KEY
+def load_log_key(data_dir: Path, filename: str = LOG_KEY) -> SeedSigner:
+    """Read ``DIR/log.key`` (or ``filename``); refuse a file that group or others may read or write."""
+    path = data_dir / filename
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
-        raise LedgerMissing(f"no {LOG_KEY} in {data_dir}: run `writ server init` first") from None
+        raise LedgerMissing(f"no {filename} in {data_dir}: run `writ server init` first") from None
     except OSError as exc:
         raise BadKeyFile(f"cannot open {path}: {type(exc).__name__}") from None
     with os.fdopen(fd, "r", encoding="utf-8") as f:
@@ -167,7 +171,7 @@ def load_log_key(data_dir: Path) -> SeedSigner:
             raise BadKeyFile(f"{path} is not a regular file")
         if st.st_mode & 0o077:
             raise BadKeyFile(
-                f"{path} has mode {stat.S_IMODE(st.st_mode):04o}; the log key must be 0600 (chmod 600 it)"
+                f"{path} has mode {stat.S_IMODE(st.st_mode):04o}; an online key must be 0600 (chmod 600 it)"
             )
         try:
             doc: Any = json.loads(f.read(4096))

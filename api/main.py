@@ -22,6 +22,7 @@ from ledger.cli import audit, keys, receipts, records
 from ledger.cli import main as cli
 
 from . import cli as server
+from . import witness_cli
 
 __all__ = ["GROUPS", "build_parser", "main", "run"]
 
@@ -33,6 +34,7 @@ GROUPS: tuple[cli.Registrar, ...] = (
     audit.register,  # audit, show, log
     receipts.register,  # receipts import
     server.register,  # server init, serve
+    witness_cli.register,  # witness init, serve
     demo.register,  # demo
 )
 

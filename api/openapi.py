@@ -69,6 +69,36 @@ _SCHEMAS: dict[str, Any] = {
             "log_vkey": {"type": "string"},
             "cosig_vkey": {"type": "string"},
             "checkpoint_time": UINT,
+            # (witness) each witness of `writ serve --witness URL` (docs/witness.md)
+            "witnesses": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["url", "state", "granted"],
+                    "properties": {
+                        "url": {"type": "string"},
+                        "name": {"type": ["string", "null"]},
+                        "state": {
+                            "enum": [
+                                "pending",
+                                "ok",
+                                "down",
+                                "refused",
+                                "conflict",
+                                "ahead",
+                                "ungranted",
+                                "error",
+                            ]
+                        },
+                        "granted": {"type": "boolean"},
+                        "size": {"type": ["integer", "null"], "minimum": 0},
+                        "cosigned_size": {"type": ["integer", "null"], "minimum": 0},
+                        "cosigned_at": {"type": ["integer", "null"], "minimum": 0},
+                        "age": {"type": ["integer", "null"], "minimum": 0},
+                        "error": {"type": ["string", "null"]},
+                    },
+                },
+            },
         },
     },
     "Health": {

@@ -44,6 +44,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ledger import crypto, messages, notes, records
 from ledger.crypto import Signer
@@ -69,6 +70,9 @@ from .config import Identity, ServerConfig
 from .metrics import Metrics
 from .problems import Problem
 from .views import FleetIndex
+
+if TYPE_CHECKING:
+    from .witnessing import Witnessing
 
 log = logging.getLogger("writ.api")
 
@@ -167,6 +171,8 @@ class LedgerService:
         self._published_mono = 0.0
         self.broadcaster: Broadcaster | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # (witness) set by create_app for `writ serve --witness URL`: api/witnessing.py
+        self.witnessing: Witnessing | None = None
 
     # -- life cycle ----------------------------------------------------------
 
@@ -361,7 +367,7 @@ class LedgerService:
         self.metrics.group_size.observe(len(accepted))
         self.metrics.tree_size.set(self.levels.size)
         if event is not None:
-            self._signed(event)  # persisted with the records, in the same transaction
+            event = self._signed(event)  # persisted with the records, in the same transaction
         now_m = time.monotonic()
         for p in accepted:
             n = len(p.records)
@@ -504,7 +510,9 @@ class LedgerService:
         return CheckpointEvent(size, root, ts, note)
 
     def _signed(self, event: CheckpointEvent) -> CheckpointEvent:
-        """``event`` is durable: serve it from now on."""
+        """``event`` is durable: serve it from now on (returns what is served)."""
+        if self.witnessing is not None:  # (witness) submit it; serve it with the cosignatures held
+            event = self.witnessing.on_signed(event)
         self._ts_floor = max(self._ts_floor, event.timestamp)
         self.metrics.checkpoints.inc()
         self.checkpoint = event
@@ -523,7 +531,7 @@ class LedgerService:
             log.warning(
                 "could not persist the checkpoint of size %d: %s: %s", event.size, type(exc).__name__, exc
             )
-        self._signed(event)
+        event = self._signed(event)
         if notify:
             self._notify(event)
         return event
@@ -532,6 +540,12 @@ class LedgerService:
         self._pending_event = None
         if self.broadcaster is not None:
             self.broadcaster.publish(event)
+
+    def serve_cosigned(self, event: CheckpointEvent) -> None:
+        """(witness) Serve ``event``, the current checkpoint with more witness
+        cosignatures, and send it to the event streams."""
+        self.checkpoint = event
+        self._notify(event)
 
     def flush_notify(self) -> None:
         """Wake the event streams for a commit whose replies were sent."""

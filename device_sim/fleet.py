@@ -102,6 +102,7 @@ from ledger.records import Genesis, Grant, Kind, Revoke
 from ledger.state import LedgerState
 from ledger.view import AcceptedView, Evidence
 
+from . import scenarios
 from .cli import _seconds
 from .device import DEFAULT_MAX_STALENESS, Device, OwnGrant
 from .sources import (
@@ -1787,6 +1788,8 @@ def cmd_fleet(args: argparse.Namespace) -> dict[str, Any]:
     from ledger.cli.main import EXIT_FAILED, CommandFailed
 
     server = normalise_server(args.server)
+    if args.scenario == "stolen-log-key":  # (witness) device_sim/scenarios.py
+        return _stolen_log_key(args, server)
     opts = FleetOptions(
         push=args.push,
         poll_interval=args.poll_interval,
@@ -1823,6 +1826,34 @@ def cmd_fleet(args: argparse.Namespace) -> dict[str, Any]:
     out = result.to_json()
     out["open_files_limit"] = nofile
     if not result.all_refused:
+        raise CommandFailed(out, EXIT_FAILED)
+    return out
+
+
+def _stolen_log_key(args: argparse.Namespace, server: str) -> dict[str, Any]:
+    """(witness) ``--scenario stolen-log-key``: see device_sim/scenarios.py."""
+    from ledger.cli.common import open_key
+    from ledger.cli.main import EXIT_FAILED, CommandFailed
+
+    if args.log_key is None:
+        raise UsageError("--scenario stolen-log-key needs --log-key FILE (the server's DIR/log.key)")
+    stolen = scenarios.read_stolen_log_key(args.log_key)
+    with open_key(args) as root:
+        integ = Integrator(server, root)
+        try:
+            out = asyncio.run(
+                scenarios.run_stolen_log_key(
+                    integ,
+                    args.devices,
+                    log_key=stolen,
+                    require_witnesses=args.require_witnesses,
+                    max_staleness=args.max_staleness,
+                    log=lambda line: print(f"fleet: {line}", file=sys.stderr, flush=True),
+                )
+            )
+        finally:
+            integ.close()
+    if not out["all_refused"]:
         raise CommandFailed(out, EXIT_FAILED)
     return out
 
@@ -1876,4 +1907,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--deadline", type=_seconds, default=120.0, metavar="SECONDS")
     p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS")
+    # (witness) device_sim/scenarios.py
+    p.add_argument(
+        "--scenario", choices=scenarios.SCENARIOS, default="lost-tablet", help="what to play (lost-tablet)"
+    )
+    p.add_argument("--log-key", metavar="FILE", help="stolen-log-key: the server's DIR/log.key")
+    p.add_argument("--require-witnesses", type=_uint, default=1, metavar="K", help="stolen-log-key: K (1)")
+    p.add_argument("--max-staleness", type=_positive_int, default=3, metavar="SECONDS", help="stolen-log-key")
     p.set_defaults(handler=cmd_fleet)

@@ -108,9 +108,11 @@ class ServerProcess(NamedTuple):
 
 
 def _flags(flags: Mapping[str, Any]) -> list[str]:
+    """``name=value`` as ``--name value``; a list or tuple value repeats the flag."""
     out: list[str] = []
     for k, v in flags.items():
-        out += ["--" + k.replace("_", "-"), str(v)]
+        for item in v if isinstance(v, list | tuple) else [v]:
+            out += ["--" + k.replace("_", "-"), str(item)]
     return out
 
 
@@ -164,19 +166,30 @@ def start_server(
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, ready_timeout: float) -> None:
-    deadline = time.monotonic() + ready_timeout
+    wait_ready(proc, url + "/checkpoint", ready_timeout, "writ serve", log=log)
+
+
+def wait_ready(
+    proc: subprocess.Popen[bytes], url: str, timeout: float, what: str, *, log: Path | None = None
+) -> httpx.Response:
+    """Poll ``url`` until it answers 200 (returned). Raises
+    :class:`~ledger.errors.TransportError` (with the log's tail) when ``proc`` exits
+    first or ``timeout`` seconds pass; the caller stops ``proc``."""
+    deadline = time.monotonic() + timeout
     with httpx.Client(timeout=1.0, trust_env=False) as client:
         while True:
             if proc.poll() is not None:
                 said = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+                tail = _tail(log) if log is not None else ""
                 raise TransportError(
-                    f"writ serve exited with {proc.returncode} before it was ready: {said}{_tail(log)}"
+                    f"{what} exited with {proc.returncode} before it was ready: {said}{tail}"
                 )
             with contextlib.suppress(httpx.HTTPError):
-                if client.get(url + "/checkpoint").status_code == 200:
-                    return
+                r = client.get(url)
+                if r.status_code == 200:
+                    return r
             if time.monotonic() > deadline:
-                raise TransportError(f"writ serve at {url} was not ready within {ready_timeout:g} s")
+                raise TransportError(f"{what} at {url} was not ready within {timeout:g} s")
             time.sleep(0.05)
 
 

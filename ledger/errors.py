@@ -38,7 +38,9 @@ bare bool.
     │       ├── Fork                       fork (same size, other root; or root != computed tree)
     │       ├── TimestampRegression        timestamp-regression
     │       ├── FutureCheckpoint           future-checkpoint (timestamp > 300 s ahead of the verifier)
-    │       └── MissingCosignatures        missing-cosignatures (fewer than k witnesses)
+    │       ├── MissingCosignatures        missing-cosignatures (fewer than k witnesses)
+    │       ├── UnknownLog                 unknown-log (witness: an origin it does not witness; 404)
+    │       └── WitnessConflict            witness-conflict (witness: old size not its latest; 409, .size)
     ├── StorageError                       storage-error
     │   ├── HeadConflict                   stale-head (compare-and-swap lost; also a StaleHead)
     │   ├── CorruptLedger                  corrupt-ledger (carries .seq and the cause)
@@ -59,6 +61,7 @@ bare bool.
     │   ├── WeakPassphrase                 weak-passphrase (a new key file's passphrase under 8 characters)
     │   └── MissingSuccessor               no-successor-choice (neither --shares nor --no-successor)
     ├── IOFailure                          io-error (a local file could not be read or written)
+    ├── NotWitnessed                       not-witnessed (appended, but not cosigned in time)
     └── Interrupted                        interrupted (Ctrl-C)
 
 Names that are not exceptions are members of a ``StrEnum`` here, so that
@@ -248,6 +251,25 @@ class MissingCosignatures(CheckpointRejected):
     type = "missing-cosignatures"
 
 
+class UnknownLog(CheckpointRejected):
+    """A witness was sent a checkpoint of an origin it does not witness."""
+
+    type = "unknown-log"
+    http_status = 404
+
+
+class WitnessConflict(CheckpointRejected):
+    """tlog-witness: the old size is not the size the witness last cosigned (``detail["size"]``)."""
+
+    type = "witness-conflict"
+    http_status = 409
+
+    @property
+    def size(self) -> int:
+        size = self.detail.get("size")
+        return size if type(size) is int else 0
+
+
 # --- storage ----------------------------------------------------------------
 
 
@@ -355,6 +377,13 @@ class IOFailure(WritError):
     """A local file could not be read or written (``OSError`` at the edge)."""
 
     type = "io-error"
+
+
+class NotWitnessed(WritError):
+    """``--wait-witnessed``: the record is appended, but the ledger's witnesses did not
+    cosign it in time (or the ledger grants no witness to wait for)."""
+
+    type = "not-witnessed"
 
 
 class Interrupted(WritError):

@@ -85,14 +85,16 @@ def require_msgpack(request: Request) -> None:
 
 def rate_limit(request: Request, buckets: TokenBuckets) -> None:
     host = request.client.host if request.client is not None else "unknown"
-    wait = buckets.take(host)
+    take_or_429(buckets, host, f"too many requests from {host}")
+
+
+def take_or_429(buckets: TokenBuckets, key: str, what: str) -> None:
+    """A token from ``key``'s bucket, or ``429 rate-limited`` with ``Retry-After``."""
+    wait = buckets.take(key)
     if wait > 0:
         retry = TokenBuckets.retry_after(wait)
         raise Problem(
-            HttpProblem.RATE_LIMITED,
-            429,
-            f"too many requests from {host}; retry in {retry} s",
-            headers={"Retry-After": retry},
+            HttpProblem.RATE_LIMITED, 429, f"{what}; retry in {retry} s", headers={"Retry-After": retry}
         )
 
 

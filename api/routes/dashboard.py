@@ -169,6 +169,21 @@ def _root_in_force(svc: LedgerService) -> str:
     )
 
 
+def _witnesses(svc: LedgerService) -> str:
+    """(witness) Each witness of `writ serve --witness URL`: state, latest cosigned size, age."""
+    if svc.witnessing is None:
+        return '<span class="muted">none (writ serve --witness URL; docs/witness.md)</span>'
+    items = []
+    for w in svc.witnessing.status():
+        age = "never" if w["age"] is None else f"{w['age']} s ago"
+        size = "—" if w["cosigned_size"] is None else str(w["cosigned_size"])
+        items.append(
+            f'<span class="mono">{escape(str(w["name"] or w["url"]))}</span>: {escape(str(w["state"]))},'
+            f" cosigned size {escape(size)}, {escape(age)}"
+        )
+    return "<br>".join(items)
+
+
 async def dashboard(request: Request) -> Response:
     """The HTML dashboard."""
     c.rate_limit(request, request.app.state.report_buckets)
@@ -185,6 +200,7 @@ async def dashboard(request: Request) -> Response:
         root_in_force=_root_in_force(svc),
         log_key=svc.signer.public_key.hex(),
         log_vkey=escape(svc.log_vkey),
+        witnesses=_witnesses(svc),  # (witness)
         revocations=_revocations(svc),
         q=escape(q, quote=True),
         credentials=_credentials(svc, q),

@@ -26,6 +26,8 @@ async def get_ledger(request: Request) -> Response:
             "log_vkey": svc.log_vkey,
             "cosig_vkey": svc.cosig_vkey,
             "checkpoint_time": cp.timestamp,
+            # (witness) each witness of `writ serve --witness URL`: its latest cosigned size and age
+            "witnesses": svc.witnessing.status() if svc.witnessing is not None else [],
         },
         headers={"Cache-Control": "no-cache"},
     )

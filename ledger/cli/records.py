@@ -27,7 +27,7 @@ from ..errors import BadValidity, UnknownRole, UsageError, WritError
 from ..records import EMPTY_HASH, Genesis, Grant, Reason, Revoke
 from ..state import GrantInfo, LedgerState
 from ..views import credential
-from . import common, keys
+from . import common, keys, witnessed
 from .common import (
     Builder,
     Client,
@@ -298,13 +298,22 @@ def cmd_grant(args: argparse.Namespace) -> dict[str, Any]:
         }
     body = rec.decode_unverified(pushed.records[-1]).body
     assert isinstance(body, Grant)
-    return {
+    out = {
         "seq": body.seq,
         "name": body.name,
         "role": body.role,
         "subject": body.subject.hex(),
         "size": pushed.state.size,
     }
+    return _with_witnessed(args, pushed, body.seq, out)
+
+
+def _with_witnessed(
+    args: argparse.Namespace, pushed: common.Pushed, seq: int, out: dict[str, Any]
+) -> dict[str, Any]:
+    """(witness) ``"witnessed"``: is the record cosigned by the witnesses (ledger/cli/witnessed.py)."""
+    w = witnessed.report(args, pushed.state, seq)
+    return out if w is None else {**out, "witnessed": w}
 
 
 def _revoker_args(args: argparse.Namespace) -> bool:
@@ -322,13 +331,14 @@ def cmd_revoke(args: argparse.Namespace) -> dict[str, Any]:
     pushed = _online(args, lambda s: revoke_builder(args, s, revoker=revoker), revoker=revoker)
     body = rec.decode_unverified(pushed.records[-1]).body
     assert isinstance(body, Revoke)
-    return {
+    out = {
         "seq": body.seq,
         "target": body.target if isinstance(body.target, int) else body.target.hex(),
         "reason": Reason.label(body.reason),
         "signer": body.signer,
         "size": pushed.state.size,
     }
+    return _with_witnessed(args, pushed, body.seq, out)
 
 
 class _NoSigner:
@@ -841,12 +851,14 @@ def register(sub: Any) -> None:
     _add_server(p)
     _add_grant_args(p)
     add_key_source(p)
+    witnessed.add_flag(p)  # (witness)
     p.set_defaults(handler=cmd_grant)
 
     p = sub.add_parser("revoke", help="revoke a grant (by seq or name) or a key")
     _add_server(p)
     _add_revoke_args(p)
     add_key_source(p)
+    witnessed.add_flag(p)  # (witness)
     p.set_defaults(handler=cmd_revoke)
 
     p = sub.add_parser("push", help="push pre-signed records (a MessagePack array file)")

@@ -68,6 +68,7 @@ from api.config import Limits, ServerConfig, read_identity
 from device_sim import server_process
 from device_sim.server_process import free_port as free_port
 from device_sim.server_process import run_writ as run_writ
+from device_sim.server_process import wait_ready as wait_ready
 from device_sim.server_process import writ_command as writ_command
 from ledger import records
 from ledger.crypto import SeedSigner
@@ -315,10 +316,15 @@ def start_server(
 
 def stop_server(srv: RunningServer, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
     """Signal the server and wait; asserts it exits within ``timeout`` seconds. Returns its exit code."""
-    alive = srv.process.poll() is None
-    code = server_process.stop_server(srv.process, sig, timeout)
+    return stop_process(srv.process, sig, timeout, "writ serve")
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int, timeout: float, what: str) -> int:
+    """Signal ``proc`` and wait; asserts it exits within ``timeout`` seconds. Returns its exit code."""
+    alive = proc.poll() is None
+    code = server_process.stop_server(proc, sig, timeout)
     if alive and code == -signal.SIGKILL and sig != signal.SIGKILL:
-        raise AssertionError(f"writ serve did not exit within {timeout} s of {signal.Signals(sig).name}")
+        raise AssertionError(f"{what} did not exit within {timeout} s of {signal.Signals(sig).name}")
     return code
 
 
