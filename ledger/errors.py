@@ -22,7 +22,9 @@ bare bool.
     │   │   ├── BadSignature               bad-signature
     │   │   ├── UnknownTarget              unknown-target
     │   │   ├── AlreadyRevoked             already-revoked
-    │   │   └── TimeInFuture               time-in-future
+    │   │   ├── TimeInFuture               time-in-future
+    │   │   ├── WrongAnchor                wrong-anchor (a genesis for another root; named before the table)
+    │   │   └── WrongLedger                wrong-ledger (a fresh device given another ledger's genesis)
     │   ├── BadMessage                     bad-message (auth, receipt, enroll, bundle)
     │   ├── BadProof                       bad-proof (inclusion / consistency)
     │   ├── BadNote                        bad-note (signed note / verifier key syntax)
@@ -151,6 +153,23 @@ class AlreadyRevoked(RecordRejected):
 
 class TimeInFuture(RecordRejected):
     type = "time-in-future"
+
+
+class WrongAnchor(RecordRejected):
+    """A genesis whose ``root`` is not the verifier's anchor.
+
+    Named before the section-3 table (PROTOCOL section 3, 1.1): the operator
+    gave the wrong anchor or the wrong server; it is not tampering, so it is
+    not reported as ``bad-signature``. The message shows both anchors."""
+
+    type = "wrong-anchor"
+
+
+class WrongLedger(RecordRejected):
+    """A device with no records given the genesis of another ledger (another
+    anchor or another origin), e.g. a USB stick made for another site."""
+
+    type = "wrong-ledger"
 
 
 class BadMessage(VerificationError):

@@ -35,6 +35,7 @@ from .errors import (
     UnauthorizedSigner,
     UnknownTarget,
     WritError,
+    WrongAnchor,
 )
 from .records import Envelope, Genesis, Grant, Kind, Revoke, Rotate, SignedRecord
 from .tree import CompactRange
@@ -216,6 +217,8 @@ class LedgerState:
                 "a genesis only opens an empty ledger" if n else "an empty ledger opens with a genesis",
                 seq=seq,
             )
+        if env.kind is Kind.GENESIS:
+            self._check_anchor(env)
         # step 8
         if seq != n or env.prev != self.root:
             raise StaleHead(
@@ -251,6 +254,20 @@ class LedgerState:
         rec = SignedRecord(raw, body, env.signature)
         self._mutate(rec)
         return rec
+
+    def _check_anchor(self, env: Envelope) -> None:
+        """The one case named before the table (PROTOCOL section 3, 1.1): a
+        genesis for another root is the wrong anchor (or the wrong ledger), not
+        a bad signature. A ``root`` that is not 32 bytes is left to step 12."""
+        root = env.extra[1] if len(env.extra) > 1 else None
+        if type(root) is bytes and len(root) == 32 and root != self.anchor:
+            raise WrongAnchor(
+                f"the genesis is for the anchor {root.hex()} but this verifier's anchor is "
+                f"{self.anchor.hex()}: the wrong anchor, or another ledger",
+                seq=env.seq,
+                anchor=self.anchor.hex(),
+                genesis_anchor=root.hex(),
+            )
 
     def _step10_signer(self, env: Envelope) -> bytes:
         seq = env.seq

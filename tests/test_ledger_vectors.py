@@ -158,10 +158,14 @@ def test_genesis_for_another_origin_is_refused() -> None:
     assert st.size == 0
 
 
-def test_genesis_under_another_anchor_is_refused() -> None:
+def test_genesis_under_another_anchor_is_refused_as_wrong_anchor() -> None:
+    """Named before the table: the wrong anchor is not reported as tampering."""
     st = LedgerState(V.public("log"))
-    with pytest.raises(errors.BadSignature):
+    with pytest.raises(errors.WrongAnchor) as info:
         st.apply(V.records[0])
+    assert info.value.type == "wrong-anchor" and info.value.seq == 0
+    assert V.public("log").hex() in info.value.message and V.anchor.hex() in info.value.message
+    assert st.size == 0
 
 
 def test_body_classes_refuse_invalid_fields() -> None:
