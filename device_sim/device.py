@@ -486,9 +486,7 @@ class Device:
         them to its devices) keeps no evidence and commits nothing."""
         return PendingUpdate(self, start, note, now, bundle=bundle, evidence=evidence)
 
-    def _commit(
-        self, new_state: LedgerState, accepted: AcceptedView | None, own: list[OwnGrant]
-    ) -> None:
+    def _commit(self, new_state: LedgerState, accepted: AcceptedView | None, own: list[OwnGrant]) -> None:
         if not (new_state.size == self.size and accepted == self.view):  # else: the very same view again
             self._save_state(new_state, accepted, own)
         self.state, self.view, self.own_grants = new_state, accepted, own
