@@ -29,9 +29,9 @@ from typing import Any, NoReturn, cast
 from ledger.cli.main import EXIT_FAILED, CommandFailed, emit, exit_code
 from ledger.errors import HTTPStatusError, UsageError, WritError
 
-from .device import DEFAULT_MAX_STALENESS, STALE_POLICIES, Device, SyncResult
+from .device import DEFAULT_MAX_STALENESS, STALE_POLICIES, Device, SyncResult, atomic_write
 
-__all__ = ["GROUPS", "build_parser", "main", "register", "run"]
+__all__ = ["GROUPS", "RECEIPT_SUFFIX", "build_parser", "main", "receipt_path", "register", "run"]
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
@@ -108,11 +108,46 @@ async def _sync(dev: Device, args: argparse.Namespace, now: int) -> SyncResult:
         return await sync(dev, HttpSource(client, args.server, timeout=args.timeout), now)
 
 
+#: a bundle's receipt file: ``<bundle>.receipt-<first 16 hex digits of the device key>.bin``
+RECEIPT_SUFFIX = ".receipt-{key}.bin"
+
+
+def receipt_path(bundle: str | Path, device_key: bytes) -> Path:
+    """Where a device synced from ``bundle`` writes its signed receipt."""
+    return Path(str(bundle) + RECEIPT_SUFFIX.format(key=device_key.hex()[:16]))
+
+
+def _write_bundle_receipt(dev: Device, bundle: str, now: int) -> dict[str, Any]:
+    """A USB-only site has no path to POST /v1/receipts: the device writes its
+    signed receipt (PROTOCOL section 6, the exact message bytes) beside the
+    bundle, for the stick to carry back (``writ receipts import FILE``). A
+    device with no grant yet, or a read-only stick, is reported, not an error:
+    the sync itself succeeded."""
+    if dev.own_grant is None:
+        return {
+            "receipt": None,
+            "receipt_note": "no receipt: this device has no device grant in the ledger yet",
+        }
+    path = receipt_path(bundle, dev.public_key)
+    try:
+        atomic_write(path, dev.receipt(now), 0o644)
+    except OSError as exc:
+        return {"receipt": None, "receipt_note": f"no receipt written: {exc.strerror or exc} ({path})"}
+    return {"receipt": str(path)}
+
+
 def cmd_sync(args: argparse.Namespace) -> dict[str, Any]:
     import asyncio
 
     dev = Device.load(args.state)
-    return asyncio.run(_sync(dev, args, _now(args))).to_json()
+    now = _now(args)
+    result = asyncio.run(_sync(dev, args, now))
+    out = result.to_json()
+    if result.nothing_new is not None:
+        sys.stderr.write(f"device_sim: {out['note']}\n")
+    if args.bundle is not None:
+        out.update(_write_bundle_receipt(dev, args.bundle, now))
+    return out
 
 
 def cmd_challenge(args: argparse.Namespace) -> dict[str, Any]:
@@ -202,7 +237,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     state(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--server", metavar="URL")
-    src.add_argument("--bundle", metavar="FILE", help="a sync bundle (PROTOCOL section 7)")
+    src.add_argument(
+        "--bundle",
+        metavar="FILE",
+        help="a sync bundle (PROTOCOL section 7); the signed receipt is written beside it",
+    )
     now(p)
     timeout(p)
     p.set_defaults(handler=cmd_sync)
@@ -250,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error_json(exc: WritError) -> dict[str, Any]:
-    out: dict[str, Any] = {"error": exc.type, "detail": exc.message}
+    """``{"error": TYPE, "message": TEXT}`` as ``writ`` prints it, plus the
+    error's details and, for compatibility, the same text as ``detail``."""
+    out: dict[str, Any] = {"error": exc.type, "message": exc.message, "detail": exc.message}
     for k, v in exc.detail.items():
         out.setdefault(k, v)
     return out
@@ -272,10 +313,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"device_sim: {exc.message}\n")
         return exit_code(exc)
     except OSError as exc:
-        emit({"error": "io-error", "detail": f"{exc.strerror or exc} ({getattr(exc, 'filename', '')})"})
+        text = f"{exc.strerror or exc} ({getattr(exc, 'filename', '')})"
+        emit({"error": "io-error", "message": text, "detail": text})
         return EXIT_FAILED
     except KeyboardInterrupt:
-        emit({"error": "interrupted"})
+        emit({"error": "interrupted", "message": "interrupted", "detail": "interrupted"})
         return 130
 
 
