@@ -473,18 +473,27 @@ class Device:
         On any failure the device keeps its state, adds an
         :class:`~ledger.view.Evidence` and raises the error.
         """
-        pending = self.begin(start, note, now, bundle=bundle)
+        pending = self.begin(start, note, now, bundle=bundle, streaming=False)
         pending.feed(records_)
         return pending.finish()
 
     def begin(
-        self, start: int, note: str | bytes, now: int, *, bundle: bool = False, evidence: bool = True
+        self,
+        start: int,
+        note: str | bytes,
+        now: int,
+        *,
+        bundle: bool = False,
+        evidence: bool = True,
+        streaming: bool = True,
     ) -> PendingUpdate:
         """Start verifying an update whose records arrive in pieces
         (:meth:`PendingUpdate.feed`), committed by :meth:`PendingUpdate.finish`.
         ``evidence=False``: a dry run (a relay checking records before it hands
-        them to its devices) keeps no evidence and commits nothing."""
-        return PendingUpdate(self, start, note, now, bundle=bundle, evidence=evidence)
+        them to its devices) keeps no evidence and commits nothing.
+        ``streaming=False``: the records are all at hand already, so the
+        checkpoint is not checked ahead of them (it is checked once, at the end)."""
+        return PendingUpdate(self, start, note, now, bundle=bundle, evidence=evidence, streaming=streaming)
 
     def _commit(self, new_state: LedgerState, accepted: AcceptedView | None, own: list[OwnGrant]) -> None:
         if not (new_state.size == self.size and accepted == self.view):  # else: the very same view again
@@ -737,8 +746,10 @@ class PendingUpdate:
         *,
         bundle: bool = False,
         evidence: bool = True,
+        streaming: bool = True,
     ) -> None:
         self.device = device
+        self.streaming = streaming
         self.start = start
         self.note = note
         self.now = now
@@ -776,7 +787,7 @@ class PendingUpdate:
         if self.start < self.base.size:
             self.overlap = Overlap(self.base, self.start)
         keys = self.base.active_keys(records.ROLE_LOG)
-        if self.size > self.base.size and keys and self.base.origin is not None:
+        if self.streaming and self.size > self.base.size and keys and self.base.origin is not None:
             try:
                 notes.verify_checkpoint(self.note, self.base.origin, keys)
                 self.note_verified = True
