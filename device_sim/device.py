@@ -671,7 +671,7 @@ class Overlap:
             nodes.append((a, a + width, h))
             a += width
         self.nodes = nodes
-        left = [h for first, end, h in nodes if end <= start]
+        left = [h for _, end, h in nodes if end <= start]
         self.aligned = start == 0 or any(end == start for _, end, _ in nodes)
         self.running: tree.CompactRange | None = (
             tree.CompactRange(start, left) if self.aligned and start <= state.size else None
@@ -690,10 +690,11 @@ class Overlap:
             raise Fork(f"record {seq} is not the record this device applied at that seq", seq=seq)
         if self.running is None:
             a, b = self.inside if self.inside is not None else (0, self.state.size)
+            starts = "seq 0" if a == 0 else f"seq 0 or seq {a}"
             raise Fork(
                 f"record {seq} cannot be shown to be the record this device applied: the overlap "
                 f"starts inside the subtree [{a}, {b}) that the device keeps as one hash; a bundle "
-                f"from seq 0 or {a} can be checked",
+                f"starting at {starts} can be checked",
                 seq=seq,
             )
         self.running.append(leaf)
