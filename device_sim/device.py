@@ -787,13 +787,24 @@ class PendingUpdate:
             )
         if self.start < self.base.size:
             self.overlap = Overlap(self.base, self.start)
-        keys = self.base.active_keys(records.ROLE_LOG)
-        if self.streaming and self.size > self.base.size and keys and self.base.origin is not None:
-            try:
-                notes.verify_checkpoint(self.note, self.base.origin, keys)
-                self.note_verified = True
-            except VerificationError:
-                self.note_verified = False  # maybe a new log key, granted by the records to come
+        if self.streaming and self.size > self.base.size:
+            self.check_note()
+
+    def check_note(self) -> bool:
+        """Does the checkpoint verify under a log key known so far (the
+        device's, or one granted by the records applied since)? Sets and
+        returns ``note_verified``; never raises: a note signed by a key still
+        to come is judged by :meth:`finish`."""
+        if not self.note_verified:
+            st = self.new if self.new is not None else self.base
+            keys = st.active_keys(records.ROLE_LOG)
+            if keys and st.origin is not None:
+                try:
+                    notes.verify_checkpoint(self.note, st.origin, keys)
+                    self.note_verified = True
+                except VerificationError:
+                    pass
+        return self.note_verified
 
     @property
     def wanted(self) -> int:

@@ -295,11 +295,12 @@ class HttpSource:
         return self._decode(tiles.entries_path(index, width), data, width)
 
     async def _chunks(
-        self, start: int, end: int, tree_size: int, window: int
+        self, start: int, end: int, tree_size: int, window: Callable[[], int]
     ) -> AsyncGenerator[list[bytes], None]:
         """Records ``[start, end)`` of a tree of ``tree_size``, one entry bundle
-        at a time, in order and lazily: at most ``window`` tiles in flight and
-        nothing allocated by ``end`` (a size no one has verified yet). A tile
+        at a time, in order and lazily: at most ``window()`` tiles in flight
+        (asked again before each request) and nothing allocated by ``end`` (a
+        size no one has verified yet). A tile
         the server does not have (404) ends the stream early and sets
         ``ran_out``: the checkpoint named records the server cannot serve,
         which the verifier then judges against what it did get."""
@@ -311,7 +312,7 @@ class HttpSource:
         flight: deque[tuple[int, asyncio.Task[list[bytes]]]] = deque()
         try:
             while True:
-                while len(flight) < max(1, window) and index <= last:
+                while len(flight) < max(1, window()) and index <= last:
                     width = min(w, tree_size - index * w)
                     flight.append((index, asyncio.ensure_future(self._bundle(index, width))))
                     index += 1
@@ -345,12 +346,16 @@ class HttpSource:
         tree_size = end if tree_size is None else tree_size
         if type(start) is not int or type(end) is not int or not 0 <= start <= end <= tree_size:
             raise BadMessage(f"entry range [{start}, {end}) is not inside a tree of size {tree_size}")
-        window = self.parallel if check is None or check.note_verified else 1
+
+        def window() -> int:
+            return self.parallel if check is None or check.note_verified else 1
+
         out: list[bytes] = []
         async with contextlib.aclosing(self._chunks(start, end, tree_size, window)) as chunks:
             async for chunk in chunks:
                 if check is not None:
                     check.feed(chunk)
+                    check.check_note()
                     out.extend(chunk)
                     continue
                 for raw in chunk:
@@ -382,7 +387,8 @@ class HttpSource:
         one after another, each tile's records applied (to a copy of the
         device's state) before the next is fetched; the first invalid record
         stops the fetching. Only when the checkpoint already verifies under a
-        log key the device knows are up to ``parallel`` tiles fetched ahead.
+        log key the device knows (or one the records applied so far granted)
+        are up to ``parallel`` tiles fetched ahead.
         What is downloaded is thus bounded by what was verified plus a tile or
         a few, whatever size the checkpoint claims."""
         self.last_note = self.last_bad = None
@@ -394,7 +400,10 @@ class HttpSource:
         pending = device.begin(device.size, note, now)
         if pending.wanted == 0:
             return pending.finish()
-        window = self.parallel if pending.note_verified else 1
+
+        def window() -> int:  # a few tiles ahead once a known log key vouches for the size
+            return self.parallel if pending.note_verified else 1
+
         async with contextlib.aclosing(
             self._chunks(pending.next, pending.size, pending.size, window)
         ) as chunks:
@@ -407,6 +416,7 @@ class HttpSource:
                     _source_evidence(device, self, exc, now)
                     raise
                 pending.feed(chunk)
+                pending.check_note()
         return pending.finish(complete=not self.ran_out)
 
 

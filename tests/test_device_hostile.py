@@ -401,18 +401,24 @@ async def test_claimed_256000_from_an_unknown_key_costs_one_tile(tmp_path: Path,
     assert dev.size == (0 if fresh else c.have)
 
 
-async def test_forged_records_after_valid_ones_stop_the_download(tmp_path: Path) -> None:
-    """Honest records, then a forged one: nothing after the tile that held it is fetched."""
+@pytest.mark.parametrize("key", ["mallory", "log"])
+async def test_forged_records_after_valid_ones_stop_the_download(key: str) -> None:
+    """Honest records, then a forged one in tile 1 of 3. Under a checkpoint
+    no known key signed, nothing after that tile is fetched; once the records
+    applied grant the key that signed it, a window of tiles ahead may be."""
     w = World()
     for i in range(600):
         w.grant(signer(f"op-{i}").public_key, "operator", f"op-{i}")
     log = FakeLog()
     log.publish(w, TS)
-    log.records[300] = _flip_last_byte(log.records[300])  # in tile 1 of 3
+    log.note = w.checkpoint(TS, key=signer(key))
+    log.records[300] = _flip_last_byte(log.records[300])
     dev = Device.create(w.root.public_key, w.origin, now=T0)
     with pytest.raises(BadSignature):
         await _sync(dev, log)
-    assert _tile_requests(log) == ["/tile/entries/000", "/tile/entries/001"]
+    fetched = _tile_requests(log)
+    assert fetched[:2] == ["/tile/entries/000", "/tile/entries/001"]
+    assert fetched[2:] == ([] if key == "mallory" else [f"/tile/entries/002.p/{w.size - 512}"])
     assert dev.size == 0
 
 
