@@ -31,7 +31,7 @@ from ledger.errors import HTTPStatusError, UsageError, WritError
 
 from .device import DEFAULT_MAX_STALENESS, STALE_POLICIES, Device, SyncResult, atomic_write
 
-__all__ = ["GROUPS", "RECEIPT_SUFFIX", "build_parser", "main", "receipt_path", "register", "run"]
+__all__ = ["GROUPS", "build_parser", "main", "register", "run"]
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
@@ -108,46 +108,29 @@ async def _sync(dev: Device, args: argparse.Namespace, now: int) -> SyncResult:
         return await sync(dev, HttpSource(client, args.server, timeout=args.timeout), now)
 
 
-#: a bundle's receipt file: ``<bundle>.receipt-<first 16 hex digits of the device key>.bin``
-RECEIPT_SUFFIX = ".receipt-{key}.bin"
-
-
-def receipt_path(bundle: str | Path, device_key: bytes) -> Path:
-    """Where a device synced from ``bundle`` writes its signed receipt."""
-    return Path(str(bundle) + RECEIPT_SUFFIX.format(key=device_key.hex()[:16]))
-
-
-def _write_bundle_receipt(dev: Device, bundle: str, now: int) -> dict[str, Any]:
-    """A USB-only site has no path to POST /v1/receipts: the device writes its
-    signed receipt (PROTOCOL section 6, the exact message bytes) beside the
-    bundle, for the stick to carry back (``writ receipts import FILE``). A
-    device with no grant yet, or a read-only stick, is reported, not an error:
-    the sync itself succeeded."""
-    if dev.own_grant is None:
-        return {
-            "receipt": None,
-            "receipt_note": "no receipt: this device has no device grant in the ledger yet",
-        }
-    path = receipt_path(bundle, dev.public_key)
-    try:
-        atomic_write(path, dev.receipt(now), 0o644)
-    except OSError as exc:
-        return {"receipt": None, "receipt_note": f"no receipt written: {exc.strerror or exc} ({path})"}
-    return {"receipt": str(path)}
-
-
 def cmd_sync(args: argparse.Namespace) -> dict[str, Any]:
     import asyncio
 
     dev = Device.load(args.state)
     now = _now(args)
-    result = asyncio.run(_sync(dev, args, now))
-    out = result.to_json()
-    if result.nothing_new is not None:
-        sys.stderr.write(f"device_sim: {out['note']}\n")
+    out = asyncio.run(_sync(dev, args, now)).to_json()
     if args.bundle is not None:
-        out.update(_write_bundle_receipt(dev, args.bundle, now))
+        out["receipt"] = _bundle_receipt(dev, Path(args.bundle), now)
     return out
+
+
+def _bundle_receipt(dev: Device, bundle: Path, now: int) -> str | None:
+    """A device synced from a bundle (a site with no network path) leaves its signed receipt
+    beside the bundle, ``BUNDLE.<key>.receipt``; `writ receipts import` posts it later."""
+    if dev.own_grant is None:
+        return None
+    path = bundle.with_name(f"{bundle.name}.{dev.public_key.hex()[:16]}.receipt")
+    try:
+        atomic_write(path, dev.receipt(now), 0o644)
+    except OSError as exc:
+        sys.stderr.write(f"device_sim: the receipt could not be written beside the bundle: {exc.strerror}\n")
+        return None
+    return str(path)
 
 
 def cmd_challenge(args: argparse.Namespace) -> dict[str, Any]:
@@ -237,11 +220,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     state(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--server", metavar="URL")
-    src.add_argument(
-        "--bundle",
-        metavar="FILE",
-        help="a sync bundle (PROTOCOL section 7); the signed receipt is written beside it",
-    )
+    src.add_argument("--bundle", metavar="FILE", help="a sync bundle (PROTOCOL section 7)")
     now(p)
     timeout(p)
     p.set_defaults(handler=cmd_sync)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ledger import credential, encoding, messages, notes, records, tree, view
+from ledger import credential, encoding, errors, messages, notes, records, tree, view
 from ledger.crypto import SeedSigner
 from ledger.errors import (
     BadKeyFile,
@@ -42,11 +42,9 @@ from ledger.errors import (
     CheckpointRejected,
     Fork,
     StaleHead,
-    TimestampRegression,
     UsageError,
     VerificationError,
     WritError,
-    WrongLedger,
 )
 from ledger.state import LedgerState
 from ledger.view import AcceptedView, Evidence
@@ -859,7 +857,7 @@ class PendingUpdate:
             type(origin) is str and origin != cfg.origin
         ):
             shown = root.hex() if type(root) is bytes else "?"
-            raise WrongLedger(
+            raise errors.WrongLedger(
                 f"this bundle is of another ledger (origin {str(origin)[:128]!r}, anchor {shown}); "
                 f"this device belongs to origin {cfg.origin!r}, anchor {cfg.anchor.hex()}",
                 seq=0,
@@ -924,7 +922,7 @@ class PendingUpdate:
         if self.size == cur.size:
             try:
                 accepted = view.accept(dev.view, self.note, cur, require_witnesses=0)
-            except TimestampRegression:
+            except errors.TimestampRegression:
                 return self._old(cur)  # the same tree, signed earlier: an old stick
             if accepted != dev.view:  # the same tree, signed later: the view is fresher
                 return self._commit(cur, accepted)
@@ -950,14 +948,20 @@ class PendingUpdate:
 
 
 def _log_keys_at(state: LedgerState, size: int) -> list[bytes]:
-    """The keys that were granted role ``log`` and not revoked (by id or key) within records[0:size]."""
+    """The keys that were granted role ``log`` and not revoked (by id or key)
+    within records[0:size]. A grant revoked by id at a time the state did not
+    keep (a compact state keeps the revoked bit, not the details) counts as
+    revoked: the safer reading."""
     out = []
     for g in state.grants.values():
         if g.role != records.ROLE_LOG or g.seq >= size:
             continue
-        by_id = state.revocations.get(g.seq)
+        if state.is_revoked(g.seq):
+            by_id = state.revocations.get(g.seq)
+            if by_id is None or by_id.seq < size:
+                continue
         by_key = state.revoked_keys.get(g.subject)
-        if (by_id is None or by_id.seq >= size) and (by_key is None or by_key >= size):
+        if by_key is None or by_key >= size:
             out.append(g.subject)
     return out
 

@@ -20,17 +20,18 @@ bare bool.
     │   │   ├── TimeRegression             time-regression
     │   │   ├── UnauthorizedSigner         unauthorized-signer
     │   │   ├── BadSignature               bad-signature
+    │   │   ├── WrongAnchor                wrong-anchor (a genesis whose root is not the anchor: a
+    │   │   │                              configuration mistake, reported before the signature rule)
     │   │   ├── UnknownTarget              unknown-target
     │   │   ├── AlreadyRevoked             already-revoked
-    │   │   ├── TimeInFuture               time-in-future
-    │   │   ├── WrongAnchor                wrong-anchor (a genesis for another root; named before the table)
-    │   │   └── WrongLedger                wrong-ledger (a fresh device given another ledger's genesis)
+    │   │   └── TimeInFuture               time-in-future
     │   ├── BadMessage                     bad-message (auth, receipt, enroll, bundle)
     │   ├── BadProof                       bad-proof (inclusion / consistency)
     │   ├── BadNote                        bad-note (signed note / verifier key syntax)
     │   ├── BadTilePath                    bad-tile-path (no such tlog-tiles path; HTTP 404)
     │   ├── UnknownDevice                  unknown-device (a receipt not from an unrevoked device grant)
     │   ├── UnknownHead                    unknown-head (a receipt's size/root is not a head of the ledger)
+    │   ├── WrongLedger                    wrong-ledger (a fresh device given another ledger's bundle)
     │   └── CheckpointRejected             a checkpoint the verifier must not accept
     │       ├── UntrustedCheckpoint        untrusted-checkpoint (no valid granted log signature)
     │       ├── WrongOrigin                wrong-origin
@@ -142,6 +143,14 @@ class BadSignature(RecordRejected):
     http_status = 403
 
 
+class WrongAnchor(RecordRejected):
+    """A genesis whose ``root`` is not the verifier's anchor: the wrong anchor was
+    configured or the wrong server was asked, which is not tampering. Checked
+    before the signature rule (which would otherwise report ``bad-signature``)."""
+
+    type = "wrong-anchor"
+
+
 class UnknownTarget(RecordRejected):
     type = "unknown-target"
 
@@ -153,23 +162,6 @@ class AlreadyRevoked(RecordRejected):
 
 class TimeInFuture(RecordRejected):
     type = "time-in-future"
-
-
-class WrongAnchor(RecordRejected):
-    """A genesis whose ``root`` is not the verifier's anchor.
-
-    Named before the section-3 table (PROTOCOL section 3, 1.1): the operator
-    gave the wrong anchor or the wrong server; it is not tampering, so it is
-    not reported as ``bad-signature``. The message shows both anchors."""
-
-    type = "wrong-anchor"
-
-
-class WrongLedger(RecordRejected):
-    """A device with no records given the genesis of another ledger (another
-    anchor or another origin), e.g. a USB stick made for another site."""
-
-    type = "wrong-ledger"
 
 
 class BadMessage(VerificationError):
@@ -204,6 +196,14 @@ class UnknownHead(VerificationError):
     """A receipt for a (size, root) that is not a head of this ledger."""
 
     type = "unknown-head"
+
+
+class WrongLedger(VerificationError):
+    """A device with no records given the bundle of another ledger (a genesis
+    of another root or origin): a stick made for another site, not tampering.
+    The message names both ledgers."""
+
+    type = "wrong-ledger"
 
 
 class CheckpointRejected(VerificationError):

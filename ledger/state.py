@@ -217,8 +217,6 @@ class LedgerState:
                 "a genesis only opens an empty ledger" if n else "an empty ledger opens with a genesis",
                 seq=seq,
             )
-        if env.kind is Kind.GENESIS:
-            self._check_anchor(env)
         # step 8
         if seq != n or env.prev != self.root:
             raise StaleHead(
@@ -255,20 +253,6 @@ class LedgerState:
         self._mutate(rec)
         return rec
 
-    def _check_anchor(self, env: Envelope) -> None:
-        """The one case named before the table (PROTOCOL section 3, 1.1): a
-        genesis for another root is the wrong anchor (or the wrong ledger), not
-        a bad signature. A ``root`` that is not 32 bytes is left to step 12."""
-        root = env.extra[1] if len(env.extra) > 1 else None
-        if type(root) is bytes and len(root) == 32 and root != self.anchor:
-            raise WrongAnchor(
-                f"the genesis is for the anchor {root.hex()} but this verifier's anchor is "
-                f"{self.anchor.hex()}: the wrong anchor, or another ledger",
-                seq=env.seq,
-                anchor=self.anchor.hex(),
-                genesis_anchor=root.hex(),
-            )
-
     def _step10_signer(self, env: Envelope) -> bytes:
         seq = env.seq
         if env.kind is Kind.REVOKE and env.signer != 0:
@@ -293,6 +277,16 @@ class LedgerState:
         if env.signer != 0:
             raise UnauthorizedSigner("only a revoke may name a signer other than the root", seq=seq)
         if env.kind is Kind.GENESIS:
+            root = env.extra[1]
+            if type(root) is bytes and root != self.anchor:
+                # named before the signature rule: a wrong anchor is a configuration mistake
+                raise WrongAnchor(
+                    f"the genesis names the root {root.hex()} but the anchor given is {self.anchor.hex()}"
+                    " (the wrong anchor, or the wrong server)",
+                    seq=seq,
+                    anchor=self.anchor.hex(),
+                    genesis_root=root.hex(),
+                )
             return self.anchor
         if env.kind is Kind.ROTATE:
             if self.pending_digest is None:

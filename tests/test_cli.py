@@ -641,9 +641,11 @@ def test_audit_ok_then_tampered_database(writ: Writ, ledger: Ledger) -> None:
     assert a["records_by_kind"] == {"genesis": 1, "grant": 4, "revoke": 0, "rotate": 0}
     d = writ.ok("audit --data", srv.data_dir, "--anchor", ledger.anchor.hex(), "--json")
     assert d["root"] == a["root"] and d["size"] == 5
-    # the wrong anchor: named as such (both anchors shown), not as a bad signature
+    # the wrong anchor: a configuration mistake, named as such (not tampering), both anchors shown
     w = writ("audit --server", srv.url, "--anchor", "11" * 32)
     assert (w.code, w.doc["error"], w.doc["seq"]) == (3, "wrong-anchor", 0)
+    assert w.doc["anchor"] == "11" * 32 and w.doc["genesis_root"] == ledger.anchor.hex()
+    assert "11" * 32 in w.doc["message"] and ledger.anchor.hex() in w.doc["message"]
 
     db = sqlite3.connect(srv.data_dir / "ledger.db")
     (raw,) = db.execute("SELECT raw FROM records WHERE seq = 3").fetchone()
