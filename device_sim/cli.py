@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, NoReturn, cast
 
 from ledger.cli.main import EXIT_FAILED, CommandFailed, emit, exit_code
-from ledger.errors import HTTPStatusError, Interrupted, IOFailure, UsageError, WritError
+from ledger.errors import HTTPStatusError, Interrupted, IOFailure, StorageError, UsageError, WritError
 from ledger.redact import redact, redact_fields
 
 from .device import DEFAULT_MAX_STALENESS, STALE_POLICIES, Device, SyncResult, atomic_write
@@ -124,8 +124,9 @@ def _bundle_receipt(dev: Device, bundle: Path, now: int) -> str | None:
     path = bundle.with_name(f"{bundle.name}.{dev.public_key.hex()[:16]}.receipt")
     try:
         atomic_write(path, dev.receipt(now), 0o644)
-    except OSError as exc:
-        sys.stderr.write(f"device_sim: the receipt could not be written beside the bundle: {exc.strerror}\n")
+    except (OSError, StorageError) as exc:  # a read-only stick: the sync itself succeeded
+        why = exc.message if isinstance(exc, StorageError) else exc.strerror
+        sys.stderr.write(f"device_sim: the receipt could not be written beside the bundle: {why}\n")
         return None
     return str(path)
 

@@ -104,7 +104,7 @@ from ledger.view import AcceptedView, Evidence
 
 from . import scenarios
 from .cli import _seconds
-from .device import DEFAULT_MAX_STALENESS, Device, OwnGrant
+from .device import DEFAULT_MAX_STALENESS, Device, OwnGrant, PendingUpdate
 from .sources import (
     DEFAULT_TIMEOUT,
     BundleSource,
@@ -861,6 +861,14 @@ class Relay:
         if isinstance(exc, VerificationError):
             self.fleet.evidence_from_source(self.members, exc, self.tiles)
 
+    def _verifier(self, have: int, note: str) -> PendingUpdate | None:
+        """A dry run on an online member at ``have``: the records a stream did
+        not carry are verified tile by tile before more are fetched."""
+        for m in self.members:
+            if m.online and m.device.size == have:
+                return m.device.begin(have, note, self.fleet.now(m), evidence=False)
+        return None
+
     async def run_sse(self) -> None:
         opts = self.fleet.options
         self.sse = SseSource(
@@ -870,6 +878,7 @@ class Relay:
             timeout=opts.timeout,
             backoff=opts.backoff,
             on_error=self._on_error,
+            verifier=self._verifier,
         )
         async for upd in self.sse.updates(self.have):
             self.events += 1

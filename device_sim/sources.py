@@ -25,9 +25,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import random
 import re
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -43,23 +45,27 @@ from ledger.errors import (
     TransportError,
     UsageError,
     VerificationError,
+    WritError,
 )
+from ledger.records import parse as parse_record
 from ledger.transport import IDENTITY, BoundedBody
 from ledger.view import Evidence
 
-from .device import Device, SyncResult
+from .device import Device, PendingUpdate, SyncResult
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "MAX_BUNDLE_FILE",
     "MAX_CHECKPOINT",
     "MAX_ENTRY_BUNDLE",
+    "MAX_EVENT_DEPTH",
     "MAX_SSE_EVENT",
     "BundleSource",
     "HttpSource",
     "Source",
     "SseSource",
     "Update",
+    "decode_event_json",
     "fetch_bytes",
     "post_bytes",
     "sync",
@@ -76,11 +82,13 @@ MAX_REPLY = 64 * 1024
 
 
 class Update(NamedTuple):
-    """Records ``start .. start+len(records)`` and the checkpoint note that covers them."""
+    """Records ``start .. start+len(records)`` and the checkpoint note that covers them;
+    ``bundle``: from a sync bundle (an older one is "nothing new", not a rollback)."""
 
     start: int
     records: list[bytes]
     note: str
+    bundle: bool = False
 
 
 class Source(Protocol):
@@ -99,19 +107,36 @@ class Source(Protocol):
 async def sync(device: Device, source: Source, now: int) -> SyncResult:
     """Fetch from ``source`` and apply to ``device``, all or nothing.
 
-    Data that fails verification, whether the source could not even decode
-    it (a bad tile, a garbage checkpoint) or the device refused it, leaves the
-    device's state as it was and adds an :class:`~ledger.view.Evidence`;
-    transport failures are raised and leave no evidence.
+    An :class:`HttpSource` streams: the device verifies each tile's records
+    as they arrive and the fetching stops at the first invalid one
+    (:meth:`HttpSource.sync`). Data that fails verification, whether the
+    source could not even decode it (a bad tile, a garbage checkpoint) or the
+    device refused it, leaves the device's state as it was and adds an
+    :class:`~ledger.view.Evidence`; transport failures are raised and leave
+    no evidence.
     """
+    if isinstance(source, HttpSource):
+        return await source.sync(device, now)
     try:
         update = await source.fetch(device.size)
     except VerificationError as exc:
-        device.add_evidence(
-            Evidence.from_error(exc, observed_at=now, notes=(source.last_note,), data=source.last_bad)
-        )
+        _source_evidence(device, source, exc, now)
         raise
     return device.apply(update, now)
+
+
+def _source_evidence(device: Device, source: Source, exc: VerificationError, now: int) -> None:
+    device.add_evidence(
+        Evidence.from_error(exc, observed_at=now, notes=(source.last_note,), data=source.last_bad)
+    )
+
+
+def _in_place(raw: bytes, seq: int) -> bool:
+    """A record that parses and says it is at ``seq`` (a cheap check, not verification)."""
+    try:
+        return parse_record(raw).seq == seq
+    except WritError:
+        return False
 
 
 def _url(base_url: str, path: str) -> str:
@@ -234,6 +259,8 @@ class HttpSource:
         self.bytes_received = 0
         self.last_note: str | None = None
         self.last_bad: bytes | None = None
+        #: the last record stream ended early: the server had no such tile (404).
+        self.ran_out = False
 
     async def _get(self, path: str, limit: int) -> bytes:
         body = await fetch_bytes(self.client, _url(self.base_url, path), limit=limit, timeout=self.timeout)
@@ -267,33 +294,130 @@ class HttpSource:
             return self._decode(full, await self._get(full, MAX_ENTRY_BUNDLE), tiles.TILE_WIDTH)[:width]
         return self._decode(tiles.entries_path(index, width), data, width)
 
-    async def records(self, start: int, end: int, tree_size: int) -> list[bytes]:
-        """Records ``[start, end)`` of a tree of ``tree_size``, from entry bundles."""
+    async def _chunks(
+        self, start: int, end: int, tree_size: int, window: Callable[[], int]
+    ) -> AsyncGenerator[list[bytes], None]:
+        """Records ``[start, end)`` of a tree of ``tree_size``, one entry bundle
+        at a time, in order and lazily: at most ``window()`` tiles in flight
+        (asked again before each request) and nothing allocated by ``end`` (a
+        size no one has verified yet). A tile
+        the server does not have (404) ends the stream early and sets
+        ``ran_out``: the checkpoint named records the server cannot serve,
+        which the verifier then judges against what it did get."""
+        self.ran_out = False
+        w = tiles.TILE_WIDTH
+        if not 0 <= start < end <= tree_size:
+            return
+        index, last = start // w, (end - 1) // w
+        flight: deque[tuple[int, asyncio.Task[list[bytes]]]] = deque()
         try:
-            wanted = tiles.entries_for_range(start, end, tree_size)
-        except VerificationError as exc:
-            raise BadMessage(exc.message) from None
-        bundles: list[list[bytes]] = []
-        for i in range(0, len(wanted), self.parallel):
-            part = wanted[i : i + self.parallel]
-            bundles.extend(await asyncio.gather(*(self._bundle(n, w) for n, w in part)))
+            while True:
+                while len(flight) < max(1, window()) and index <= last:
+                    width = min(w, tree_size - index * w)
+                    flight.append((index, asyncio.ensure_future(self._bundle(index, width))))
+                    index += 1
+                if not flight:
+                    return
+                n, task = flight.popleft()
+                try:
+                    entries = await task
+                except HTTPStatusError as exc:
+                    if exc.detail.get("status") == 404:
+                        self.ran_out = True
+                        return
+                    raise
+                first = n * w
+                yield entries[max(start, first) - first : min(end, first + len(entries)) - first]
+        finally:
+            for _, t in flight:
+                t.cancel()
+            await asyncio.gather(*(t for _, t in flight), return_exceptions=True)
+
+    async def records(
+        self, start: int, end: int, tree_size: int | None = None, *, check: PendingUpdate | None = None
+    ) -> list[bytes]:
+        """Records ``[start, end)`` of a tree of ``tree_size`` (default ``end``), from entry bundles.
+
+        Without ``check`` (the fleet's shared fetches) the list stops after the
+        first record that does not even parse at its seq, and so does the
+        downloading: the devices refuse that record, and nothing more is
+        fetched for them. With ``check`` (a device's :class:`PendingUpdate`,
+        a dry run) each tile is verified before the next is fetched."""
+        tree_size = end if tree_size is None else tree_size
+        if type(start) is not int or type(end) is not int or not 0 <= start <= end <= tree_size:
+            raise BadMessage(f"entry range [{start}, {end}) is not inside a tree of size {tree_size}")
+
+        def window() -> int:
+            return self.parallel if check is None or check.note_verified else 1
+
         out: list[bytes] = []
-        for (n, _w), entries in zip(wanted, bundles, strict=True):
-            first = n * tiles.TILE_WIDTH
-            out.extend(entries[max(start, first) - first : min(end, first + len(entries)) - first])
+        async with contextlib.aclosing(self._chunks(start, end, tree_size, window)) as chunks:
+            async for chunk in chunks:
+                if check is not None:
+                    check.feed(chunk)
+                    check.check_note()
+                    out.extend(chunk)
+                    continue
+                for raw in chunk:
+                    out.append(raw)
+                    if not _in_place(raw, start + len(out) - 1):
+                        return out
         return out
 
-    async def fetch(self, have: int) -> Update:
-        self.last_note = self.last_bad = None
+    async def _note(self) -> str:
+        """The checkpoint, with its size parsed (a garbage note is refused here, with its bytes)."""
         note = await self.checkpoint()
         try:
-            size = view.checkpoint_size(note)
+            view.checkpoint_size(note)
         except BadNote:
             self.last_bad = note.encode()
             raise
+        return note
+
+    async def fetch(self, have: int) -> Update:
+        self.last_note = self.last_bad = None
+        note = await self._note()
+        size = view.checkpoint_size(note)
         if size <= have:
             return Update(have, [], note)
         return Update(have, await self.records(have, size, size), note)
+
+    async def sync(self, device: Device, now: int) -> SyncResult:
+        """Fetch and verify in one pass: the checkpoint, then the entry bundles
+        one after another, each tile's records applied (to a copy of the
+        device's state) before the next is fetched; the first invalid record
+        stops the fetching. Only when the checkpoint already verifies under a
+        log key the device knows (or one the records applied so far granted)
+        are up to ``parallel`` tiles fetched ahead.
+        What is downloaded is thus bounded by what was verified plus a tile or
+        a few, whatever size the checkpoint claims."""
+        self.last_note = self.last_bad = None
+        try:
+            note = await self._note()
+        except VerificationError as exc:
+            _source_evidence(device, self, exc, now)
+            raise
+        pending = device.begin(device.size, note, now)
+        if pending.wanted == 0:
+            return pending.finish()
+
+        def window() -> int:  # a few tiles ahead once a known log key vouches for the size
+            return self.parallel if pending.note_verified else 1
+
+        async with contextlib.aclosing(
+            self._chunks(pending.next, pending.size, pending.size, window)
+        ) as chunks:
+            while True:
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except VerificationError as exc:
+                    _source_evidence(device, self, exc, now)
+                    raise
+                pending.feed(chunk)
+                pending.check_note()
+        return pending.finish(complete=not self.ran_out)
 
 
 class BundleSource:
@@ -321,7 +445,7 @@ class BundleSource:
     @staticmethod
     def parse(data: bytes) -> Update:
         b = messages.parse_bundle(data)
-        return Update(b.start, list(b.records), b.checkpoint)
+        return Update(b.start, list(b.records), b.checkpoint, bundle=True)
 
     async def fetch(self, have: int) -> Update:
         return self.read()
@@ -381,16 +505,51 @@ async def _sse_events(resp: httpx.Response, max_event: int) -> AsyncIterator[_Ev
             raise ResponseTooLarge(f"an event line is larger than {max_event} bytes", limit=max_event)
 
 
-def _records_event(data: list[str]) -> tuple[int, list[bytes]] | None:
-    """``{"start": S, "records": [base64, ...]}``, or None when malformed."""
+#: the deepest JSON nesting an event may have (a records event has 2).
+MAX_EVENT_DEPTH = 8
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def decode_event_json(
+    data: list[str] | str, *, max_bytes: int = MAX_SSE_EVENT, max_depth: int = MAX_EVENT_DEPTH
+) -> Any:
+    """The JSON payload of one Server-Sent Event, or :class:`~ledger.errors.BadMessage`.
+
+    The one decoder of event payloads (the device's push client and the
+    fleet's relays both read events through :class:`SseSource`). Events
+    come from the network, so they are hostile input: the size is checked
+    first, then the nesting depth (brackets outside strings, counted without
+    recursion), and only then is the text parsed, so a deeply nested payload
+    never reaches the recursive parser (``RecursionError``). Any failure is a
+    ``bad-message``: the caller drops the connection, reports it and
+    reconnects with backoff."""
+    text = "\n".join(data) if isinstance(data, list) else data
+    if len(text) > max_bytes:
+        raise BadMessage(f"an event payload is larger than {max_bytes} bytes", limit=max_bytes)
+    depth = 0
+    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub("", text)):
+        depth += 1 if m.group() in "[{" else -1
+        if depth > max_depth:
+            raise BadMessage(f"an event payload is nested deeper than {max_depth} levels")
     try:
-        obj = json.loads("\n".join(data))
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise BadMessage(f"an event payload is not JSON ({type(exc).__name__})") from None
+
+
+def _records_event(data: list[str]) -> tuple[int, list[bytes]]:
+    """``{"start": S, "records": [base64, ...]}``, or BadMessage."""
+    obj = decode_event_json(data)
+    try:
         start, recs = obj["start"], obj["records"]
         if type(start) is not int or start < 0 or type(recs) is not list:
-            return None
+            raise TypeError
+        if len(recs) > messages.MAX_BUNDLE_RECORDS or not all(type(r) is str for r in recs):
+            raise TypeError
         return start, [base64.b64decode(r, validate=True) for r in recs]
     except (ValueError, KeyError, TypeError, binascii.Error):
-        return None
+        raise BadMessage('a records event is not {"start": uint, "records": [base64, ...]}') from None
 
 
 class SseSource:
@@ -400,7 +559,12 @@ class SseSource:
     for the device's size at that moment (``have()``), which is also sent as
     ``Last-Event-ID`` on every (re)connection so the server's catch-up covers
     exactly the gap. When the records event does not cover it, the records
-    come from tiles (``tiles``).
+    come from tiles (``tiles``), verified tile by tile by ``verifier(have,
+    note)`` (a dry-run :class:`~device_sim.device.PendingUpdate` of a device
+    at ``have``) when one is given, so an unverified size never drives the
+    download. Any event that fails to decode is hostile input: the
+    connection is dropped, ``on_error`` told, and the client reconnects with
+    backoff; nothing an event holds ends the loop.
     """
 
     def __init__(
@@ -415,6 +579,7 @@ class SseSource:
         backoff: tuple[float, float] = (0.5, 30.0),
         max_event: int = MAX_SSE_EVENT,
         on_error: Callable[[Exception], None] | None = None,
+        verifier: Callable[[int, str], PendingUpdate | None] | None = None,
     ) -> None:
         self.client = client
         self.base_url = base_url
@@ -427,6 +592,7 @@ class SseSource:
         self.backoff = backoff
         self.max_event = max_event
         self.on_error = on_error
+        self.verifier = verifier
         self.connections = 0
         self.bytes_received = 0
 
@@ -440,6 +606,10 @@ class SseSource:
                 err: Exception = TransportError("the event stream ended")
             except (TransportError, VerificationError) as exc:
                 err = exc
+            except UsageError:
+                raise  # a bad URL: no reconnection fixes it
+            except Exception as exc:  # anything else an event caused: hostile input, never fatal
+                err = BadMessage(f"the event stream failed: {type(exc).__name__}")
             if self.on_error is not None:
                 self.on_error(err)
             await asyncio.sleep(delay * (0.5 + random.random()))
@@ -459,7 +629,7 @@ class SseSource:
                 pending: tuple[int, list[bytes]] | None = None
                 async for ev in _sse_events(resp, self.max_event):
                     self.bytes_received += sum(len(d) + 6 for d in ev.data)
-                    if ev.event == "records":
+                    if ev.event == "records":  # an undecodable one drops the connection (BadMessage)
                         pending = _records_event(ev.data) if self.records else None
                     elif ev.event == "checkpoint":
                         note = "\n".join(ev.data) + "\n"
@@ -481,4 +651,5 @@ class SseSource:
             start, recs = pending
             if start <= have and start + len(recs) >= size:
                 return Update(have, recs[have - start : size - start], note)
-        return Update(have, await self.tiles.records(have, size, size), note)
+        check = self.verifier(have, note) if self.verifier is not None else None
+        return Update(have, await self.tiles.records(have, size, size, check=check), note)

@@ -31,6 +31,7 @@ bare bool.
     │   ├── BadTilePath                    bad-tile-path (no such tlog-tiles path; HTTP 404)
     │   ├── UnknownDevice                  unknown-device (a receipt not from an unrevoked device grant)
     │   ├── UnknownHead                    unknown-head (a receipt's size/root is not a head of the ledger)
+    │   ├── WrongLedger                    wrong-ledger (a fresh device given another ledger's bundle)
     │   └── CheckpointRejected             a checkpoint the verifier must not accept
     │       ├── UntrustedCheckpoint        untrusted-checkpoint (no valid granted log signature)
     │       ├── WrongOrigin                wrong-origin
@@ -215,6 +216,14 @@ class UnknownHead(VerificationError):
     """A receipt for a (size, root) that is not a head of this ledger."""
 
     type = "unknown-head"
+
+
+class WrongLedger(VerificationError):
+    """A device with no records given the bundle of another ledger (a genesis
+    of another root or origin): a stick made for another site, not tampering.
+    The message names both ledgers."""
+
+    type = "wrong-ledger"
 
 
 class CheckpointRejected(VerificationError):

@@ -9,6 +9,9 @@ is used by ``tests/test_reliability_hostile.py`` to drive the device CLI
 
 The honest bytes (a checkpoint note, entry bundles) come from ``content``:
 ``{path: (content_type, body)}``; behaviours decide what to do with them.
+Besides broken framing there are behaviours with honest framing and hostile
+ledger data: :func:`garbage_entries` (tiles without end for a claimed tree)
+and :func:`event_stream` (malformed Server-Sent Events, e.g. :func:`deep_json`).
 """
 
 from __future__ import annotations
@@ -28,10 +31,14 @@ __all__ = [
     "RawServer",
     "Reply",
     "chunked",
+    "deep_json",
+    "event_stream",
+    "garbage_entries",
     "gzip_bytes",
     "gzip_zeros",
     "honest",
     "response_head",
+    "sse_event",
 ]
 
 #: request heads larger than this are cut off (the device never sends one).
@@ -186,3 +193,61 @@ def _read_request(sock: socket.socket) -> RawRequest | None:
             return None
         rest += chunk
     return RawRequest(parts[0], parts[1], headers)
+
+
+# --- hostile ledger data behind honest framing ------------------------------------------
+
+
+def garbage_entries(entry: bytes = b"\x92\xc4\x03abc\xc4\x40" + bytes(64)) -> Behaviour:
+    """Any ``tile/entries/...`` path: 200 with a well-formed entry bundle of the
+    width asked for, every entry ``entry`` (record-shaped, wrong in every way);
+    other paths answer honestly. A log that claims a huge tree and would serve
+    tiles forever: the device must stop at the first record it cannot verify."""
+
+    def run(reply: Reply) -> None:
+        path = reply.request.path.lstrip("/")
+        if not path.startswith("tile/entries/"):
+            honest(reply)
+            return
+        width = int(path.rsplit(".p/", 1)[1]) if ".p/" in path else 256
+        body = b"".join(len(entry).to_bytes(2, "big") + entry for _ in range(width))
+        reply.send(
+            response_head(
+                200, [("Content-Type", "application/octet-stream"), ("Content-Length", str(len(body)))]
+            )
+            + body
+        )
+
+    return run
+
+
+def sse_event(event: str, data: str) -> bytes:
+    """One Server-Sent Event (``data`` split into ``data:`` lines)."""
+    lines = "".join(f"data: {line}\n" for line in data.split("\n"))
+    return f"event: {event}\n{lines}\n".encode("utf-8", "surrogateescape")
+
+
+def deep_json(depth: int) -> str:
+    """A JSON text nested ``depth`` levels deep (a recursive parser's stack overflow)."""
+    return "[" * depth + "]" * depth
+
+
+def event_stream(first: list[bytes], then: list[bytes]) -> Behaviour:
+    """``/v1/events``: the first connection gets the events ``first``, every
+    later one ``then``; each stream then ends. Other paths answer honestly."""
+    served = {"n": 0}
+
+    def run(reply: Reply) -> None:
+        if not reply.request.path.startswith("/v1/events"):
+            honest(reply)
+            return
+        events = first if served["n"] == 0 else then
+        served["n"] += 1
+        reply.send(
+            response_head(200, [("Content-Type", "text/event-stream"), ("Transfer-Encoding", "chunked")])
+        )
+        for ev in events:
+            reply.send(chunked(ev))
+        reply.send(b"0\r\n\r\n")
+
+    return run

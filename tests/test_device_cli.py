@@ -286,3 +286,118 @@ def test_cli_against_writ_serve(tmp_path: Path) -> None:
         code, out = challenge_and_check(d, tablet_grant, tablet, at=int(time.time()))
         assert (code, out["reason"]) == (1, "revoked")
         assert pub == bytes.fromhex(cli("device", "status", "--state", d)[1]["public_key"])
+
+
+# --- issue classes: hostile sizes, overlaps, old sticks, other ledgers, receipts on the stick ---
+
+
+def _error(code: int, out: dict[str, Any], want_code: int, want: str) -> None:
+    """One error shape everywhere: {"error": TYPE, "message": TEXT} (and the same text as "detail")."""
+    assert (code, out["error"]) == (want_code, want), out
+    assert isinstance(out["message"], str) and out["message"] and out["detail"] == out["message"]
+
+
+def test_huge_checkpoint_size_is_a_clean_exit_3(tmp_path: Path, log: FakeLog, url: str) -> None:
+    w = World()
+    d, _ = init(tmp_path, w)
+    log.publish(w, TS)
+    assert cli("device", "sync", "--state", d, "--server", url, "--now", str(NOW))[0] == 0
+    before = (d / "state.bin").read_bytes()
+    for key in (w.log, signer("mallory")):
+        log.requests.clear()
+        log.note = w.checkpoint(TS + 1, 2**63 - 1, root=bytes(32), key=key)
+        code, out = cli("device", "sync", "--state", d, "--server", url, "--now", str(NOW))
+        _error(code, out, 3, "fork" if key is w.log else "untrusted-checkpoint")
+        assert (d / "state.bin").read_bytes() == before
+        assert len([p for p in log.requests if p.startswith("/tile/")]) <= 4
+    # a fresh device: it cannot check the signature first, and still fetches one tile at most
+    fresh, _ = init(tmp_path / "fresh", w)
+    log.requests.clear()
+    code, out = cli("device", "sync", "--state", fresh, "--server", url, "--now", str(NOW))
+    _error(code, out, 3, "untrusted-checkpoint")
+    assert len([p for p in log.requests if p.startswith("/tile/")]) == 1
+
+
+def test_bundle_with_a_forged_overlap_is_a_fork(tmp_path: Path) -> None:
+    w = World()
+    d, _ = init(tmp_path, w)
+    for i in range(3):
+        w.grant(signer(f"op-{i}").public_key, "operator", f"op-{i}")
+    w.revoke(4)
+    bundle = tmp_path / "site.bundle"
+    bundle.write_bytes(w.bundle(0, TS))
+    assert cli("device", "sync", "--state", d, "--bundle", bundle, "--now", str(NOW))[0] == 0
+    before = (d / "state.bin").read_bytes()
+    forged = list(w.records)
+    forged[6] = records.sign(records.Revoke(6, w.root_at(6), w.time, 0, 3, 2), w.root)  # another target
+    w.grant(signer("new").public_key, "operator", "new")
+    bundle.write_bytes(messages.make_bundle(0, [*forged, w.records[-1]], w.checkpoint(TS + 1)))
+    code, out = cli("device", "sync", "--state", d, "--bundle", bundle, "--now", str(NOW))
+    _error(code, out, 3, "fork")
+    assert (d / "state.bin").read_bytes() == before
+    status = cli("device", "status", "--state", d, "--now", str(NOW))[1]
+    assert status["evidence"][-1]["kind"] == "fork"
+
+
+def test_old_bundle_is_nothing_new_exit_0(tmp_path: Path, log: FakeLog, url: str) -> None:
+    w = World()
+    d, _ = init(tmp_path, w)
+    old = tmp_path / "old.bundle"
+    old.write_bytes(w.bundle(0, TS - 50))
+    w.grant(signer("a").public_key, "operator", "a")
+    log.publish(w, TS)
+    assert cli("device", "sync", "--state", d, "--server", url, "--now", str(NOW))[0] == 0
+    before = (d / "state.bin").read_bytes()
+    code, out = cli("device", "sync", "--state", d, "--bundle", old, "--now", str(NOW))
+    assert code == 0 and out["nothing_new"] is True and out["appended"] == 0, out
+    assert (out["size"], out["bundle_size"]) == (w.size, w.size - 1) and "nothing new" in out["note"]
+    assert (d / "state.bin").read_bytes() == before
+    # over HTTP the same older checkpoint is a rollback
+    log.publish(w, TS + 5, w.size - 1)
+    _error(*cli("device", "sync", "--state", d, "--server", url, "--now", str(NOW)), 3, "rollback")
+
+
+def test_another_ledger_says_wrong_ledger_or_wrong_anchor(tmp_path: Path, log: FakeLog, url: str) -> None:
+    w = World()
+    d, _ = init(tmp_path, w)
+    other = World(origin="ledger.other.example/site-9")
+    bundle = tmp_path / "other.bundle"
+    bundle.write_bytes(other.bundle(0, TS))
+    code, out = cli("device", "sync", "--state", d, "--bundle", bundle, "--now", str(NOW))
+    _error(code, out, 3, "wrong-ledger")
+    assert "ledger.other.example/site-9" in out["message"] and w.origin in out["message"]
+    # a device installed with another anchor, pointed at this server
+    mine = signer("my-root").public_key
+    code, out = cli(
+        "device", "init", "--state", tmp_path / "d2", "--anchor", mine.hex(), "--origin", w.origin
+    )
+    log.publish(w, TS)
+    code, out = cli("device", "sync", "--state", tmp_path / "d2", "--server", url, "--now", str(NOW))
+    _error(code, out, 3, "wrong-anchor")
+    assert mine.hex() in out["message"] and w.root.public_key.hex() in out["message"]
+
+
+def test_bundle_sync_writes_the_signed_receipt_beside_the_bundle(tmp_path: Path) -> None:
+    """A USB-only site: the receipt (the exact POST /v1/receipts message) rides back on the stick."""
+    w = World()
+    d, pub = init(tmp_path, w)
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    bundle = stick / "ledger.bundle"
+    bundle.write_bytes(w.bundle(0, TS))
+    code, out = cli("device", "sync", "--state", d, "--bundle", bundle, "--now", str(NOW))
+    assert code == 0 and out["receipt"] is None  # no device grant yet: nothing to sign for
+    seq = w.grant(pub, "device", "plc-1")
+    bundle.write_bytes(w.bundle(0, TS + 1))
+    code, out = cli("device", "sync", "--state", d, "--bundle", bundle, "--now", str(NOW))
+    path = stick / f"ledger.bundle.{pub.hex()[:16]}.receipt"
+    assert code == 0 and out["receipt"] == str(path), out
+    r = messages.parse_receipt(path.read_bytes())
+    r.verify(pub)
+    assert (r.device_grant_seq, r.size, r.root, r.time) == (seq, w.size, w.root_at(), NOW)
+    # an old stick brought back: nothing new, and still a receipt of the device's head
+    path.unlink()
+    bundle.write_bytes(w.bundle(0, TS - 1, w.size - 1))
+    code, out = cli("device", "sync", "--state", d, "--bundle", bundle, "--now", str(NOW + 1))
+    assert code == 0 and out["nothing_new"] is True and out["receipt"] == str(path)
+    assert messages.parse_receipt(path.read_bytes()).size == w.size

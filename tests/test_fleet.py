@@ -447,8 +447,13 @@ async def test_frozen_checkpoint_hides_the_revoke_until_the_devices_go_stale() -
         await s.fleet.close()
 
 
-async def test_a_forged_record_pushed_over_sse_is_refused_by_every_device() -> None:
+@pytest.mark.parametrize("records_event", [True, False], ids=["records-event", "tiles"])
+async def test_a_forged_record_pushed_over_sse_is_refused_by_every_device(records_event: bool) -> None:
+    """With or without a records event: without one the relay fetches tiles,
+    verified by a member's dry run before more are fetched, so a forged record
+    stops the relay's download too."""
     s = await _site(9, FleetOptions(seed=12, connections=3, backoff=(0.01, 0.05)))
+    s.log.events_records = records_event
     s.fleet._sse_client = s.log.client()
     try:
         await s.fleet.start_push(wait=5)
@@ -462,6 +467,8 @@ async def test_a_forged_record_pushed_over_sse_is_refused_by_every_device() -> N
                 await asyncio.sleep(0.01)
         assert all(m.device.size == have for m in s.members)
         assert {m.device.evidence[-1].kind for m in s.members} == {"bad-signature"}
+        if not records_event:  # refused by the relay's dry run: never handed to the devices
+            assert s.fleet.source_errors == 0 and sum(r.errors for r in s.fleet.relays) >= 1
         s.log.publish(s.world, TS + 10)
         assert await s.fleet.wait_refused(5)
         assert {m.reason for m in s.members} == {"revoked"}
@@ -602,3 +609,45 @@ async def test_fast_transport_speaks_enough_http() -> None:
         with pytest.raises(httpx.ConnectError):
             await c.get("http://127.0.0.1:1/")
         never.set()
+
+
+class PoisonedEvents(FakeLog):
+    """``poison`` connections in a row get one deeply nested ``records`` event, then end."""
+
+    poison = 0
+
+    async def _events(self, headers: httpx.Headers) -> AsyncIterator[bytes]:
+        if self.poison > 0:
+            self.poison -= 1
+            yield b"event: records\ndata: " + b"[" * 100_000 + b"\n\n"
+            return
+        async for chunk in super()._events(headers):
+            yield chunk
+
+
+async def test_a_malformed_event_does_not_deafen_the_devices_behind_a_relay() -> None:
+    """Once a RecursionError escaped the relay's event client: its task died and
+    every device behind it stopped hearing of revokes. Now the relay reports
+    the event, reconnects, and the revoke still reaches every device."""
+    s = await _site(6, FleetOptions(seed=3, connections=2, backoff=(0.01, 0.05)))
+    log = PoisonedEvents(records=s.log.records, note=s.log.note)
+    s.fleet._sse_client = log.client()
+    try:
+        await s.fleet.start_push(wait=5)
+        assert await s.fleet.wait_ready(5)
+        s.fleet.arm(s.tablet_record, s.world.tablet, s.world.size)
+        log.poison = 2
+        log.closing = True  # the open streams end; the next connections are poisoned
+        log.notify()
+        await asyncio.sleep(0.1)
+        log.closing = False
+        s.world.revoke(s.tablet_seq)
+        log.publish(s.world, TS + 10)
+        assert await s.fleet.wait_refused(10)
+        assert {m.reason for m in s.members} == {"revoked"}
+        assert sum(r.errors for r in s.fleet.relays) >= 2 and log.poison == 0
+    finally:
+        await s.fleet.close()
+        log.closing = True
+        log.notify()
+        await s.fleet.sse_client.aclose()

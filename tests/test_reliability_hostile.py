@@ -23,6 +23,7 @@ The device processes are independent, so the module runs them all at once
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import resource
@@ -37,9 +38,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from device_sim.sources import MAX_CHECKPOINT, MAX_ENTRY_BUNDLE
+from device_sim.sources import MAX_CHECKPOINT, MAX_ENTRY_BUNDLE, MAX_SSE_EVENT, SseSource
 from ledger import messages, tiles
 from ledger.errors import TransportError
 from reliability.hostile import (
@@ -48,11 +50,15 @@ from reliability.hostile import (
     RawServer,
     Reply,
     chunked,
+    deep_json,
+    event_stream,
+    garbage_entries,
     gzip_bytes,
     gzip_zeros,
     response_head,
+    sse_event,
 )
-from tests.device_fixtures import FakeLog, World, serve_in_thread
+from tests.device_fixtures import FakeLog, World, serve_in_thread, signer
 from tests.helpers.server import writ_command
 from tests.test_device_hostile import ATTACKS, NOW, TS, Attack, Ctx, _setup
 
@@ -620,3 +626,76 @@ def test_the_integrator_cli_against_a_nested_gzip_bomb() -> None:
     assert b"Traceback" not in p.stderr, p.stderr.decode()[-1500:]
     out = json.loads(p.stdout.decode().strip().splitlines()[-1])
     assert (p.returncode, out["error"]) == (4, "response-too-large"), out
+
+
+# --- hostile ledger data behind honest framing (unsigned sizes, malformed events) ---------
+
+
+def _tile_paths(srv: RawServer) -> list[str]:
+    return [p for p in srv.paths() if p.startswith("/tile/")]
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh-device", "synced-device"])
+def test_claimed_256000_by_an_unknown_key_with_endless_garbage_tiles(tmp_path: Path, fresh: bool) -> None:
+    """The log claims 256,000 records under a key nobody granted and would
+    serve garbage tiles forever: one tile is fetched, its first record
+    refused (exit 3, evidence), the state untouched."""
+    c, d = _setup(tmp_path / "synced")
+    if fresh:
+        d = tmp_path / "fresh"
+        w = c.world
+        r = device("device", "init", "--state", d, "--anchor", w.root.public_key.hex(), "--origin", w.origin)
+        assert r.code == 0
+    note = c.world.checkpoint(TS + 1, 256_000, root=bytes(32), key=signer("mallory"))
+    before = snapshot(d)
+    content = {"checkpoint": ("text/plain; charset=utf-8", note.encode())}
+    with RawServer(garbage_entries(), content) as srv:
+        r = sync(d, srv.url, "--timeout", str(DEADLINE))
+    assert r.code == 3 and isinstance(r.out["message"], str), r.out
+    assert len(_tile_paths(srv)) == 1, srv.paths()
+    assert snapshot(d) == before and evidence(d)[-1]["kind"] == r.out["error"]
+    assert r.max_rss < MAX_DEVICE_RSS
+
+
+@pytest.mark.parametrize("key", ["log", "mallory"])
+def test_checkpoint_of_size_2_63_is_a_clean_exit_3(tmp_path: Path, key: str) -> None:
+    """Size 2**63-1 was a MemoryError traceback; now it is refused against the
+    tree the device could build, with a window of tile requests at most."""
+    c, d = _setup(tmp_path)
+    honest = content(c.world, TS + 10)
+    honest["checkpoint"] = (
+        "text/plain; charset=utf-8",
+        c.world.checkpoint(TS + 1, 2**63 - 1, root=bytes(32), key=signer(key)).encode(),
+    )
+    before = snapshot(d)
+    with RawServer(content=honest) as srv:
+        r = sync(d, srv.url, "--timeout", str(DEADLINE))
+    assert (r.code, r.out["error"]) == (3, "fork" if key == "log" else "untrusted-checkpoint"), r.out
+    assert r.out["message"] and snapshot(d) == before
+    assert len(_tile_paths(srv)) <= 4 and r.max_rss < MAX_DEVICE_RSS
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [deep_json(200_000), deep_json(9), '{"start": 0, "records": ["%%%"]}', "x" * (MAX_SSE_EVENT + 1)],
+    ids=["deep-nesting", "nine-levels", "bad-base64", "oversized"],
+)
+async def test_malformed_events_drop_the_connection_and_the_client_recovers(payload: str) -> None:
+    """One bad event (a RecursionError once escaped and the client never came
+    back): the connection is dropped, reported, and the next one delivers,
+    over a real socket."""
+    w = World()
+    good = sse_event("checkpoint", w.checkpoint(TS).rstrip("\n"))
+    behaviour = event_stream([sse_event("records", payload), good], [good])
+    errors: list[Exception] = []
+    with RawServer(behaviour) as srv:
+        async with httpx.AsyncClient() as client:
+            sse = SseSource(client, srv.url, records=True, backoff=(0.01, 0.02), on_error=errors.append)
+            gen = sse.updates(lambda: w.size)
+            try:
+                up = await asyncio.wait_for(anext(gen), 20)
+            finally:
+                await gen.aclose()
+    assert up.note == w.checkpoint(TS)
+    assert errors and errors[0].__class__.__name__ in ("BadMessage", "ResponseTooLarge"), errors
+    assert sse.connections >= 2
