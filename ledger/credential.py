@@ -9,7 +9,7 @@ the refusal names of the conformance contract, the first that applies in
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from . import crypto, messages, records
@@ -101,7 +101,9 @@ def check_credential(
     leaf = crypto.sha256(b"\x00" + auth.grant_record)
     if body.seq >= state.size or kept is None or kept.leaf_hash != leaf:
         return Verdict(False, "unpublished", body.seq, body.name, body.role)
-    return judge_grant(state, kept, now=now, roles=roles, device_scope=device_scope, freshness=freshness)
+    return judge_grant(
+        state, kept, now=now, roles=frozenset(roles), device_scope=device_scope, freshness=freshness
+    )
 
 
 def judge_grant(
@@ -109,7 +111,7 @@ def judge_grant(
     grant: GrantInfo,
     *,
     now: int,
-    roles: Iterable[str] = (records.ROLE_OPERATOR,),
+    roles: Collection[str] = (records.ROLE_OPERATOR,),
     device_scope: str = "",
     freshness: Freshness,
 ) -> Verdict:
@@ -130,7 +132,7 @@ def judge_grant(
         return refuse("expired")
     if now < grant.not_before:
         return refuse("not-yet-valid")
-    if grant.role not in set(roles):
+    if grant.role not in roles:
         return refuse("wrong-role")
     if not records.in_scope(grant.scope, device_scope):
         return refuse("out-of-scope")

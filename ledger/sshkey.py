@@ -50,6 +50,10 @@ MAX_PRIVATE_FILE: Final = 16 * 1024
 _OTHER_TYPES: Final = ("ssh-rsa", "ssh-dss", "ecdsa-sha2-", "sk-", "ssh-ed448", "rsa-sha2-")
 
 
+#: string "ssh-ed25519" || uint32 32: every Ed25519 key blob starts so.
+_BLOB_PREFIX: Final = struct.pack(">I", len(KEY_TYPE)) + KEY_TYPE + struct.pack(">I", _KEY_SIZE)
+
+
 class SshPublicKey(NamedTuple):
     public_key: bytes
     comment: str
@@ -91,7 +95,7 @@ def key_blob(public_key: bytes) -> bytes:
     """The SSH wire encoding of an Ed25519 public key."""
     if type(public_key) is not bytes or len(public_key) != _KEY_SIZE:
         raise BadSshKey("an Ed25519 public key is 32 bytes")
-    return _string(KEY_TYPE) + _string(public_key)
+    return _BLOB_PREFIX + public_key
 
 
 def parse_blob(blob: bytes) -> bytes:
