@@ -185,10 +185,14 @@ def read_grant_file(data: bytes, subject: bytes) -> list[Candidate]:
             return credentials_json(json.loads(data), subject)
         except ValueError:
             pass
-    try:
-        raws = encoding.unpack_records(data, max_count=messages.MAX_BUNDLE_RECORDS, error=BadMessage)
-    except WritError:
+    try:  # a record is itself an array of two bins: try it as one record first
+        records.decode_unverified(data)
         raws = [data]
+    except WritError:
+        try:
+            raws = encoding.unpack_records(data, max_count=messages.MAX_BUNDLE_RECORDS, error=BadMessage)
+        except WritError:
+            raws = [data]
     found = _candidates(raws, subject)
     if not found and len(raws) == 1:
         own_grant(raws[0], subject)  # the reason it is not usable
