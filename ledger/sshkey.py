@@ -129,7 +129,7 @@ def format_public_key(public_key: bytes, comment: str = "") -> str:
     """``ssh-ed25519 <base64 blob> [comment]`` (no newline)."""
     line = "ssh-ed25519 " + base64.b64encode(key_blob(public_key)).decode("ascii")
     if comment:
-        if any(c in comment for c in "\r\n\x00"):
+        if "\n" in comment or "\r" in comment or "\x00" in comment:
             raise BadSshKey("an SSH key comment is one line of text")
         line += " " + comment
     return line

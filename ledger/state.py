@@ -539,8 +539,10 @@ class LedgerState:
         st.roots = [(u(s), k32(k)) for s, k in rows(f[9], 2)]
         st.pending_digest = opt(k32, f[10])
         st.grants = {}
-        for g in rows(f[11], 9):  # one type test per row: a device may keep 100,000 grants
-            if tuple(map(type, g)) != _GRANT_ROW or len(g[1]) != 32 or len(g[8]) != 32:
+        if type(f[11]) is not list:
+            raise BadMessage("damaged state snapshot (expected a table)")
+        for g in f[11]:  # one type test per row: a device may keep 100,000 grants
+            if type(g) is not list or tuple(map(type, g)) != _GRANT_ROW or len(g[1]) != 32 or len(g[8]) != 32:
                 raise BadMessage("damaged state snapshot (a kept grant)")
             info = GrantInfo(*g)
             st.grants[info.seq] = info
