@@ -16,6 +16,7 @@ import asyncio
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -361,3 +362,55 @@ def test_authorized_keys_of_a_device_never_synced_prints_nothing(tmp_path: Path)
 def test_authorized_keys_of_no_device_is_an_error_not_a_key(tmp_path: Path) -> None:
     code, lines, _ = _keys(tmp_path / "nothing")
     assert code == 2 and len(lines) == 1 and json.loads(lines[0])["error"] == "usage"
+
+
+# --- deploy/ --------------------------------------------------------------------------
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def _unit(name: str, key: str) -> list[str]:
+    return [
+        line.split("=", 1)[1]
+        for line in (DEPLOY / name).read_text().splitlines()
+        if line.startswith(key + "=")
+    ]
+
+
+def test_the_agent_unit_parses_runs_device_run_and_is_confined(tmp_path: Path) -> None:
+    from device_sim.cli import build_parser
+
+    (exec_start,) = _unit("writ-device-agent.service", "ExecStart")
+    argv = exec_start.split()
+    assert argv[:3] == ["/opt/writ/.venv/bin/python", "-m", "device_sim"]
+    args = build_parser(()).parse_args(
+        [a.replace("${WRIT_SERVER}", "https://ledger.example") for a in argv[3:]]
+    )
+    assert (args.device_command, args.state, args.push) == ("run", "/var/lib/writ-device", "sse")
+    assert _unit("writ-device-agent.service", "User") == ["writ-device"]
+    assert _unit("writ-device-agent.service", "ProtectSystem") == ["strict"]
+    assert _unit("writ-device-agent.service", "ReadWritePaths") == ["/var/lib/writ-device"]
+    assert _unit("writ-device-agent.service", "IPAddressDeny") == ["any"]
+    wrapper = (DEPLOY / "writ-authorized-keys").read_text()
+    assert "device authorized-keys --state /var/lib/writ-device" in wrapper
+    assert os.access(DEPLOY / "writ-authorized-keys", os.X_OK)
+    assert subprocess.run(["sh", "-n", str(DEPLOY / "writ-authorized-keys")], check=False).returncode == 0
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed: the unit was not parsed")
+    out = subprocess.run(
+        [analyze, "verify", "--man=no", str(DEPLOY / "writ-device-agent.service")],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    # neither /opt/writ nor the writ-device user exist on the test machine
+    problems = [
+        ln
+        for ln in out.stderr.decode().splitlines()
+        if ln.strip()
+        and "is not executable" not in ln
+        and "writ-device" not in ln
+        and "No such file" not in ln
+    ]
+    assert problems == [], problems

@@ -202,3 +202,29 @@ def _first_refusal(sshd: Sshd, key: Path, since: float, limit: float = 10.0) -> 
         if not ssh_login(sshd, key):
             return time.monotonic() - since
     raise AssertionError(f"{key} still logs in {limit} s after its revoke: {sshd.log.read_text()[-3000:]}")
+
+
+def test_the_deploy_sshd_snippet_passes_sshd_t_and_governs_only_its_accounts(tmp_path: Path) -> None:
+    from tests.helpers.sshd import SSHD
+
+    assert SSHD is not None and SSH_KEYGEN is not None
+    subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "host")], check=True)
+    snippet = Path(__file__).resolve().parent.parent / "deploy" / "sshd_config.d" / "writ.conf"
+    cfg = tmp_path / "sshd_config"
+    cfg.write_text(f"HostKey {tmp_path / 'host'}\nPidFile none\nInclude {snippet}\n")
+    assert subprocess.run([SSHD, "-t", "-f", str(cfg)], capture_output=True, check=False).returncode == 0
+
+    def effective(user: str) -> dict[str, str]:
+        out = subprocess.run(
+            [SSHD, "-T", "-f", str(cfg), "-C", f"user={user},host=x,addr=127.0.0.1"],
+            capture_output=True,
+            check=True,
+            text=True,
+        ).stdout
+        return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+
+    tech = effective("technician")
+    assert tech["authorizedkeyscommand"] == "/usr/local/lib/writ/writ-authorized-keys %u"
+    assert tech["authorizedkeyscommanduser"] == "writ-device"
+    assert (tech["authorizedkeysfile"], tech["passwordauthentication"]) == ("none", "no")
+    assert effective("someone-else")["authorizedkeyscommand"] == "none"
