@@ -131,22 +131,10 @@ class Skip(Exception):
     """This part cannot run here (no root, no sshd)."""
 
 
-def _agent_applied_at(log: Path, size: int, timeout: float = 30.0) -> float:
-    """The wall time at which the agent logged an applied update reaching ``size``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in log.read_text().splitlines():
-            ev = json.loads(line)
-            if ev.get("event") == "applied" and ev.get("size", 0) >= size:
-                return float(ev["time"])
-        time.sleep(0.01)
-    raise RuntimeError(f"the agent did not apply size {size}: {log.read_text()[-2000:]}")
-
-
 def revoke_to_refused(work: Path, runs: int) -> dict[str, Any]:
     """Part 2 (see the module docstring); raises :class:`Skip` without root or sshd."""
     from bench.harness import ledger_server, post_records
-    from tests.helpers.sshd import running_sshd, ssh_login, sshd_unavailable
+    from tests.helpers.sshd import agent_applied, running_sshd, ssh_login, sshd_unavailable
 
     reason = sshd_unavailable()
     if reason is not None:
@@ -175,7 +163,7 @@ def revoke_to_refused(work: Path, runs: int) -> dict[str, Any]:
                 env=env,
             )
         try:
-            _agent_applied_at(log, chain.state.size)
+            agent_applied(log, chain.state.size)
             ak_cmd = [py, "-m", "device_sim", "device", "authorized-keys", "--state", str(plc)]
             with running_sshd(base / "sshd", plc) as sshd:
                 for i in range(runs):
@@ -199,7 +187,7 @@ def revoke_to_refused(work: Path, runs: int) -> dict[str, Any]:
                     subject = bytes.fromhex(json.loads(h.stdout)["subject"])
                     g = chain.grant(subject, records.ROLE_OPERATOR, f"tablet-{i}")
                     post_records(srv.url, [g.raw])
-                    _agent_applied_at(log, chain.state.size)
+                    agent_applied(log, chain.state.size)
                     t_login = time.monotonic()
                     if not ssh_login(sshd, tablet / "id_ed25519"):
                         raise RuntimeError(
@@ -218,7 +206,7 @@ def revoke_to_refused(work: Path, runs: int) -> dict[str, Any]:
                         if time.monotonic() - acked > 30:
                             raise RuntimeError("a revoked tablet still logs in 30 s after its revoke")
                     took = time.monotonic() - acked
-                    applied = _agent_applied_at(log, chain.state.size) - acked_wall
+                    applied = agent_applied(log, chain.state.size) - acked_wall
                     refused.append(took)
                     limits.append(max(0.0, applied) + one_ak)
                     rows.append((applied, took, tries, login_s))

@@ -33,6 +33,7 @@ from ledger import records, sshkey
 from ledger.crypto import SeedSigner
 from tests.device_fixtures import T0, FakeLog, Reply, World
 from tests.helpers.server import Mirror, running_server, start_server, stop_server
+from tests.helpers.sshd import agent_applied
 
 NOW = T0 + 1000
 TS = T0 + 900
@@ -184,17 +185,6 @@ def _run_agent(state: Path, url: str, log: Path, *extra: str) -> subprocess.Pope
         )
 
 
-def _wait_size(log: Path, size: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in log.read_text().splitlines():
-            ev = json.loads(line)
-            if ev["event"] == "applied" and ev["size"] >= size:
-                return
-        time.sleep(0.05)
-    raise AssertionError(log.read_text()[-3000:])
-
-
 def _post(url: str, raws: list[bytes]) -> None:
     from ledger import encoding
 
@@ -224,7 +214,7 @@ def test_device_run_survives_a_server_restart_and_stops_cleanly_on_sigterm(tmp_p
         log = tmp_path / "agent.log"
         agent = _run_agent(state, srv.url, log, "--max-backoff", "0.5")
         try:
-            _wait_size(log, 2)
+            agent_applied(log, 2)
             second = _run_agent(state, srv.url, tmp_path / "second.log")
             out, _ = second.communicate(timeout=30)
             assert second.returncode == 2 and json.loads(out)["error"] == "usage"  # one agent per device
@@ -235,7 +225,7 @@ def test_device_run_survives_a_server_restart_and_stops_cleanly_on_sigterm(tmp_p
             try:
                 m.grant(b"\x42" * 32, records.ROLE_OPERATOR, "tablet-07")
                 _post(again.url, m.records[-1:])
-                _wait_size(log, 3)
+                agent_applied(log, 3)
             finally:
                 stop_server(again)
         finally:

@@ -32,6 +32,7 @@ from ledger.crypto import SeedSigner
 from ledger.errors import BadKeyFile, BadMessage, BadSshKey, UsageError
 from tests.device_fixtures import T0, World
 from tests.helpers.server import running_server, writ_command
+from tests.test_device_cli import cli as device_cli
 
 SSH_KEYGEN = shutil.which("ssh-keygen")
 NOW = T0 + 1000
@@ -39,21 +40,11 @@ TS = T0 + 900
 
 
 def cli(*args: object, code: int | None = 0) -> dict[str, Any]:
-    p = subprocess.run(
-        [sys.executable, "-m", "device_sim", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
-    assert "Traceback" not in p.stderr, p.stderr
-    lines = p.stdout.strip().splitlines()
-    assert len(lines) == 1, (p.stdout, p.stderr)
+    """``python -m device_sim ARGS``: its one JSON line, the exit code checked."""
+    rc, doc = device_cli(*map(str, args))
     if code is not None:
-        assert p.returncode == code, (args, p.stdout, p.stderr)
-    doc: dict[str, Any] = json.loads(lines[0])
-    doc["_code"] = p.returncode
+        assert rc == code, (args, doc)
+    doc["_code"] = rc
     return doc
 
 

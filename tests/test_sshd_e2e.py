@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.server import running_server, writ_command
-from tests.helpers.sshd import SSH_KEYGEN, Sshd, running_sshd, ssh_login, sshd_unavailable
+from tests.helpers.sshd import SSH_KEYGEN, Sshd, agent_applied, running_sshd, ssh_login, sshd_unavailable
 
 pytestmark = [
     pytest.mark.e2e,
@@ -71,18 +71,6 @@ class Env:
     def grant(self, *args: object) -> int:
         seq: int = self.writ("grant", "--server", self.server, *args, *self.key)["seq"]
         return seq
-
-
-def _wait_applied(log: Path, size: int, timeout: float = 10.0) -> None:
-    """Until the agent logged an applied update reaching ``size``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in log.read_text().splitlines():
-            ev = json.loads(line)
-            if ev["event"] == "applied" and ev["size"] >= size:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"the agent did not apply size {size}: {log.read_text()[-3000:]}")
 
 
 @pytest.fixture
@@ -154,7 +142,7 @@ def test_lost_tablet_is_refused_by_a_real_sshd_within_5_s(tmp_path: Path, agent_
 
         agent = _start_agent(e, plc, agent_log)
         try:
-            _wait_applied(agent_log, alice["size"] + 1)
+            agent_applied(agent_log, alice["size"] + 1)
             with running_sshd(tmp_path / "sshd", plc) as sshd:
                 assert ssh_login(sshd, expiring / "id_ed25519"), sshd.log.read_text()[-3000:]
                 assert ssh_login(sshd, tablet / "id_ed25519")
@@ -167,7 +155,7 @@ def test_lost_tablet_is_refused_by_a_real_sshd_within_5_s(tmp_path: Path, agent_
                 acked = time.monotonic()  # the command exits after the server's acknowledgement
                 refused_after = _first_refusal(sshd, tablet / "id_ed25519", acked)
                 assert refused_after < 5.0, refused_after
-                _wait_applied(agent_log, r["size"])
+                agent_applied(agent_log, r["size"])
 
                 # a technician's own key, revoked by key: every grant of it ends
                 e.writ(

@@ -15,6 +15,10 @@ Stable API (the sshd test and ``bench/sshrevoke.py`` use it):
 ``ssh_login(srv, key_file, timeout=10.0) -> bool``
     ``ssh -i KEY user@127.0.0.1 true``: True when the login ran ``true``.
 
+``agent_applied(log, size, timeout=15.0) -> float``
+    Waits until a device agent's JSON log (its stderr, in a file) shows an
+    applied update reaching ``size``; returns that line's ``time``.
+
 sshd refuses an ``AuthorizedKeysCommand`` unless the program and every
 directory above it are owned by root and not writable by group or others,
 so the wrapper lives in a new directory under a root-owned, 0755 parent
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import json
 import os
 import shlex
 import shutil
@@ -209,3 +214,14 @@ def ssh_login(srv: Sshd, key_file: Path, timeout: float = 10.0) -> bool:
     except subprocess.TimeoutExpired:
         return False
     return proc.returncode == 0
+
+
+def agent_applied(log: Path, size: int, timeout: float = 15.0) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log.read_text().splitlines():
+            ev = json.loads(line)
+            if ev.get("event") == "applied" and ev.get("size", 0) >= size:
+                return float(ev["time"])
+        time.sleep(0.02)
+    raise AssertionError(f"the agent did not apply size {size}: {log.read_text()[-3000:]}")
