@@ -134,7 +134,7 @@ class Skip(Exception):
 def revoke_to_refused(work: Path, runs: int) -> dict[str, Any]:
     """Part 2 (see the module docstring); raises :class:`Skip` without root or sshd."""
     from bench.harness import ledger_server, post_records
-    from tests.helpers.sshd import agent_applied, running_sshd, ssh_login, sshd_unavailable
+    from bench.sshd import agent_applied, running_sshd, ssh_login, sshd_unavailable
 
     reason = sshd_unavailable()
     if reason is not None:

@@ -27,13 +27,13 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.sshd import agent_applied
 from device_sim.agent import Agent
 from device_sim.device import Device
 from ledger import records, sshkey
 from ledger.crypto import SeedSigner
 from tests.device_fixtures import T0, FakeLog, Reply, World
 from tests.helpers.server import Mirror, running_server, start_server, stop_server
-from tests.helpers.sshd import agent_applied
 
 NOW = T0 + 1000
 TS = T0 + 900

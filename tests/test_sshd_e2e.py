@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
+from bench.sshd import SSH_KEYGEN, Sshd, agent_applied, running_sshd, ssh_login, sshd_unavailable
 from tests.helpers.server import running_server, writ_command
-from tests.helpers.sshd import SSH_KEYGEN, Sshd, agent_applied, running_sshd, ssh_login, sshd_unavailable
 
 pytestmark = [
     pytest.mark.e2e,
@@ -193,7 +193,7 @@ def _first_refusal(sshd: Sshd, key: Path, since: float, limit: float = 10.0) -> 
 
 
 def test_the_deploy_sshd_snippet_passes_sshd_t_and_governs_only_its_accounts(tmp_path: Path) -> None:
-    from tests.helpers.sshd import SSHD
+    from bench.sshd import SSHD
 
     assert SSHD is not None and SSH_KEYGEN is not None
     subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "host")], check=True)

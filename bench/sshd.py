@@ -1,6 +1,7 @@
 """A real OpenSSH ``sshd -D`` whose ``AuthorizedKeysCommand`` asks a Writ device.
 
-Stable API (the sshd test and ``bench/sshrevoke.py`` use it):
+Stable API (``bench/sshrevoke.py`` and ``tests/test_sshd_e2e.py`` use it; it
+lives in bench/ because benchmarks never import the tests):
 
 ``sshd_unavailable() -> str | None``
     Why a real sshd cannot run here (no ``sshd`` binary, not root), or None.
@@ -44,7 +45,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
 SSH = shutil.which("ssh")
 SSH_KEYGEN = shutil.which("ssh-keygen")
