@@ -263,6 +263,8 @@ class Agent:
                 except (TransportError, VerificationError) as exc:
                     if isinstance(exc, TransportError):
                         self.log("unreachable", error=exc.type, message=exc.message)
+                except OSError as exc:  # the state could not be written (disk full): it is unchanged
+                    self.log("io-error", message=exc.strerror or type(exc).__name__)
                 await asyncio.sleep(_jitter(self._delay))
                 self._delay = min(self._delay * 2, self.backoff[1])
 

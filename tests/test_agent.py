@@ -161,6 +161,40 @@ async def test_a_forked_checkpoint_is_refused_and_the_state_kept(tmp_path: Path)
     assert refused["error"] == "fork"
 
 
+async def test_a_full_disk_mid_apply_changes_nothing_and_the_agent_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import device_sim.device as device_mod
+
+    w = World()
+    dev, _ = _device(tmp_path, w)
+    log = FakeLog()
+    log.publish(w, TS)
+    agent, out = _agent(dev, log)
+    real = device_mod.atomic_write
+    failures = [1]
+
+    def full_disk(path: Path, data: bytes, mode: int = 0o600) -> None:
+        if path.name == "state.bin" and failures:
+            failures.pop()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data, mode)
+
+    before = (tmp_path / "plc" / "state.bin").read_bytes()
+    monkeypatch.setattr(device_mod, "atomic_write", full_disk)
+    task = asyncio.create_task(agent.run())
+    try:
+        await _until(lambda: any(e["event"] == "io-error" for e in _events(out)))
+        assert (tmp_path / "plc" / "state.bin").read_bytes() == before  # the old state, whole
+        await _until(lambda: dev.size == w.size)  # the next attempt goes through
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert Device.load(tmp_path / "plc").size == w.size
+
+
 # --- real processes ------------------------------------------------------------------
 
 
