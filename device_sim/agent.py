@@ -16,10 +16,12 @@ for sshd) judges credentials against the newest verified view:
 - failures (server down, network lost, bad data) are retried with jittered
   exponential backoff; data that fails verification is refused, kept as
   evidence, and never applied;
-- after each applied update it posts the device's signed receipt (a
-  separate task, so a slow receipt never delays the next update);
-- it logs one JSON object per line on stderr (``applied``, ``refused``,
-  ``disconnected``, ``receipt``, ...);
+- after each update that brought records it posts the device's signed
+  receipt (a separate task, so a slow receipt never delays the next update);
+- it logs one JSON object per line on stderr: ``applied`` for each update
+  that brought records, ``refused``, ``disconnected``, ``receipt``, ... (a
+  re-signed checkpoint at the same size only keeps the view fresh: silent,
+  but ``fresh`` when it ends a stale spell);
 - :func:`run_until_signal` stops it on SIGTERM or SIGINT: the tasks are
   cancelled between atomic writes, so the state is always whole.
 
@@ -126,6 +128,7 @@ class Agent:
         self._poll_until = 0.0
         self._receipt_wanted = asyncio.Event()
         self._warned_no_grant = False
+        self._stale = False
         #: counters (tests and the benchmark read them)
         self.applied = 0
         self.refused = 0
@@ -144,33 +147,38 @@ class Agent:
 
     # -- applying ------------------------------------------------------------
 
-    def _applied(self, res: SyncResult, before: int | None, via: str) -> None:
+    def _applied(self, res: SyncResult, via: str) -> None:
         self._delay = self.backoff[0]
-        if res.appended == 0 and res.checkpoint_time == before:
-            return  # the very view the device already had
+        if res.appended == 0:
+            # the same head: nothing new to log or to receipt; a re-signed checkpoint
+            # (every --checkpoint-interval) only keeps the view fresh, which is logged
+            # when it ends a stale spell
+            if self._stale and not res.stale:
+                self.log("fresh", via=via, size=res.size, checkpoint_time=res.checkpoint_time)
+            self._stale = res.stale
+            return
+        self._stale = res.stale
         self.applied += 1
         self.log("applied", via=via, **res.to_json())
         self._receipt_wanted.set()
 
     def _apply(self, upd: Update, via: str) -> None:
-        before = self.device.checkpoint_time
         try:
             res = self.device.apply(upd, self._now())
         except VerificationError as exc:
             self.refused += 1
             self.log("refused", via=via, error=exc.type, message=exc.message, size=self.device.size)
             raise
-        self._applied(res, before, via)
+        self._applied(res, via)
 
     async def _poll_once(self, client: httpx.AsyncClient, tiles: HttpSource) -> None:
-        before = self.device.checkpoint_time
         try:
             res = await sync(self.device, tiles, self._now())
         except VerificationError as exc:
             self.refused += 1
             self.log("refused", via="poll", error=exc.type, message=exc.message, size=self.device.size)
             raise
-        self._applied(res, before, "poll")
+        self._applied(res, "poll")
 
     def _stream_error(self, tiles: HttpSource) -> Callable[[Exception], None]:
         def on_error(exc: Exception) -> None:
@@ -247,6 +255,7 @@ class Agent:
             tiles = HttpSource(client, self.server, timeout=self.timeout)
             receipts = asyncio.create_task(self._receipts(client))
             stack.callback(receipts.cancel)
+            self._stale = self.device.is_stale(self._now())
             self.log("started", server=self.server, push=self.push, size=self.device.size)
             while True:
                 polled = False

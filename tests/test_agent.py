@@ -97,6 +97,11 @@ async def test_agent_applies_each_push_logs_it_and_posts_receipts(tmp_path: Path
         w.revoke(tablet)
         log.publish(w, TS + 2)
         await _until(lambda: dev.state.is_revoked(tablet) and log.receipts[-1].size == w.size)
+        receipts, lines = len(log.receipts), len(_events(out))
+        log.publish(w, TS + 3)  # the server re-signs its checkpoint: fresher, nothing new
+        await _until(lambda: dev.checkpoint_time == TS + 3)
+        await asyncio.sleep(0.1)
+        assert (len(log.receipts), len(_events(out))) == (receipts, lines)  # no receipt storm, no noise
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
