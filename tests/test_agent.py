@@ -26,6 +26,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bench.sshd import agent_applied
 from device_sim.agent import Agent
@@ -443,3 +445,51 @@ def test_the_agent_unit_parses_runs_device_run_and_is_confined(tmp_path: Path) -
         and "No such file" not in ln
     ]
     assert problems == [], problems
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["operator", "admin"]),
+            st.sampled_from(["", "plant-7", "plant-7/line-3", "plant-9"]),
+            st.sampled_from([(0, 0), (0, NOW - 1), (0, NOW + 60), (NOW + 60, 0)]),
+            st.sampled_from([None, "id", "key"]),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    st.booleans(),
+)
+def test_authorized_keys_lists_exactly_what_device_check_accepts(
+    grants: list[tuple[str, str, tuple[int, int], str | None]], stale: bool
+) -> None:
+    from ledger import credential, messages
+    from ledger.crypto import sha256
+
+    w = World()
+    dev = Device.create(w.root.public_key, w.origin, now=T0, signer=SeedSigner(sha256(b"plc")))
+    w.grant(dev.public_key, "device", "plc-17", scope="plant-7/line-3")
+    keys: dict[int, SeedSigner] = {}
+    for i, (role, scope, (nb, na), revoke) in enumerate(grants):
+        key = SeedSigner(sha256(b"holder" + bytes([i])))
+        seq = w.grant(key.public_key, role, f"h{i}", scope=scope, not_before=nb, not_after=na)
+        keys[seq] = key
+        if revoke == "id":
+            w.revoke(seq)
+        elif revoke == "key":
+            w.revoke(key.public_key)
+    dev.apply_update(w.records, 0, w.checkpoint(TS), NOW)
+    now = TS + dev.config.max_staleness + 1 if stale else NOW
+    listed = {
+        g.seq
+        for g in credential.accepted_grants(
+            dev.state, now=now, roles=["operator"], device_scope=dev.scope, freshness=dev.freshness()
+        )
+    }
+    accepted = set()
+    for seq, key in keys.items():
+        auth = messages.make_auth(w.records[seq], key, dev.public_key, dev.challenge(), now)
+        if dev.check(auth, now).accepted:
+            accepted.add(seq)
+    assert listed == accepted
