@@ -27,15 +27,37 @@ from .cli import _port, _positive, _raise_open_files_limit, _server_class
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    w = subparsers.add_parser("witness", help="run a C2SP tlog-witness for one or more ledgers")
-    sub = w.add_subparsers(dest="witness_command", metavar="SUBCOMMAND", parser_class=type(w))
-    init = sub.add_parser("init", help="create a witness data directory and its key")
-    init.add_argument("--data", required=True, help="the data directory to create")
-    init.add_argument("--name", required=True, help="the witness's key name, e.g. witness.example/w1")
+    w = subparsers.add_parser(
+        "witness",
+        help="run a C2SP tlog-witness for one or more ledgers",
+        description="A C2SP tlog-witness: cosigns only checkpoints consistent with the latest it "
+        "cosigned for each log (docs/witness.md).",
+    )
+    sub = w.add_subparsers(dest="witness_command", metavar="COMMAND", parser_class=type(w))
+    init = sub.add_parser(
+        "init",
+        help="create a witness data directory and its key",
+        description="Create DIR with the witness's key (0600) and its state; prints its verifier key.",
+    )
+    init.add_argument("--data", required=True, metavar="DIR", help="the data directory to create")
+    init.add_argument(
+        "--name", required=True, metavar="KEYNAME", help="the witness's key name, e.g. witness.example/w1"
+    )
     init.set_defaults(handler=cmd_witness_init)
 
-    serve = sub.add_parser("serve", help="serve POST /add-checkpoint")
-    serve.add_argument("--data", required=True, help="the data directory (from `writ witness init`)")
+    serve = sub.add_parser(
+        "serve",
+        help="serve POST /add-checkpoint",
+        description="Serve POST /add-checkpoint (c2sp.org/tlog-witness) for the logs given with --log.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    serve.add_argument(
+        "--data",
+        required=True,
+        default=argparse.SUPPRESS,
+        metavar="DIR",
+        help="the data directory (from `writ witness init`)",
+    )
     serve.add_argument(
         "--log",
         action="append",
@@ -43,11 +65,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="ORIGIN=LOG_VKEY",
         help="a log to witness and a key trusted for it (repeatable, also for one origin)",
     )
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=_port, default=8080)
-    serve.add_argument("--log-rate", type=_positive, default=wit.LOG_RATE, metavar="PER_SECOND")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    serve.add_argument("--port", type=_port, default=8080, help="the TCP port to listen on")
     serve.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+        "--log-rate",
+        type=_positive,
+        default=wit.LOG_RATE,
+        metavar="PER_SECOND",
+        help="add-checkpoint requests per second per log (at least 20)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="the witness log's level (on stderr)",
     )
     serve.set_defaults(handler=cmd_witness_serve)
 

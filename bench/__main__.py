@@ -1,7 +1,7 @@
 """The whole benchmark suite: ``python -m bench [--quick] [--only NAME[,NAME]] [--out DIR]``.
 
 Runs the modules in order (sizes, audit, append, readpath, propagation,
-memory), prints each one's figures, and writes ``DIR/benchmarks.json`` and
+memory, sshrevoke), prints each one's figures, and writes ``DIR/benchmarks.json`` and
 ``DIR/BENCHMARKS.md`` (DIR defaults to ``docs/``; plots go there too). With
 ``--only`` the modules run are merged into the results already in DIR. The
 default run is sized for a 2-core machine in under about 20 minutes;
@@ -23,7 +23,7 @@ from typing import Any
 from bench import report
 from bench.harness import DOCS, Config, cleanup, finish, loadavg, machine, module_result, print_result
 
-MODULES = ("sizes", "audit", "append", "readpath", "propagation", "memory")
+MODULES = ("sizes", "audit", "append", "readpath", "propagation", "memory", "sshrevoke")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 
 from bench.harness import DOCS, WIDE
 
-ORDER = ("sizes", "audit", "append", "readpath", "propagation", "memory")
+ORDER = ("sizes", "audit", "append", "readpath", "propagation", "memory", "sshrevoke")
 
 
 def fmt(v: Any, unit: str = "") -> str:

@@ -33,7 +33,7 @@ from .device import DEFAULT_MAX_STALENESS, STALE_POLICIES, Device, SyncResult, a
 
 __all__ = ["build_parser", "main", "register", "run"]
 
-Handler = Callable[[argparse.Namespace], dict[str, Any]]
+Handler = Callable[[argparse.Namespace], dict[str, Any] | None]
 
 #: per-request deadline of the network commands (seconds); as device_sim.sources.DEFAULT_TIMEOUT.
 DEFAULT_TIMEOUT = 10.0
@@ -183,6 +183,155 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
     return Device.load(args.state).status(_now(args))
 
 
+# --- holder, device agent and sshd enforcement --------------------------------
+# (docs/ssh.md; the holder is a technician's tablet, the agent keeps a device
+# current, authorized-keys is sshd's AuthorizedKeysCommand)
+
+
+def cmd_holder_init(args: argparse.Namespace) -> dict[str, Any]:
+    from .holder import Holder
+
+    h = Holder.create(args.state, name=args.name, now=_now(args))
+    return {
+        "subject": h.subject.hex(),
+        "ssh_public_key": h.ssh_public_key,
+        "name": h.name,
+        "enroll": str(Path(args.state) / "enroll.bin"),
+        "ssh_key": str(Path(args.state) / "id_ed25519"),
+    }
+
+
+def cmd_holder_answer(args: argparse.Namespace) -> dict[str, Any]:
+    import asyncio
+
+    from . import holder as hmod
+
+    h = hmod.Holder.load(args.state)
+    if args.grant is not None:
+        try:
+            with open(args.grant, "rb") as f:
+                data = f.read(hmod.MAX_GRANT_FILE + 1)
+        except OSError as exc:
+            raise UsageError(f"cannot read {args.grant}: {exc.strerror}") from None
+        if len(data) > hmod.MAX_GRANT_FILE:
+            raise UsageError(f"{args.grant} is larger than {hmod.MAX_GRANT_FILE} bytes")
+        cands = hmod.read_grant_file(data, h.subject)
+    else:
+        cands = asyncio.run(hmod.fetch_grants(args.server, h.subject, timeout=args.timeout))
+    chosen = hmod.pick_grant(cands, args.role)
+    if chosen.status not in (None, "active"):
+        sys.stderr.write(
+            f"device_sim: note: grant {chosen.seq} is {chosen.status}; the device will refuse it\n"
+        )
+    auth = h.answer(chosen.raw, args.challenge, args.device_key, _now(args))
+    from .device import atomic_write
+
+    atomic_write(Path(args.out), auth, 0o644)
+    out: dict[str, Any] = {"out": str(args.out), "grant_seq": chosen.seq, "role": chosen.role}
+    if args.server is not None:
+        out["grant_file"] = str(h.keep_grant(chosen.raw))
+    if chosen.status is not None:
+        out["grant_status"] = chosen.status
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
+    import asyncio
+
+    from .agent import Agent, agent_lock, run_until_signal
+
+    dev = Device.load(args.state)
+    with agent_lock(Path(args.state)):
+        agent = Agent(
+            dev,
+            args.server,
+            push=args.push,
+            poll_interval=args.poll_interval,
+            timeout=args.timeout,
+            backoff=(min(0.5, args.max_backoff), args.max_backoff),
+        )
+        asyncio.run(run_until_signal(agent))
+    return {"stopped": True, "size": dev.size, "root": dev.root.hex(), "applied": agent.applied}
+
+
+def cmd_authorized_keys(args: argparse.Namespace) -> dict[str, Any] | None:
+    """sshd's AuthorizedKeysCommand: plain lines, never a write."""
+    from ledger.credential import accepted_grants
+    from ledger.sshkey import format_public_key
+
+    dev = Device.load(args.state)
+    now = _now(args)
+    fresh = dev.freshness()
+    if fresh.is_stale(now) and fresh.policy != "accept":
+        age = "never synced" if fresh.checkpoint_time is None else f"{now - fresh.checkpoint_time} s old"
+        sys.stderr.write(
+            f"device_sim: the device's view is stale ({age}, limit {fresh.max_staleness} s):"
+            " no key is accepted until the agent catches up\n"
+        )
+        return None
+    grants = accepted_grants(
+        dev.state, now=now, roles=args.role or ["operator"], device_scope=dev.scope, freshness=fresh
+    )
+    lines = [format_public_key(g.subject, f"writ:{g.seq}:{g.name}") for g in grants]
+    sys.stdout.write("".join(line + "\n" for line in lines))
+    sys.stdout.flush()
+    return None
+
+
+def _register_enforcement(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """``device run`` and ``device authorized-keys``."""
+    p = sub.add_parser("run", help="follow the ledger (SSE, else polling) until SIGTERM; post receipts")
+    p.add_argument("--state", required=True, metavar="DIR", help="the device's state directory")
+    p.add_argument("--server", required=True, metavar="URL")
+    p.add_argument("--push", choices=("sse", "poll"), default="sse", help="how to hear of updates (sse)")
+    p.add_argument(
+        "--poll-interval", type=_seconds, default=30.0, metavar="SECONDS", help="between polls (30)"
+    )
+    p.add_argument(
+        "--max-backoff", type=_seconds, default=15.0, metavar="SECONDS", help="longest retry delay (15)"
+    )
+    p.add_argument(
+        "--timeout", type=_seconds, default=DEFAULT_TIMEOUT, help="deadline per HTTP request (seconds)"
+    )
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser(
+        "authorized-keys", help="sshd AuthorizedKeysCommand: the ssh-ed25519 keys accepted here now"
+    )
+    p.add_argument("--state", required=True, metavar="DIR", help="the device's state directory")
+    p.add_argument("--role", action="append", metavar="ROLE", help="a role to accept (repeatable; operator)")
+    p.add_argument("--now", type=_uint, metavar="UNIX", help="fix the device's clock (Unix seconds)")
+    p.add_argument("user", nargs="?", help="the login user (sshd's %%u; ignored: grants are per key)")
+    p.set_defaults(handler=cmd_authorized_keys)
+
+
+def register_holder(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``holder`` command group (a technician's tablet)."""
+    hp = subparsers.add_parser("holder", help="a credential holder (a technician's tablet) in a directory")
+    sub = hp.add_subparsers(dest="holder_command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("init", help="generate the holder key (an OpenSSH key) and its enrollment request")
+    p.add_argument("--state", required=True, metavar="DIR", help="the holder's directory")
+    p.add_argument("--name", help="the name asked for in the request (default holder-<key prefix>)")
+    p.add_argument("--now", type=_uint, metavar="UNIX", help="the request's time (Unix seconds)")
+    p.set_defaults(handler=cmd_holder_init)
+
+    p = sub.add_parser("answer", help="answer a device's challenge with the holder's published grant")
+    p.add_argument("--state", required=True, metavar="DIR", help="the holder's directory")
+    p.add_argument("--challenge", required=True, type=_hex32, metavar="HEX32")
+    p.add_argument("--device-key", required=True, type=_hex32, metavar="HEX32")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--server", metavar="URL", help="fetch the holder's grant from the ledger server")
+    src.add_argument("--grant", metavar="FILE", help="a grant record (or records file, or credential JSON)")
+    p.add_argument("--out", required=True, metavar="FILE", help="where to write the auth message")
+    p.add_argument("--role", metavar="ROLE", help="use a grant of this role (default: the newest active)")
+    p.add_argument("--now", type=_uint, metavar="UNIX", help="fix the holder's clock (Unix seconds)")
+    p.add_argument(
+        "--timeout", type=_seconds, default=DEFAULT_TIMEOUT, help="deadline per HTTP request (seconds)"
+    )
+    p.set_defaults(handler=cmd_holder_answer)
+
+
 # --- parser -------------------------------------------------------------------
 
 
@@ -246,17 +395,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     now(p)
     p.set_defaults(handler=cmd_status)
 
+    _register_enforcement(sub)
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(*, with_fleet: bool = True) -> argparse.ArgumentParser:
+    """The device_sim parser. ``with_fleet=False`` leaves out the fleet group (and its
+    import, about 250 ms): ``device authorized-keys`` runs on every SSH login."""
     parser = _Parser(prog="python -m device_sim", description="Simulated Writ field devices.")
     sub = cast(
         "argparse._SubParsersAction[argparse.ArgumentParser]",
         parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser),
     )
-    from . import fleet  # fleet imports this module: its group is added at call time
+    register(sub)
+    register_holder(sub)
+    if with_fleet:
+        from . import fleet  # fleet imports this module: its group is added at call time
 
-    for register_group in (register, fleet.register):
-        register_group(sub)
+        fleet.register(sub)
     return parser
 
 
@@ -270,11 +425,15 @@ def _error_json(exc: WritError) -> dict[str, Any]:
 
 def run(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        # the built-in groups need no optional module: sshd runs authorized-keys on every login
+        args = build_parser(with_fleet=argv[:1] not in (["device"], ["holder"])).parse_args(argv)
         handler: Handler | None = getattr(args, "handler", None)
         if handler is None:
             raise UsageError("a command is required (see python -m device_sim --help)")
-        emit(handler(args))
+        result = handler(args)
+        if result is not None:  # None: the command printed its own plain-text answer
+            emit(result)
         return 0
     except CommandFailed as exc:
         emit(exc.payload)

@@ -9,12 +9,12 @@ the refusal names of the conformance contract, the first that applies in
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from . import crypto, messages, records
 from .errors import CredentialRefusal, WritError
-from .state import LedgerState
+from .state import GrantInfo, LedgerState
 from .view import MAX_AHEAD, AcceptedView
 
 MAX_SKEW = 300
@@ -111,26 +111,70 @@ def check_credential(
     if not crypto.check(body.subject, crypto.AUTH_DOMAIN, auth.body, auth.signature):
         return Verdict(False, CredentialRefusal.BAD_SIGNATURE)
 
-    def refuse(reason: CredentialRefusal, stale: bool = False) -> Verdict:
-        return Verdict(False, reason, body.seq, body.name, body.role, stale)
-
     kept = state.grants.get(body.seq)
     leaf = crypto.sha256(b"\x00" + auth.grant_record)
     if body.seq >= state.size or kept is None or kept.leaf_hash != leaf:
-        return refuse(CredentialRefusal.UNPUBLISHED)
-    if state.is_revoked(body.seq):
+        return Verdict(False, CredentialRefusal.UNPUBLISHED, body.seq, body.name, body.role)
+    return judge_grant(
+        state, kept, now=now, roles=frozenset(roles), device_scope=device_scope, freshness=freshness
+    )
+
+
+def judge_grant(
+    state: LedgerState,
+    grant: GrantInfo,
+    *,
+    now: int,
+    roles: Collection[str] = (records.ROLE_OPERATOR,),
+    device_scope: str = "",
+    freshness: Freshness,
+) -> Verdict:
+    """The verdict on a published grant the device kept (``state.grants``):
+    the rules after ``unpublished`` in :data:`REFUSALS` order. The one place
+    that decides whether a kept grant is honoured; :func:`check_credential`
+    calls it once the holder has proved its key, and :func:`accepted_grants`
+    (a device's list for sshd) calls it for every grant."""
+
+    def refuse(reason: CredentialRefusal, stale: bool = False) -> Verdict:
+        return Verdict(False, reason, grant.seq, grant.name, grant.role, stale)
+
+    if state.is_revoked(grant.seq):
         return refuse(CredentialRefusal.REVOKED)
-    if state.key_revoked(body.subject):
+    if state.key_revoked(grant.subject):
         return refuse(CredentialRefusal.REVOKED_KEY)
-    if body.not_after != 0 and now >= body.not_after:
+    if grant.not_after != 0 and now >= grant.not_after:
         return refuse(CredentialRefusal.EXPIRED)
-    if now < body.not_before:
+    if now < grant.not_before:
         return refuse(CredentialRefusal.NOT_YET_VALID)
-    if body.role not in set(roles):
+    if grant.role not in roles:
         return refuse(CredentialRefusal.WRONG_ROLE)
-    if not records.in_scope(body.scope, device_scope):
+    if not records.in_scope(grant.scope, device_scope):
         return refuse(CredentialRefusal.OUT_OF_SCOPE)
     stale = freshness.is_stale(now)
     if stale and freshness.policy != "accept":
         return refuse(CredentialRefusal.STALE, stale=True)
-    return Verdict(True, None, body.seq, body.name, body.role, stale)
+    return Verdict(True, None, grant.seq, grant.name, grant.role, stale)
+
+
+def accepted_grants(
+    state: LedgerState,
+    *,
+    now: int,
+    roles: Iterable[str] = (records.ROLE_OPERATOR,),
+    device_scope: str = "",
+    freshness: Freshness,
+) -> list[GrantInfo]:
+    """Every kept grant whose holder the device would accept at ``now``
+    (by :func:`judge_grant`), in seq order. Empty when the view is stale
+    under the refuse policy."""
+    if freshness.is_stale(now) and freshness.policy != "accept":
+        return []
+    wanted = frozenset(roles)
+    return [
+        g
+        for seq, g in sorted(state.grants.items())
+        if g.role in wanted
+        and judge_grant(
+            state, g, now=now, roles=wanted, device_scope=device_scope, freshness=freshness
+        ).accepted
+    ]

@@ -51,6 +51,7 @@ bare bool.
     │   ├── BadKeyFile                     bad-key-file
     │   ├── TokenError                     token-error (PKCS#11)
     │   ├── AgentError                     agent-error (ssh-agent)
+    │   ├── BadSshKey                      bad-ssh-key (not one well-formed ssh-ed25519 key)
     │   └── ShareError                     bad-shares (SLIP-39 recovery)
     ├── TransportError                     unreachable / http-error / response-too-large
     ├── Declined                           declined (the operator answered no: nothing signed or sent)
@@ -342,6 +343,12 @@ class AgentError(KeyMaterialError):
 
 class ShareError(KeyMaterialError):
     type = "bad-shares"
+
+
+class BadSshKey(KeyMaterialError):
+    """An OpenSSH key that is malformed or not ``ssh-ed25519`` (Writ grants Ed25519 keys only)."""
+
+    type = "bad-ssh-key"
 
 
 # --- transport and usage ----------------------------------------------------

@@ -42,6 +42,8 @@ from .tree import CompactRange
 
 MAX_FUTURE = 300
 ALWAYS_KEPT = frozenset({records.ROLE_REVOKER, records.ROLE_LOG, records.ROLE_WITNESS})
+#: the field types of a kept grant in a snapshot (GrantInfo's order); integers are never negative there
+_GRANT_ROW = (int, bytes, str, str, str, int, int, int, bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -544,10 +546,12 @@ class LedgerState:
         st.roots = [(u(s), k32(k)) for s, k in rows(f[9], 2)]
         st.pending_digest = opt(k32, f[10])
         st.grants = {}
-        for g in rows(f[11], 9):
-            info = GrantInfo(
-                u(g[0]), k32(g[1]), text(g[2]), text(g[3]), text(g[4]), u(g[5]), u(g[6]), u(g[7]), k32(g[8])
-            )
+        if type(f[11]) is not list:
+            raise BadMessage("damaged state snapshot (expected a table)")
+        for g in f[11]:  # one type test per row: a device may keep 100,000 grants
+            if type(g) is not list or tuple(map(type, g)) != _GRANT_ROW or len(g[1]) != 32 or len(g[8]) != 32:
+                raise BadMessage("damaged state snapshot (a kept grant)")
+            info = GrantInfo(*g)
             st.grants[info.seq] = info
         if type(f[12]) is not bytes or type(f[13]) is not bytes:
             raise BadMessage("damaged state snapshot (bitmaps)")

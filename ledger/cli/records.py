@@ -163,8 +163,13 @@ def grant_builder(args: argparse.Namespace, signer: Signer, found: list[int] | N
 
 def _grant_subject(args: argparse.Namespace) -> tuple[bytes, str]:
     """The subject key and name of a grant, from whichever subject source the arguments give."""
-    if (args.subject is None) == (args.request is None):
-        raise UsageError("give exactly one of --subject HEX32 and --request ENROLL_FILE")
+    given = [x for x in (args.subject, args.request, getattr(args, "ssh_public_key", None)) if x is not None]
+    if len(given) != 1:
+        raise UsageError(
+            "give exactly one of --subject HEX32, --request ENROLL_FILE and --ssh-public-key FILE"
+        )
+    if getattr(args, "ssh_public_key", None) is not None:
+        return _ssh_subject(args)
     if args.request is not None:
         data = common.read_file(args.request, "enrollment request", messages.MAX_MESSAGE)
         enroll = messages.parse_enroll(data)  # verifies the proof of possession
@@ -175,6 +180,25 @@ def _grant_subject(args: argparse.Namespace) -> tuple[bytes, str]:
     if args.name is None:
         raise UsageError("--name NAME is required with --subject")
     return parse_hex(args.subject, 32, "--subject"), args.name
+
+
+def _ssh_subject(args: argparse.Namespace) -> tuple[bytes, str]:
+    """``--ssh-public-key FILE``: an OpenSSH ``ssh-ed25519`` key (a ``.pub`` file,
+    or one line of ``ssh-add -L``) is the subject; its comment is the default name."""
+    from .. import sshkey
+
+    key = sshkey.parse_public_key_file(
+        common.read_file(args.ssh_public_key, "SSH public key", sshkey.MAX_LINE)
+    )
+    name = args.name if args.name is not None else key.comment
+    try:
+        rec.check_text("name", name, rec.MAX_NAME, min_bytes=1)
+    except WritError:
+        raise UsageError(
+            "give --name NAME: the key's comment is not a usable name (1..64 bytes, no control characters)"
+        ) from None
+    say(f"writ: granting the SSH key {sshkey.fingerprint(key.public_key)} as {name!r}")
+    return key.public_key, name
 
 
 def revoke_builder(args: argparse.Namespace, signer: Signer, *, revoker: bool) -> Builder:
@@ -777,6 +801,11 @@ def _add_grant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subject", metavar="HEX32", help="the public key to grant")
     p.add_argument(
         "--request", metavar="ENROLL_FILE", help="a device's enrollment request (proof of possession)"
+    )
+    p.add_argument(
+        "--ssh-public-key",
+        metavar="FILE",
+        help="an OpenSSH ssh-ed25519 public key file (id_ed25519.pub, or a line of ssh-add -L)",
     )
     p.add_argument(
         "--role",

@@ -21,8 +21,12 @@ from typing import Final
 import nacl.exceptions
 import nacl.signing
 
-from ..crypto import PUBLIC_KEY_SIZE, SIGNATURE_SIZE
-from ..errors import AgentError, UsageError
+from .. import sshkey
+from ..crypto import SIGNATURE_SIZE
+from ..errors import AgentError, BadSshKey, UsageError
+from ..sshkey import KEY_TYPE, fingerprint, key_blob
+
+__all__ = ["AgentSigner", "fingerprint", "key_blob", "list_agent_keys"]
 
 SSH_AGENT_FAILURE: Final = 5
 SSH_AGENTC_REQUEST_IDENTITIES: Final = 11
@@ -30,7 +34,6 @@ SSH_AGENT_IDENTITIES_ANSWER: Final = 12
 SSH_AGENTC_SIGN_REQUEST: Final = 13
 SSH_AGENT_SIGN_RESPONSE: Final = 14
 
-KEY_TYPE: Final = b"ssh-ed25519"
 #: largest agent reply accepted (OpenSSH's own limit is 256 KiB).
 MAX_REPLY: Final = 256 * 1024
 #: seconds for connecting and for each read; signing may wait for a confirmation prompt.
@@ -69,28 +72,12 @@ class _Reader:
             raise AgentError("malformed agent reply (trailing bytes)")
 
 
-def key_blob(public_key: bytes) -> bytes:
-    """The SSH wire encoding of an Ed25519 public key."""
-    return _string(KEY_TYPE) + _string(public_key)
-
-
-def fingerprint(public_key: bytes) -> str:
-    """OpenSSH's ``SHA256:...`` fingerprint of an Ed25519 public key (as ``ssh-keygen -l`` prints)."""
-    digest = hashlib.sha256(key_blob(public_key)).digest()
-    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
-
-
 def _parse_ed25519_blob(blob: bytes) -> bytes | None:
     """The 32-byte public key in an ssh-ed25519 key blob, or None for another key type."""
-    r = _Reader(blob)
     try:
-        if r.string() != KEY_TYPE:
-            return None
-        pub = r.string()
-        r.end()
-    except AgentError:
+        return sshkey.parse_blob(blob)
+    except BadSshKey:
         return None
-    return pub if len(pub) == PUBLIC_KEY_SIZE else None
 
 
 def _socket_path(socket_path: str | None) -> str:
