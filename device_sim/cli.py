@@ -19,6 +19,7 @@ imported by name, so a broken group fails loudly instead of vanishing.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -133,7 +134,31 @@ def _bundle_receipt(dev: Device, bundle: Path, now: int) -> str | None:
 
 def cmd_challenge(args: argparse.Namespace) -> dict[str, Any]:
     dev = Device.load(args.state)
-    return {"challenge": dev.challenge().hex(), "device_key": dev.public_key.hex()}
+    out = {"challenge": dev.challenge().hex(), "device_key": dev.public_key.hex()}
+    if args.out is not None:  # the same JSON, for `holder answer --challenge-file`
+        atomic_write(Path(args.out), (json.dumps(out) + "\n").encode(), 0o644)
+    return out
+
+
+def _challenge_of(args: argparse.Namespace) -> tuple[bytes, bytes]:
+    """(challenge, device key): from ``--challenge``/``--device-key`` or ``--challenge-file``."""
+    if args.challenge_file is None:
+        if args.challenge is None or args.device_key is None:
+            raise UsageError("give --challenge HEX32 and --device-key HEX32, or --challenge-file FILE")
+        return args.challenge, args.device_key
+    if args.challenge is not None or args.device_key is not None:
+        raise UsageError("give --challenge-file FILE, or --challenge and --device-key, not both")
+    try:
+        with open(args.challenge_file, "rb") as f:
+            doc = json.loads(f.read(4096))
+        return _hex32(doc["challenge"]), _hex32(doc["device_key"])
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.challenge_file}: {exc.strerror}") from None
+    except (ValueError, KeyError, TypeError, argparse.ArgumentTypeError):
+        raise UsageError(
+            f"{args.challenge_file} is not what `device challenge --out` writes "
+            '({"challenge": HEX32, "device_key": HEX32})'
+        ) from None
 
 
 def cmd_check(args: argparse.Namespace) -> dict[str, Any]:
@@ -223,7 +248,8 @@ def cmd_holder_answer(args: argparse.Namespace) -> dict[str, Any]:
         sys.stderr.write(
             f"device_sim: note: grant {chosen.seq} is {chosen.status}; the device will refuse it\n"
         )
-    auth = h.answer(chosen.raw, args.challenge, args.device_key, _now(args))
+    challenge, device_key = _challenge_of(args)
+    auth = h.answer(chosen.raw, challenge, device_key, _now(args))
     from .device import atomic_write
 
     atomic_write(Path(args.out), auth, 0o644)
@@ -318,8 +344,13 @@ def register_holder(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
 
     p = sub.add_parser("answer", help="answer a device's challenge with the holder's published grant")
     p.add_argument("--state", required=True, metavar="DIR", help="the holder's directory")
-    p.add_argument("--challenge", required=True, type=_hex32, metavar="HEX32")
-    p.add_argument("--device-key", required=True, type=_hex32, metavar="HEX32")
+    p.add_argument("--challenge", type=_hex32, metavar="HEX32", help="the device's challenge")
+    p.add_argument("--device-key", type=_hex32, metavar="HEX32", help="the device's public key")
+    p.add_argument(
+        "--challenge-file",
+        metavar="FILE",
+        help="both, as `device challenge --out FILE` wrote them (instead of the two flags above)",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--server", metavar="URL", help="fetch the holder's grant from the ledger server")
     src.add_argument("--grant", metavar="FILE", help="a grant record (or records file, or credential JSON)")
@@ -374,6 +405,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     p = sub.add_parser("challenge", help="issue a fresh challenge for the next check")
     state(p)
+    p.add_argument("--out", metavar="FILE", help="also write the JSON printed to FILE (for a holder)")
     p.set_defaults(handler=cmd_challenge)
 
     p = sub.add_parser("check", help="is the credential in an auth message valid here now?")

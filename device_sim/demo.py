@@ -278,28 +278,42 @@ async def _scenario(d: Path, url: str, doc: dict[str, Any], devices: int, seed: 
 
 
 def _guide(d: Path, url: str, doc: dict[str, Any]) -> list[str]:
-    """A device of the reader's own, granted, synced, retired by the revoker: every
-    line runs as printed (absolute paths; the passphrase comes from the first line)."""
+    """The lost-tablet story with a device and a tablet of the reader's own: every line
+    runs as printed (absolute paths; the passphrase comes from the first line); the last
+    one is the device refusing the revoked tablet (exit 1)."""
     n = 1
-    while (d / f"plc-{n}").exists():
+    while (d / f"plc-{n}").exists() or (d / f"my-tablet-{n}").exists():
         n += 1
     name, dev, anchor = f"plc-{n}", d / f"plc-{n}", doc["anchor"]
+    tname, tab = f"my-tablet-{n}", d / f"my-tablet-{n}"
     writ, device = writ_exe(), device_exe()
     ledger = f"--server {url} --anchor {anchor} --mirror {_q(d / 'mirror')}"
     pw = f"--passphrase-env {PASSPHRASE_ENV}"
+    root = f"--key {_q(d / 'root.key')} {pw}"
+    challenge = f"{device} device challenge --state {_q(dev)} --out {_q(d / 'challenge.json')}"
+    answer = f"{device} holder answer --state {_q(tab)} --challenge-file {_q(d / 'challenge.json')}"
+    check = f"{device} device check --state {_q(dev)} --auth {_q(d / 'auth.bin')}"
     return [
         f'export {PASSPHRASE_ENV}="$(cat {_q(d / "PASSPHRASE")})"',
+        # a device of your own, enrolled and granted
         f"{device} device init --state {_q(dev)} --anchor {anchor} --origin {doc['origin']} --name {name}",
-        f"{writ} grant {ledger} --request {_q(dev / 'enroll.bin')} --role device --name {name}"
-        f" --key {_q(d / 'root.key')} {pw}",
+        f"{writ} grant {ledger} --request {_q(dev / 'enroll.bin')} --role device --name {name} {root}",
+        # a technician's tablet: its own key (an OpenSSH key), enrolled and granted
+        f"{device} holder init --state {_q(tab)} --name {tname}",
+        f"{writ} grant {ledger} --request {_q(tab / 'enroll.bin')} --role operator {root}",
         f"{device} device sync --state {_q(dev)} --server {url}",
-        f"{device} device status --state {_q(dev)}",
         f"{device} device receipt --state {_q(dev)} --server {url}",
-        # the online revoker retires it: its key file, never the root
-        f"{writ} revoke {ledger} --name {name} --reason retired --revoker-key {_q(d / 'revoker.key')} {pw}",
+        # the tablet answers the device's challenge: accepted
+        challenge,
+        f"{answer} --server {url} --out {_q(d / 'auth.bin')}",
+        check,
+        # the tablet is lost: the online revoker revokes it (its key file, never the root)
+        f"{writ} revoke {ledger} --name {tname} --reason lost --revoker-key {_q(d / 'revoker.key')} {pw}",
         f"{device} device sync --state {_q(dev)} --server {url}",
-        f"{writ} status {name} {ledger}",
-        # (holder and SSH commands: `device_sim holder ...`, `device authorized-keys` go here)
+        f"{writ} status {tname} {ledger}",
+        challenge,
+        f"{answer} --grant {_q(tab / 'grant.bin')} --out {_q(d / 'auth.bin')}",
+        f'{check}    # exit 1: {{"accepted": false, "reason": "revoked"}}',
     ]
 
 

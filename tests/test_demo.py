@@ -139,18 +139,27 @@ def test_demo_commands_run_as_printed_and_sigterm_stops_its_server(tmp_path: Pat
             "HOME": str(tmp_path / "home"),
             **({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}),
         }
-        script = "set -euo pipefail\n" + "\n".join(guide) + "\n"
+        # every line but the last succeeds; the last is the device refusing the revoked tablet
+        script = "set -euo pipefail\n" + "\n".join(guide[:-1]) + "\n"
         proc = subprocess.run(
             ["bash", "-c", script], cwd=elsewhere, env=env, capture_output=True, timeout=180, check=False
         )
         out = proc.stdout.decode().strip().splitlines()
         assert proc.returncode == 0, (proc.stderr.decode()[-3000:], out)
         docs = [json.loads(x) for x in out]
-        assert len(docs) == len(guide) - 1  # one JSON object per command (not the export)
+        assert len(docs) == len(guide) - 2  # one JSON object per command (not the export, not the last)
         assert all("error" not in x for x in docs), docs
-        revoked = next(x for x in docs if x.get("reason") == "retired")
+        assert any(x.get("accepted") is True for x in docs)  # the tablet, before it was lost
+        revoked = next(x for x in docs if x.get("reason") == "lost")
         assert revoked["signer"] == 2  # the online revoker's grant, not the root
-        assert docs[-1]["credentials"][0]["status"] == "revoked"
+        status = next(x for x in docs if "credentials" in x)
+        assert status["credentials"][0]["status"] == "revoked"
+        last = subprocess.run(
+            ["bash", "-c", guide[-1]], cwd=elsewhere, env=env, capture_output=True, timeout=60, check=False
+        )
+        assert last.returncode == 1, last.stderr.decode()[-2000:]
+        refused = json.loads(last.stdout)
+        assert (refused["accepted"], refused["reason"]) == (False, "revoked")
         assert not (tmp_path / "home").exists()  # the mirror lives in the demo directory
     finally:
         if demo.poll() is None:
