@@ -45,10 +45,8 @@ from ledger.errors import (
 )
 from ledger.signers import agent as agent_mod
 from ledger.signers import file as file_mod
-from tests.fixtures_keys import short_tmp, ssh_agent
-
-__all__ = ["short_tmp", "ssh_agent"]  # pytest fixtures shared with the CLI tests
 from ledger.signers import pkcs11 as p11_mod
+from tests.helpers.keys import SOFTHSM_MODULE, requires_softhsm
 
 SEED = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")  # RFC 8032 test 1
 OTHER_SEED = bytes(range(1, 33))
@@ -501,11 +499,6 @@ def test_share_sheet(shares_2_of_3: list[str]) -> None:
 
 # --- PKCS#11 (SoftHSM) ----------------------------------------------------------
 
-SOFTHSM_MODULE = p11_mod.DEFAULT_MODULE
-requires_softhsm = pytest.mark.skipif(
-    shutil.which("softhsm2-util") is None or not os.path.exists(SOFTHSM_MODULE),
-    reason="softhsm2 is not installed (apt-get install softhsm2)",
-)
 PIN = "1234"
 TOKEN = "writ-test"
 
