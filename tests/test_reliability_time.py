@@ -29,35 +29,18 @@ from starlette.applications import Starlette
 
 from api.service import LedgerService
 from device_sim.device import Device
-from ledger import encoding, messages, notes, records
+from ledger import encoding, notes, records
 from ledger.errors import FutureCheckpoint, StorageError, TimestampRegression, UnauthorizedSigner
 from ledger.records import Revoke
 from ledger.storage import MemoryStorage
 from ledger.tree import leaf_hash, mth
-from tests.device_fixtures import T0, World, signer
+from tests.device_fixtures import T0, signer
+from tests.helpers.lost_tablet import LostTablet
 from tests.helpers.server import Mirror, inprocess_server
 
 HOUR, DAY = 3600, 86400
 T = T0 + 1000  # the true time of the honest parties
 MSGPACK = {"content-type": "application/msgpack"}
-
-
-def synced_device(w: World, *, policy: str = "refuse", ts: int = T, now: int = T) -> Device:
-    dev = Device.create(w.root.public_key, w.origin, now=now, stale_policy=policy)
-    dev.apply_update(w.records, 0, w.checkpoint(ts), now)
-    return dev
-
-
-def tablet_world(**grant: int) -> tuple[World, bytes]:
-    w = World()
-    seq = w.grant(w.tablet.public_key, "operator", "tablet-07", **grant)
-    return w, w.records[seq]
-
-
-def ask(dev: Device, w: World, grant: bytes, *, now: int, signed_at: int) -> tuple[bool, str | None]:
-    auth = messages.make_auth(grant, w.tablet, dev.public_key, dev.challenge(), signed_at)
-    v = dev.check(auth, now)
-    return v.accepted, v.reason
 
 
 # --- a skewed device clock ------------------------------------------------------------
@@ -69,10 +52,11 @@ SKEWS = [-DAY - 1, -DAY, -HOUR, -300, 0, 300, HOUR, DAY, DAY + 1]
 def test_skewed_device_against_an_honest_tablet(skew: int) -> None:
     """The tablet signs at the true time; the device judges at its own. Beyond
     300 s of skew every credential is refused (clock-skew): fail closed."""
-    w, grant = tablet_world()
-    dev = synced_device(w)  # synced while its clock was right
+    story = LostTablet.build()
+    w = story.world
+    dev = story.device()  # synced while its clock was right
     assert dev.size == w.size
-    accepted, reason = ask(dev, w, grant, now=T + skew, signed_at=T)
+    accepted, reason = story.ask(dev, now=T + skew, signed_at=T)
     if abs(skew) <= 300:
         assert (accepted, reason) == (True, None)
     else:
@@ -85,9 +69,9 @@ def test_skewed_device_and_tablet_agree_freshness_decides(skew: int) -> None:
     the auth window passes, and the checkpoint's age on the device's clock decides.
     More than a day fast, or more than 300 s slow (the checkpoint is then in its
     future, never fresh), makes the device stale: refused."""
-    w, grant = tablet_world()
-    dev = synced_device(w)
-    accepted, reason = ask(dev, w, grant, now=T + skew, signed_at=T + skew)
+    story = LostTablet.build()
+    dev = story.device()
+    accepted, reason = story.ask(dev, now=T + skew, signed_at=T + skew)
     stale = skew > DAY or skew < -300  # max_staleness is 24 h, inclusive; 300 s ahead counts as now
     assert dev.is_stale(T + skew) is stale
     assert (accepted, reason) == ((False, "stale") if stale else (True, None))
@@ -97,12 +81,12 @@ def test_skewed_device_and_tablet_agree_freshness_decides(skew: int) -> None:
 def test_skew_shifts_expiry(skew: int) -> None:
     """A credential valid until T + 30 min: a device an hour fast refuses it early; one
     an hour slow honours it for an hour after it expired (bounded by the skew)."""
-    w, grant = tablet_world(not_after=T + 1800)
-    dev = synced_device(w, now=T + skew, ts=T + min(skew, 0))  # the log's clock agrees, or is behind
-    accepted, reason = ask(dev, w, grant, now=T + skew, signed_at=T + skew)
+    story = LostTablet.build(not_after=T + 1800)
+    dev = story.device(now=T + skew, ts=T + min(skew, 0))  # the log's clock agrees, or is behind
+    accepted, reason = story.ask(dev, now=T + skew, signed_at=T + skew)
     assert (accepted, reason) == ((False, "expired") if skew > 0 else (True, None))
     if skew < 0:  # really expired 30 min ago, still accepted on the slow clock
-        assert ask(dev, w, grant, now=T + 2 * 1800 + skew, signed_at=T + 2 * 1800 + skew) == (True, None)
+        assert story.ask(dev, now=T + 2 * 1800 + skew, signed_at=T + 2 * 1800 + skew) == (True, None)
 
 
 @pytest.mark.parametrize("skew", [-301, -HOUR, -DAY])
@@ -110,21 +94,23 @@ def test_a_slow_device_refuses_honest_checkpoints_as_future(skew: int) -> None:
     """A device clock more than 300 s slow sees the honest log's checkpoints in
     its future: refused (``future-checkpoint``), state and floor unchanged,
     evidence kept; it fails closed (stale) until its clock is fixed."""
-    w, grant = tablet_world()
-    dev = synced_device(w, ts=T - DAY, now=T - DAY)
+    story = LostTablet.build()
+    w = story.world
+    dev = story.device(ts=T - DAY, now=T - DAY)
     before = dev.state.snapshot()
-    w.revoke(records.parse(grant).seq, reason=2)
+    story.revoke()
     with pytest.raises(FutureCheckpoint):
         dev.apply_update(w.records[dev.size :], dev.size, w.checkpoint(T), T + skew)
     assert dev.state.snapshot() == before and dev.checkpoint_time == T - DAY
     assert dev.evidence[-1].kind == "future-checkpoint"
     dev.apply_update(w.records[dev.size :], dev.size, w.checkpoint(T), T)  # the clock is fixed
-    assert ask(dev, w, grant, now=T, signed_at=T) == (False, "revoked")
+    assert story.ask(dev, now=T, signed_at=T) == (False, "revoked")
 
 
 def test_a_device_clock_jumping_back_never_accepts_an_older_checkpoint() -> None:
-    w, _ = tablet_world()
-    dev = synced_device(w, ts=T, now=T)
+    story = LostTablet.build()
+    w = story.world
+    dev = story.device(ts=T, now=T)
     with pytest.raises(TimestampRegression):
         dev.apply_update([], dev.size, w.checkpoint(T - HOUR), T - DAY)
     with pytest.raises(FutureCheckpoint):  # and one at the true time is in its future
@@ -141,31 +127,33 @@ def test_a_future_checkpoint_is_refused_and_blocks_nothing(ahead: int, policy: s
     """Issue #10: a log key signs the same tree `ahead` seconds in the future.
     It is refused, the floor stays, and the honest log's next checkpoint (with
     the tablet's revocation) is accepted: under either staleness policy."""
-    w, grant = tablet_world()
-    dev = synced_device(w, policy=policy)
+    story = LostTablet.build()
+    w = story.world
+    dev = story.device(stale_policy=policy)
     before = dev.state.snapshot()
     with pytest.raises(FutureCheckpoint):
         dev.apply_update([], dev.size, w.checkpoint(T + ahead), T)
     assert dev.checkpoint_time == T and dev.state.snapshot() == before
     assert dev.evidence[-1].kind == "future-checkpoint" and len(dev.evidence[-1].notes) == 2
-    assert ask(dev, w, grant, now=T, signed_at=T) == (True, None)
-    w.revoke(records.parse(grant).seq, reason=2)
+    assert story.ask(dev, now=T, signed_at=T) == (True, None)
+    story.revoke()
     dev.apply_update(w.records[dev.size :], dev.size, w.checkpoint(T + 60), T + 60)
-    assert ask(dev, w, grant, now=T + 60, signed_at=T + 60) == (False, "revoked")
+    assert story.ask(dev, now=T + 60, signed_at=T + 60) == (False, "revoked")
 
 
 def test_a_checkpoint_300_s_ahead_blocks_honest_ones_for_at_most_300_s() -> None:
     """Within the bound the note is accepted (a log clock a little fast is no
     attack); honest checkpoints dated before it are refused until then."""
-    w, grant = tablet_world()
-    dev = synced_device(w)
+    story = LostTablet.build()
+    w = story.world
+    dev = story.device()
     dev.apply_update([], dev.size, w.checkpoint(T + 300), T)
     assert dev.checkpoint_time == T + 300 and not dev.is_stale(T)
-    w.revoke(records.parse(grant).seq, reason=2)
+    story.revoke()
     with pytest.raises(TimestampRegression):
         dev.apply_update(w.records[dev.size :], dev.size, w.checkpoint(T + 60), T + 60)
     dev.apply_update(w.records[dev.size :], dev.size, w.checkpoint(T + 300), T + 300)
-    assert ask(dev, w, grant, now=T + 300, signed_at=T + 300) == (False, "revoked")
+    assert story.ask(dev, now=T + 300, signed_at=T + 300) == (False, "revoked")
 
 
 class Clock:
