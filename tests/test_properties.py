@@ -43,6 +43,7 @@ from ledger.errors import (
 )
 from ledger.records import Grant, Kind, Revoke, Rotate
 from ledger.state import LedgerState
+from tests.helpers.vectors import check_vector_auth, vector_credential
 from tests.vectors_data import ledger_vectors
 
 V = ledger_vectors()
@@ -476,40 +477,11 @@ def test_message_decoders_raise_only_bad_message(data: bytes) -> None:
             parse(data)
 
 
-@cache
-def _credential_setup() -> tuple[LedgerState, bytes, credential.Freshness, int]:
-    auth = bytes.fromhex(V.raw["auth"]["message"])
-    now = messages.parse_auth(auth).time
-    state = LedgerState(V.anchor, origin=V.origin)
-    for raw in RECORDS:
-        if records.parse(raw).time > now:
-            break
-        state.apply(raw)
-    return state, auth, credential.Freshness(checkpoint_time=now), now
-
-
-def _check(auth: bytes) -> credential.Verdict:
-    state, _, fresh, now = _credential_setup()
-    return credential.check_credential(
-        state,
-        auth,
-        device_key=bytes.fromhex(V.raw["auth"]["verifier"]),
-        challenge=bytes.fromhex(V.raw["auth"]["challenge"]),
-        now=now,
-        device_scope="line-3",
-        freshness=fresh,
-    )
-
-
-def test_credential_vector_is_accepted_before_revocation() -> None:
-    assert _check(_credential_setup()[1]).accepted
-
-
 @MEDIUM
 @given(message_like)
 def test_credential_check_on_arbitrary_auth_only_refuses(data: bytes) -> None:
-    verdict = _check(data)
-    assert verdict.accepted == (data == _credential_setup()[1])
+    verdict = check_vector_auth(data)
+    assert verdict.accepted == (data == vector_credential()[1])
     if not verdict.accepted:
         assert verdict.reason in credential.REFUSALS
 
