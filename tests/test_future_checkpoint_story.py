@@ -19,12 +19,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import httpx
 import pytest
 
 from device_sim.device import Device
 from device_sim.sources import HttpSource, sync
-from ledger import audit, encoding, notes, records
+from ledger import audit, notes, records
 from ledger.crypto import SeedSigner
 from ledger.errors import FutureCheckpoint, UntrustedCheckpoint
 from ledger.mirror import Mirror as LocalMirror
@@ -32,37 +31,18 @@ from ledger.state import LedgerState
 from ledger.tree import leaf_hash, mth
 from tests.device_fixtures import T0, FakeLog, World, signer
 from tests.helpers.lost_tablet import LostTablet, ask
-from tests.helpers.server import BASE_URL, Mirror, inprocess_server
-from tests.test_reliability_time import Clock, service
+from tests.helpers.server import BASE_URL, Clock, Mirror, inprocess_server, post_records, service
+from tests.helpers.sources import ListSource
 
 T = T0 + 5000  # the true time
 CENTURY = 100 * 365 * 86400
 ORIGIN = "ledger.test.example/story"
-MSGPACK = {"content-type": "application/msgpack"}
 THIEF = "http://thief.test"
-
-
-async def post(c: httpx.AsyncClient, raws: Sequence[bytes]) -> None:
-    r = await c.post("/v1/records", content=encoding.pack_records(list(raws)), headers=MSGPACK)
-    assert r.status_code == 200, r.text
 
 
 def thief_note(raws: Sequence[bytes], key: SeedSigner, ts: int) -> str:
     cp = notes.Checkpoint(ORIGIN, len(raws), mth([leaf_hash(r) for r in raws]))
     return notes.sign_checkpoint(cp, ORIGIN, key, ts)
-
-
-class Source:
-    """A mirror's source (``ledger.mirror.LedgerSource``) from fixed records and a note."""
-
-    def __init__(self, raws: Sequence[bytes], note: str) -> None:
-        self.raws, self.note = list(raws), note
-
-    def checkpoint(self) -> str:
-        return self.note
-
-    def records(self, start: int, limit: int) -> list[bytes]:
-        return self.raws[start : start + limit]
 
 
 async def test_stolen_log_key_far_future_checkpoint_then_key_replaced_devices_refuse_the_tablet(
@@ -79,7 +59,7 @@ async def test_stolen_log_key_far_future_checkpoint_then_key_replaced_devices_re
         m.grant(stolen.public_key, "log", "log")
         tablet_seq = m.state.size
         m.grant(tablet.public_key, "operator", "tablet-07")
-        await post(c1, m.records)
+        assert (await post_records(c1, m.records)).status_code == 200
         grant = m.records[tablet_seq]
 
         # a fleet: a device with a state directory, one in memory, one with the accept policy
@@ -108,7 +88,7 @@ async def test_stolen_log_key_far_future_checkpoint_then_key_replaced_devices_re
     # the signing tool's mirror and the auditor refuse it too
     with LocalMirror.open(tmp_path / "mirror", root.public_key) as mirror:
         with pytest.raises(FutureCheckpoint):
-            mirror.sync(Source(old_records, thief.note), now=T + 10)
+            mirror.sync(ListSource(old_records, thief.note), now=T + 10)
         assert mirror.view is None and mirror.size == 0
     audited = LedgerState(root.public_key, origin=ORIGIN)
     audited.apply_all(old_records)
@@ -120,11 +100,11 @@ async def test_stolen_log_key_far_future_checkpoint_then_key_replaced_devices_re
     m.time = T + 550
     async with inprocess_server(tmp_path, root.public_key, ORIGIN, clock=clock) as (c2, app2):
         new_log = service(app2).signer
-        await post(c2, old_records)
+        assert (await post_records(c2, old_records)).status_code == 200
         m.revoke(stolen.public_key, reason=int(records.Reason.KEY_COMPROMISE))
         m.grant(new_log.public_key, "log", "log-2")
         m.revoke(tablet_seq, reason=int(records.Reason.LOST))
-        await post(c2, m.records[len(old_records) :])
+        assert (await post_records(c2, m.records[len(old_records) :])).status_code == 200
         assert m.state.is_revoked(log_seq) is False and m.state.key_revoked(stolen.public_key)
 
         # 3. the devices catch up with the new key's honest checkpoint and refuse the tablet
@@ -135,7 +115,7 @@ async def test_stolen_log_key_far_future_checkpoint_then_key_replaced_devices_re
         assert Device.load(tmp_path / "plc-1").size == len(m.records)
         with LocalMirror.open(tmp_path / "mirror", root.public_key) as mirror:
             assert mirror.sync(
-                Source(m.records, (await c2.get("/checkpoint")).text), now=T + 600
+                ListSource(m.records, (await c2.get("/checkpoint")).text), now=T + 600
             ).size == len(m.records)
 
     # 4. the stolen key signs nothing the devices take any more, even dated honestly

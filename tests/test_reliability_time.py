@@ -25,7 +25,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from starlette.applications import Starlette
 
 from api.service import LedgerService
 from device_sim.device import Device
@@ -36,11 +35,10 @@ from ledger.storage import MemoryStorage
 from ledger.tree import leaf_hash, mth
 from tests.device_fixtures import T0, signer
 from tests.helpers.lost_tablet import LostTablet
-from tests.helpers.server import Mirror, inprocess_server
+from tests.helpers.server import Clock, Mirror, inprocess_server, post_records, service
 
 HOUR, DAY = 3600, 86400
 T = T0 + 1000  # the true time of the honest parties
-MSGPACK = {"content-type": "application/msgpack"}
 
 
 # --- a skewed device clock ------------------------------------------------------------
@@ -156,20 +154,6 @@ def test_a_checkpoint_300_s_ahead_blocks_honest_ones_for_at_most_300_s() -> None
     assert story.ask(dev, now=T + 300, signed_at=T + 300) == (False, "revoked")
 
 
-class Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def service(app: Starlette) -> LedgerService:
-    svc = app.state.service
-    assert isinstance(svc, LedgerService)
-    return svc
-
-
 async def served(c: httpx.AsyncClient, svc: LedgerService) -> notes.VerifiedCheckpoint:
     return notes.verify_checkpoint((await c.get("/checkpoint")).text, svc.origin, [svc.signer.public_key])
 
@@ -199,12 +183,12 @@ async def test_a_server_clock_jumping_back_serves_its_last_note_until_it_passes(
         m = Mirror(root, origin, time=T)
         m.genesis()
         m.grant(svc.signer.public_key, "log", "log")
-        assert (await post(c, m.records)).status_code == 200
+        assert (await post_records(c, m.records)).status_code == 200
         first = await served(c, svc)
         assert first.timestamp == T + 100
         clock.t = T + 40  # NTP steps the clock back
         m.time = T + 10
-        assert (await post(c, [m.grant(os.urandom(32), "operator", "x")])).status_code == 200
+        assert (await post_records(c, [m.grant(os.urandom(32), "operator", "x")])).status_code == 200
         await asyncio.sleep(0.2)  # several re-sign intervals
         assert (await c.get("/checkpoint")).text == first.note  # unchanged: size 2, T + 100
         data_dir = svc.config.data_dir
@@ -235,16 +219,16 @@ async def test_a_server_clock_jump_forward_is_refused_by_devices(tmp_path: Path)
         m = Mirror(root, origin, time=T - 100)
         m.genesis()
         m.grant(svc.signer.public_key, "log", "log")
-        assert (await post(c, m.records)).status_code == 200
+        assert (await post_records(c, m.records)).status_code == 200
         dev = Device.create(root.public_key, origin, now=T)
         good = await served(c, svc)
         dev.apply_update(list(m.records), 0, good.note, T)
         clock.t = T + 10 * 365 * DAY
         m.time = T - 50
-        assert (await post(c, [m.grant(os.urandom(32), "operator", "x")])).status_code == 200
+        assert (await post_records(c, [m.grant(os.urandom(32), "operator", "x")])).status_code == 200
         clock.t = T
         m.time = T - 40
-        assert (await post(c, [m.grant(os.urandom(32), "operator", "y")])).status_code == 200
+        assert (await post_records(c, [m.grant(os.urandom(32), "operator", "y")])).status_code == 200
         vc = await served(c, svc)
         assert (vc.checkpoint.size, vc.timestamp) == (3, T + 10 * 365 * DAY)
         raws = encoding.unpack_records((await c.get("/v1/records?start=2")).content, max_count=1000)
@@ -265,7 +249,7 @@ async def test_a_stored_checkpoint_naming_no_head_stops_the_server(tmp_path: Pat
         m = Mirror(root, origin, time=T)
         m.genesis()
         m.grant(svc.signer.public_key, "log", "log")
-        await post(c, m.records)
+        await post_records(c, m.records)
         data_dir = svc.config.data_dir
         forged = notes.sign_checkpoint(notes.Checkpoint(origin, 2, bytes(32)), origin, svc.signer, T + 1)
     storage._closed = False  # the same memory, as a restarted process would find it on disk
@@ -275,10 +259,6 @@ async def test_a_stored_checkpoint_naming_no_head_stops_the_server(tmp_path: Pat
             tmp_path, root.public_key, origin, storage, clock=Clock(T), data_dir=data_dir
         ):
             pass
-
-
-async def post(c: httpx.AsyncClient, raws: list[bytes]) -> httpx.Response:
-    return await c.post("/v1/records", content=encoding.pack_records(raws), headers=MSGPACK)
 
 
 # --- a revoker grant that expires ---------------------------------------------------------
@@ -301,12 +281,12 @@ async def test_a_revoker_grant_expiring_mid_scenario(tmp_path: Path) -> None:
         m.grant(signer("tablet-b").public_key, "operator", "tablet-b")
         cc = m.state.size
         m.grant(signer("tablet-c").public_key, "operator", "tablet-c")
-        assert (await post(c, m.records)).status_code == 200
+        assert (await post_records(c, m.records)).status_code == 200
         good = list(m.records)
 
         # inside the window: the revoker revokes tablet-a
         clock.t = m.time = T + 50
-        r = await post(c, [m.revoke(a, reason=2, signer=(revoker_seq, oncall))])
+        r = await post_records(c, [m.revoke(a, reason=2, signer=(revoker_seq, oncall))])
         assert r.status_code == 200, r.text
         good = list(m.records)
 
@@ -315,7 +295,7 @@ async def test_a_revoker_grant_expiring_mid_scenario(tmp_path: Path) -> None:
         head = (m.state.size, m.state.root)
         late = Revoke(head[0], head[1], T + 150, revoker_seq, b, 2)
         late_raw = records.sign(late, oncall)
-        r = await post(c, [late_raw])
+        r = await post_records(c, [late_raw])
         assert r.status_code == 403 and r.json()["type"] == "urn:writ:problem:unauthorized-signer", r.text
         assert service(app).size == len(good)
 
@@ -336,14 +316,14 @@ async def test_a_revoker_grant_expiring_mid_scenario(tmp_path: Path) -> None:
 
         # residual risk, pinned: backdated into the window while no later record exists, it is accepted
         backdated = records.sign(Revoke(head[0], head[1], T + 99, revoker_seq, b, 2), oncall)
-        r = await post(c, [backdated])
+        r = await post_records(c, [backdated])
         assert r.status_code == 200, r.text
         m.extend([backdated])
         # ... but not once a record at or after the expiry is in the ledger (time never goes back)
         m.time = T + 150
-        assert (await post(c, [m.grant(os.urandom(32), "operator", "later")])).status_code == 200
+        assert (await post_records(c, [m.grant(os.urandom(32), "operator", "later")])).status_code == 200
         again = records.sign(Revoke(m.state.size, m.state.root, T + 99, revoker_seq, cc, 2), oncall)
-        r = await post(c, [again])
+        r = await post_records(c, [again])
         assert r.status_code == 422 and r.json()["type"] == "urn:writ:problem:time-regression", r.text
         # the root itself can always revoke
-        assert (await post(c, [m.revoke(cc, reason=2)])).status_code == 200
+        assert (await post_records(c, [m.revoke(cc, reason=2)])).status_code == 200
