@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from ledger.signers import pkcs11 as p11_mod
-from tests.helpers.keys import PIN, SO_PIN, TOKEN
+from tests.helpers.keys import TOKEN, init_softhsm_token
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -40,18 +39,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A fresh SoftHSM token (label ``writ-cli``, user PIN 1234) in its own token
     directory; yields the token's PKCS#11 URI."""
-    tokendir = tmp_path / "tokens"
-    tokendir.mkdir()
-    conf = tmp_path / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {tokendir}\nobjectstore.backend = file\nlog.level = ERROR\n")
-    monkeypatch.setenv("SOFTHSM2_CONF", str(conf))
-    monkeypatch.delenv(p11_mod.MODULE_ENV, raising=False)
-    subprocess.run(
-        ["softhsm2-util", "--init-token", "--free", "--label", TOKEN, "--pin", PIN, "--so-pin", SO_PIN],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
+    init_softhsm_token(tmp_path, monkeypatch)
     yield f"pkcs11:token={TOKEN}"
 
 

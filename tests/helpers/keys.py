@@ -34,8 +34,26 @@ requires_openssh = pytest.mark.skipif(
 )
 
 
-def ssh_add_seed(sock: str, directory: Path, seed: bytes, name: str = "id_ed25519") -> None:
-    """Load an Ed25519 seed into the agent (through a 0600 OpenSSH key file, removed after)."""
+def init_softhsm_token(directory: Path, monkeypatch: pytest.MonkeyPatch, label: str = TOKEN) -> Path:
+    """A fresh SoftHSM2 token ``label`` (user PIN :data:`PIN`) in its own token directory
+    under ``directory``, with ``SOFTHSM2_CONF`` pointing at it; returns the token directory."""
+    tokendir = directory / "tokens"
+    tokendir.mkdir()
+    conf = directory / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokendir}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    monkeypatch.setenv("SOFTHSM2_CONF", str(conf))
+    monkeypatch.delenv(p11_mod.MODULE_ENV, raising=False)
+    subprocess.run(
+        ["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", PIN, "--so-pin", SO_PIN],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return tokendir
+
+
+def openssh_key_file(directory: Path, seed: bytes, name: str = "id_ed25519") -> Path:
+    """An unencrypted OpenSSH private key file (0600) of an Ed25519 seed."""
     path = directory / name
     pem = Ed25519PrivateKey.from_private_bytes(seed).private_bytes(
         Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption()
@@ -43,14 +61,25 @@ def ssh_add_seed(sock: str, directory: Path, seed: bytes, name: str = "id_ed2551
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(pem)
+    return path
+
+
+def ssh_add(sock: str, *args: str) -> None:
+    """``ssh-add ARGS`` against the agent at ``sock``."""
+    subprocess.run(
+        ["ssh-add", *args],
+        env={**os.environ, "SSH_AUTH_SOCK": sock},
+        check=True,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        timeout=30,
+    )
+
+
+def ssh_add_seed(sock: str, directory: Path, seed: bytes, name: str = "id_ed25519") -> None:
+    """Load an Ed25519 seed into the agent (through a 0600 OpenSSH key file, removed after)."""
+    path = openssh_key_file(directory, seed, name)
     try:
-        subprocess.run(
-            ["ssh-add", str(path)],
-            env={**os.environ, "SSH_AUTH_SOCK": sock},
-            check=True,
-            capture_output=True,
-            stdin=subprocess.DEVNULL,
-            timeout=30,
-        )
+        ssh_add(sock, str(path))
     finally:
         path.unlink()
