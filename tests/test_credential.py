@@ -4,7 +4,7 @@ The check is a pure function of the device's state, the auth message, the
 challenge, ``now`` and the freshness; here it runs without a device. Every
 refusal reason is produced on its own, and for every pair of faults that can
 occur together the one earlier in :data:`ledger.credential.REFUSALS` is the
-one reported (docs/protocol.md, section 'Credentials'). The device-level
+one reported (docs/protocol.md, section 7 'Credentials on a device'). The device-level
 behaviour (single-use challenges, the stale policy, persistence) is in
 ``tests/test_device.py``.
 """
@@ -198,6 +198,15 @@ def test_malformed_auth_is_bad_signature_even_without_a_challenge(story: LostTab
     """docs/protocol.md, 'Choices where the contract is open': a message that
     does not parse proves nothing, so it is a bad signature, whatever else."""
     assert check(story.world.state, b"\x93garbage", challenge=None).reason == R.BAD_SIGNATURE
+
+
+def test_a_grant_that_does_not_decode_is_bad_signature_after_challenge_and_skew(story: LostTablet) -> None:
+    """docs/protocol.md, 'Choices where the contract is open', 7."""
+    garbage = b"\x92\xc4\x01x\xc4\x01y"
+    st = story.world.state
+    assert check(st, auth_at(story, NOW, grant=garbage)).reason == R.BAD_SIGNATURE
+    assert check(st, auth_at(story, NOW, grant=garbage), challenge=bytes(32)).reason == R.BAD_CHALLENGE
+    assert check(st, auth_at(story, NOW + MAX_SKEW + 1, grant=garbage)).reason == R.CLOCK_SKEW
 
 
 @pytest.mark.parametrize("delta", [-MAX_SKEW, MAX_SKEW])
