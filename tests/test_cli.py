@@ -36,18 +36,8 @@ from ledger.records import Grant
 from ledger.signers import load_key_file
 from ledger.state import LedgerState
 from ledger.tree import leaf_hash, mth
-from tests.fixtures_keys import (
-    PIN,
-    requires_openssh,
-    requires_softhsm,
-    short_tmp,
-    softhsm,
-    ssh_add_seed,
-    ssh_agent,
-)
+from tests.helpers.keys import PIN, requires_openssh, requires_softhsm, ssh_add_seed
 from tests.helpers.server import BASE_URL, inprocess_server
-
-__all__ = ["short_tmp", "softhsm", "ssh_agent"]  # fixtures used by name
 
 ORIGIN = "ledger.example/plant-7"
 PW = "correct horse battery"

@@ -39,7 +39,7 @@ import pytest
 from ledger import encoding, errors, messages, records
 from ledger.cli.main import EXIT_CODES
 from ledger.crypto import SeedSigner
-from tests.fixtures_keys import SO_PIN, requires_softhsm, softhsm
+from tests.helpers.keys import SO_PIN, requires_softhsm
 from tests.helpers.server import (
     Mirror,
     RunningServer,
@@ -48,8 +48,6 @@ from tests.helpers.server import (
     stop_server,
     writ_command,
 )
-
-__all__ = ["softhsm"]  # a fixture used by name
 
 ROOT = Path(__file__).resolve().parent.parent
 ORIGIN = "ledger.example/plant-7"

@@ -16,15 +16,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ledger import messages
-from ledger.crypto import SeedSigner
 from ledger.state import LedgerState
+from tests.helpers.lost_tablet import tell_with_the_cli
 from tests.helpers.server import running_server, writ_command
 
 pytestmark = pytest.mark.e2e
@@ -86,54 +85,15 @@ def test_lost_tablet_end_to_end(tmp_path: Path) -> None:
         assert g == {**g, "seq": 1, "log_public_key": srv.log_public_key.hex()}
 
         plc = tmp_path / "plc"
-        dev = device(
-            "device", "init", "--state", plc, "--anchor", anchor, "--origin", ORIGIN, "--name", "plc-17"
-        )
-        d = writ("grant", "--server", srv.url, "--request", plc / "enroll.bin", "--role", "device", *key)
+        story = tell_with_the_cli(
+            writ, device, url=srv.url, anchor=anchor, origin=ORIGIN, root_key=key, workdir=tmp_path,
+            devices={"plc-17": plc}, passphrase_env="PW",
+        )  # fmt: skip
+        d, dev = story.granted["plc-17"], story.enrolled["plc-17"]
         assert d["name"] == "plc-17" and d["subject"] == dev["public_key"]
-
-        tablet = SeedSigner.generate()
-        (tmp_path / "tablet.enroll").write_bytes(messages.make_enroll(tablet, "tablet-07", int(time.time())))
-        t = writ(
-            "grant", "--server", srv.url, "--request", tmp_path / "tablet.enroll", "--role", "operator", *key
-        )
-        oncall = writ(
-            "key", "init", "--out", tmp_path / "oncall.key", "--passphrase-env", "PW", "--role", "revoker"
-        )
-        writ(
-            "grant",
-            "--server",
-            srv.url,
-            "--subject",
-            oncall["public_key"],
-            "--role",
-            "revoker",
-            "--name",
-            "oncall",
-            *key,
-        )
-
-        # THE lost-tablet command, from the on-call engineer's own machine (own mirror)
-        oncall_env = {"WRIT_HOME": str(tmp_path / "oncall-home"), "WRIT_ANCHOR": anchor}
-        r = writ(
-            "revoke",
-            "--name",
-            "tablet-07",
-            "--reason",
-            "lost",
-            "--revoker-key",
-            tmp_path / "oncall.key",
-            "--passphrase-env",
-            "PW",
-            "--server",
-            srv.url,
-            extra_env=oncall_env,
-        )
-        assert r["target"] == t["seq"] and r["reason"] == "lost"
-
-        synced = device("device", "sync", "--state", plc, "--server", srv.url)
-        assert synced["size"] == r["seq"] + 1
-        device("device", "receipt", "--state", plc, "--server", srv.url)
+        r, oncall, oncall_env = story.revoke, story.oncall_key, story.oncall_env
+        assert r["target"] == story.tablet["seq"] and r["reason"] == "lost"
+        assert story.synced["plc-17"]["size"] == r["seq"] + 1
         s = writ("status", "tablet-07", "--server", srv.url, extra_env=oncall_env)
         assert s["status"] == "revoked" and s["revocation"]["seq"] == r["seq"]
         assert s["devices"]["applied"] == 1 and s["devices"]["total"] == 1

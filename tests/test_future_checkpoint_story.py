@@ -19,55 +19,30 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import httpx
 import pytest
 
 from device_sim.device import Device
 from device_sim.sources import HttpSource, sync
-from ledger import audit, encoding, messages, notes, records
+from ledger import audit, notes, records
 from ledger.crypto import SeedSigner
 from ledger.errors import FutureCheckpoint, UntrustedCheckpoint
 from ledger.mirror import Mirror as LocalMirror
 from ledger.state import LedgerState
 from ledger.tree import leaf_hash, mth
 from tests.device_fixtures import T0, FakeLog, World, signer
-from tests.helpers.server import BASE_URL, Mirror, inprocess_server
-from tests.test_reliability_time import Clock, service
+from tests.helpers.lost_tablet import LostTablet, ask
+from tests.helpers.server import BASE_URL, Clock, Mirror, inprocess_server, post_records, service
+from tests.helpers.sources import ListSource
 
 T = T0 + 5000  # the true time
 CENTURY = 100 * 365 * 86400
 ORIGIN = "ledger.test.example/story"
-MSGPACK = {"content-type": "application/msgpack"}
 THIEF = "http://thief.test"
-
-
-async def post(c: httpx.AsyncClient, raws: Sequence[bytes]) -> None:
-    r = await c.post("/v1/records", content=encoding.pack_records(list(raws)), headers=MSGPACK)
-    assert r.status_code == 200, r.text
 
 
 def thief_note(raws: Sequence[bytes], key: SeedSigner, ts: int) -> str:
     cp = notes.Checkpoint(ORIGIN, len(raws), mth([leaf_hash(r) for r in raws]))
     return notes.sign_checkpoint(cp, ORIGIN, key, ts)
-
-
-def ask(dev: Device, grant: bytes, tablet: SeedSigner, now: int) -> tuple[bool, str | None]:
-    auth = messages.make_auth(grant, tablet, dev.public_key, dev.challenge(), now)
-    v = dev.check(auth, now)
-    return v.accepted, v.reason
-
-
-class Source:
-    """A mirror's source (``ledger.mirror.LedgerSource``) from fixed records and a note."""
-
-    def __init__(self, raws: Sequence[bytes], note: str) -> None:
-        self.raws, self.note = list(raws), note
-
-    def checkpoint(self) -> str:
-        return self.note
-
-    def records(self, start: int, limit: int) -> list[bytes]:
-        return self.raws[start : start + limit]
 
 
 async def test_stolen_log_key_far_future_checkpoint_then_key_replaced_devices_refuse_the_tablet(
@@ -84,7 +59,7 @@ async def test_stolen_log_key_far_future_checkpoint_then_key_replaced_devices_re
         m.grant(stolen.public_key, "log", "log")
         tablet_seq = m.state.size
         m.grant(tablet.public_key, "operator", "tablet-07")
-        await post(c1, m.records)
+        assert (await post_records(c1, m.records)).status_code == 200
         grant = m.records[tablet_seq]
 
         # a fleet: a device with a state directory, one in memory, one with the accept policy
@@ -95,7 +70,7 @@ async def test_stolen_log_key_far_future_checkpoint_then_key_replaced_devices_re
         ]
         for dev in devices:
             await sync(dev, HttpSource(c1, BASE_URL), T)
-            assert ask(dev, grant, tablet, T) == (True, None)
+            assert ask(dev, grant, tablet, now=T) == (True, None)
         honest_note = (await c1.get("/checkpoint")).text
         old_records = list(m.records)
 
@@ -113,7 +88,7 @@ async def test_stolen_log_key_far_future_checkpoint_then_key_replaced_devices_re
     # the signing tool's mirror and the auditor refuse it too
     with LocalMirror.open(tmp_path / "mirror", root.public_key) as mirror:
         with pytest.raises(FutureCheckpoint):
-            mirror.sync(Source(old_records, thief.note), now=T + 10)
+            mirror.sync(ListSource(old_records, thief.note), now=T + 10)
         assert mirror.view is None and mirror.size == 0
     audited = LedgerState(root.public_key, origin=ORIGIN)
     audited.apply_all(old_records)
@@ -125,22 +100,22 @@ async def test_stolen_log_key_far_future_checkpoint_then_key_replaced_devices_re
     m.time = T + 550
     async with inprocess_server(tmp_path, root.public_key, ORIGIN, clock=clock) as (c2, app2):
         new_log = service(app2).signer
-        await post(c2, old_records)
+        assert (await post_records(c2, old_records)).status_code == 200
         m.revoke(stolen.public_key, reason=int(records.Reason.KEY_COMPROMISE))
         m.grant(new_log.public_key, "log", "log-2")
         m.revoke(tablet_seq, reason=int(records.Reason.LOST))
-        await post(c2, m.records[len(old_records) :])
+        assert (await post_records(c2, m.records[len(old_records) :])).status_code == 200
         assert m.state.is_revoked(log_seq) is False and m.state.key_revoked(stolen.public_key)
 
         # 3. the devices catch up with the new key's honest checkpoint and refuse the tablet
         for dev in devices:
             r = await sync(dev, HttpSource(c2, BASE_URL), T + 600)
             assert (r.size, r.checkpoint_time, r.stale) == (len(m.records), T + 600, False)
-            assert ask(dev, grant, tablet, T + 600) == (False, "revoked")
+            assert ask(dev, grant, tablet, now=T + 600) == (False, "revoked")
         assert Device.load(tmp_path / "plc-1").size == len(m.records)
         with LocalMirror.open(tmp_path / "mirror", root.public_key) as mirror:
             assert mirror.sync(
-                Source(m.records, (await c2.get("/checkpoint")).text), now=T + 600
+                ListSource(m.records, (await c2.get("/checkpoint")).text), now=T + 600
             ).size == len(m.records)
 
     # 4. the stolen key signs nothing the devices take any more, even dated honestly
@@ -149,7 +124,7 @@ async def test_stolen_log_key_far_future_checkpoint_then_key_replaced_devices_re
         for dev in devices:
             with pytest.raises(UntrustedCheckpoint):
                 await sync(dev, HttpSource(tc, THIEF), T + 700)
-            assert ask(dev, grant, tablet, T + 700) == (False, "revoked")
+            assert ask(dev, grant, tablet, now=T + 700) == (False, "revoked")
     thief2.closing = True
 
 
@@ -160,7 +135,7 @@ def test_witness_device_applies_a_revocation_without_cosignatures_but_is_not_fre
     w = World()
     wit = signer("witness")
     w.grant(wit.public_key, "witness", "witness.example/w")
-    tablet_seq = w.grant(w.tablet.public_key, "operator", "tablet-07")
+    story = LostTablet.build(w)
     other = signer("tablet-08")
     other_seq = w.grant(other.public_key, "operator", "tablet-08")
     dev = Device.create(w.root.public_key, w.origin, now=T, require_witnesses=1)
@@ -171,11 +146,11 @@ def test_witness_device_applies_a_revocation_without_cosignatures_but_is_not_fre
 
     dev.apply_update(w.records, 0, cosigned(T), T)
     assert not dev.is_stale(T)
-    assert ask(dev, w.records[other_seq], other, T) == (True, None)
-    w.revoke(tablet_seq, reason=2)
+    assert ask(dev, w.records[other_seq], other, now=T) == (True, None)
+    story.revoke()
     r = dev.apply_update(w.records[dev.size :], dev.size, w.checkpoint(T + 10), T + 10)  # no cosignature
-    assert r.size == w.size and r.stale and dev.state.is_revoked(tablet_seq)
-    assert ask(dev, w.records[tablet_seq], w.tablet, T + 10) == (False, "revoked")
-    assert ask(dev, w.records[other_seq], other, T + 10) == (False, "stale")
+    assert r.size == w.size and r.stale and dev.state.is_revoked(story.seq)
+    assert story.ask(dev, now=T + 10) == (False, "revoked")
+    assert ask(dev, w.records[other_seq], other, now=T + 10) == (False, "stale")
     dev.apply_update([], dev.size, cosigned(T + 20), T + 20)  # the cosignature arrives
-    assert ask(dev, w.records[other_seq], other, T + 20) == (True, None)
+    assert ask(dev, w.records[other_seq], other, now=T + 20) == (True, None)

@@ -27,18 +27,16 @@ import pytest
 from starlette.applications import Starlette
 
 from api.config import Limits
-from api.service import LedgerService
 from ledger import encoding, notes, records, tiles
 from ledger.crypto import SeedSigner, sha256
 from ledger.errors import StorageError
 from ledger.storage import FAULT_STEPS
 from ledger.storage.sqlite import SqliteStorage
 from ledger.tree import leaf_hash, mth
-from tests.helpers.server import Mirror, inprocess_server, make_ledger
+from tests.helpers.server import Mirror, inprocess_server, make_ledger, post_records, service
 
 ORIGIN = "disk.writ.example/ledger"
 ROOT = SeedSigner(sha256(b"writ-disk-tests/root"))
-MSGPACK = {"content-type": "application/msgpack"}
 LIMITS = Limits(write_rate=100000, write_burst=100000)
 
 
@@ -64,16 +62,6 @@ class Disk:
             self.times -= 1
             self.hits.append(step)
             raise OSError(errno.EIO, os.strerror(errno.EIO) + f" (injected at {step})")
-
-
-def service(app: Starlette) -> LedgerService:
-    svc = app.state.service
-    assert isinstance(svc, LedgerService)
-    return svc
-
-
-async def post(client: httpx.AsyncClient, raws: list[bytes]) -> httpx.Response:
-    return await client.post("/v1/records", content=encoding.pack_records(raws), headers=MSGPACK)
 
 
 async def served(client: httpx.AsyncClient, start: int = 0) -> list[bytes]:
@@ -140,7 +128,7 @@ async def started(tmp_path: Path, client: httpx.AsyncClient, app: Starlette) -> 
     svc = service(app)
     m = Mirror(ROOT, ORIGIN)
     m.extend(make_ledger(ROOT, ORIGIN, svc.signer.public_key, 3))
-    assert (await post(client, m.records)).status_code == 200
+    assert (await post_records(client, m.records)).status_code == 200
     return m
 
 
@@ -170,10 +158,10 @@ async def test_eio_before_the_commit_appends_nothing_and_the_retry_works(
         before = await assert_consistent(client, app, db)
         raws = batch(m, n, "eio")
         disk.fail(step)
-        assert_storage_error(await post(client, raws))
+        assert_storage_error(await post_records(client, raws))
         assert disk.hits == [step]
         assert await assert_consistent(client, app, db) == before  # nothing of the batch
-        r = await post(client, raws)  # the client's retry, same bytes: the disk is back
+        r = await post_records(client, raws)  # the client's retry, same bytes: the disk is back
         assert r.status_code == 200, r.text
         assert r.json()["first_seq"] == len(before) and r.json()["appended"] == n
         got = await assert_consistent(client, app, db)
@@ -197,7 +185,7 @@ async def test_eio_after_the_commit_is_acknowledged_once_never_duplicated(tmp_pa
         before = await assert_consistent(client, app, db)
         raws = batch(m, n, "late")
         disk.fail("commit")
-        r = await post(client, raws)
+        r = await post_records(client, raws)
         assert disk.hits == ["commit"]
         got = await assert_consistent(client, app, db)  # the server reloaded what is stored
         assert got == before + raws
@@ -209,12 +197,12 @@ async def test_eio_after_the_commit_is_acknowledged_once_never_duplicated(tmp_pa
             "first_seq": len(before),
         }
         assert (await client.get("/healthz")).json()["size"] == len(got)
-        r = await post(client, raws)  # a blind retry
+        r = await post_records(client, raws)  # a blind retry
         assert r.status_code == 409 and r.json()["type"] == "urn:writ:problem:stale-head", r.text
         assert await assert_consistent(client, app, db) == got
         m = resync(m, got)  # re-sync: the records are there, and the writer carries on
         more = batch(m, 3, "after")
-        assert (await post(client, more)).status_code == 200
+        assert (await post_records(client, more)).status_code == 200
         assert await assert_consistent(client, app, db) == got + more
         bodies = [records.parse(r).typed() for r in got + more]
         names = [b.name for b in bodies if isinstance(b, records.Grant)]
@@ -237,10 +225,10 @@ async def test_a_really_full_disk_is_503_and_the_append_works_once_there_is_room
         pages = next(iter(await conn.execute_fetchall("PRAGMA page_count")))[0]
         await conn.execute(f"PRAGMA max_page_count = {pages}")
         raws = batch(m, 300, "full")  # ~100 KB: more than the pages left
-        assert_storage_error(await post(client, raws))
+        assert_storage_error(await post_records(client, raws))
         assert await assert_consistent(client, app, db) == before
         await conn.execute("PRAGMA max_page_count = 1073741823")
-        r = await post(client, raws)
+        r = await post_records(client, raws)
         assert r.status_code == 200, r.text
         assert await assert_consistent(client, app, db) == before + raws
 
@@ -252,7 +240,7 @@ async def test_reads_failing_are_5xx_problems_never_torn_data(
     disk = Disk()
     async with server(tmp_path, disk) as (client, app, db):
         m = await started(tmp_path, client, app)
-        assert (await post(client, batch(m, 600, "many"))).status_code == 200
+        assert (await post_records(client, batch(m, 600, "many"))).status_code == 200
         good = await assert_consistent(client, app, db)
         svc = service(app)
         svc._bundles.clear()  # cold cache: full bundles come from the disk
@@ -285,10 +273,10 @@ async def test_checkpoint_persist_failing_keeps_serving(
 
         monkeypatch.setattr(svc.storage, "put_checkpoint", broken)
         raws = batch(m, 10, "cp")
-        assert (await post(client, raws)).status_code == 200
+        assert (await post_records(client, raws)).status_code == 200
         got = await assert_consistent(client, app, db)
         monkeypatch.setattr(svc.storage, "put_checkpoint", real)
-        assert (await post(client, batch(m, 1, "cp2"))).status_code == 200
+        assert (await post_records(client, batch(m, 1, "cp2"))).status_code == 200
         got = await assert_consistent(client, app, db)
         data_dir = svc.config.data_dir
     async with server(tmp_path, disk, data_dir) as (client, app, db):
@@ -314,7 +302,7 @@ async def test_flaky_disk_under_a_stream_no_loss_no_duplicate(tmp_path: Path, se
         for i in range(40):
             raws = batch(m, random.Random(seed * 100 + i).choice([1, 1, 10, 40]), f"s{i}")
             for _attempt in range(20):
-                r = await post(client, raws)
+                r = await post_records(client, raws)
                 if r.status_code == 200:
                     first = r.json()["first_seq"]
                     acked.update((first + k, raw) for k, raw in enumerate(raws))

@@ -44,6 +44,7 @@ import httpx
 import pytest
 
 from ledger.signers.file import load_key_file
+from tests.helpers.lost_tablet import tell_with_the_cli
 from tests.helpers.server import running_server, writ_command
 
 pytestmark = pytest.mark.e2e
@@ -255,75 +256,11 @@ def test_no_private_key_byte_escapes_a_whole_scenario(tmp_path: Path) -> None:
         try:
             writ("genesis", "--origin", ORIGIN, "--server", url, *key)
             devices = [tmp_path / "plc-1", tmp_path / "plc-2"]
-            for i, d in enumerate(devices):
-                device(
-                    "device",
-                    "init",
-                    "--state",
-                    d,
-                    "--anchor",
-                    anchor,
-                    "--origin",
-                    ORIGIN,
-                    "--name",
-                    f"plc-{i}",
-                )
-                writ("grant", "--server", url, "--request", d / "enroll.bin", "--role", "device", *key)
-            tablet = writ(
-                "key",
-                "init",
-                "--out",
-                tmp_path / "tablet.key",
-                "--passphrase-env",
-                "PW",
-                "--role",
-                "operator",
-            )
-            writ(
-                "grant",
-                "--server",
-                url,
-                "--subject",
-                tablet["public_key"],
-                "--role",
-                "operator",
-                "--name",
-                "tablet-07",
-                *key,
-            )
-            oncall = writ(
-                "key", "init", "--out", tmp_path / "oncall.key", "--passphrase-env", "PW", "--role", "revoker"
-            )
-            writ(
-                "grant",
-                "--server",
-                url,
-                "--subject",
-                oncall["public_key"],
-                "--role",
-                "revoker",
-                "--name",
-                "oncall",
-                *key,
-            )
-            oncall_env = {"WRIT_HOME": str(tmp_path / "oncall-home"), "WRIT_ANCHOR": anchor}
-            writ(
-                "revoke",
-                "--name",
-                "tablet-07",
-                "--reason",
-                "lost",
-                "--revoker-key",
-                tmp_path / "oncall.key",
-                "--passphrase-env",
-                "PW",
-                "--server",
-                url,
-                extra_env=oncall_env,
-            )
-            for d in devices:
-                device("device", "sync", "--state", d, "--server", url)
-                device("device", "receipt", "--state", d, "--server", url)
+            story = tell_with_the_cli(
+                writ, device, url=url, anchor=anchor, origin=ORIGIN, root_key=key, workdir=tmp_path,
+                devices={f"plc-{i}": d for i, d in enumerate(devices)}, passphrase_env="PW",
+            )  # fmt: skip
+            oncall_env = story.oncall_env
             sheets = sorted((tmp_path / "shares").iterdir())
             writ(
                 "rotate",

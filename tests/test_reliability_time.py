@@ -25,39 +25,20 @@ from pathlib import Path
 
 import httpx
 import pytest
-from starlette.applications import Starlette
 
 from api.service import LedgerService
 from device_sim.device import Device
-from ledger import encoding, messages, notes, records
+from ledger import encoding, notes, records
 from ledger.errors import FutureCheckpoint, StorageError, TimestampRegression, UnauthorizedSigner
 from ledger.records import Revoke
 from ledger.storage import MemoryStorage
 from ledger.tree import leaf_hash, mth
-from tests.device_fixtures import T0, World, signer
-from tests.helpers.server import Mirror, inprocess_server
+from tests.device_fixtures import T0, signer
+from tests.helpers.lost_tablet import LostTablet
+from tests.helpers.server import Clock, Mirror, inprocess_server, post_records, service
 
 HOUR, DAY = 3600, 86400
 T = T0 + 1000  # the true time of the honest parties
-MSGPACK = {"content-type": "application/msgpack"}
-
-
-def synced_device(w: World, *, policy: str = "refuse", ts: int = T, now: int = T) -> Device:
-    dev = Device.create(w.root.public_key, w.origin, now=now, stale_policy=policy)
-    dev.apply_update(w.records, 0, w.checkpoint(ts), now)
-    return dev
-
-
-def tablet_world(**grant: int) -> tuple[World, bytes]:
-    w = World()
-    seq = w.grant(w.tablet.public_key, "operator", "tablet-07", **grant)
-    return w, w.records[seq]
-
-
-def ask(dev: Device, w: World, grant: bytes, *, now: int, signed_at: int) -> tuple[bool, str | None]:
-    auth = messages.make_auth(grant, w.tablet, dev.public_key, dev.challenge(), signed_at)
-    v = dev.check(auth, now)
-    return v.accepted, v.reason
 
 
 # --- a skewed device clock ------------------------------------------------------------
@@ -69,10 +50,11 @@ SKEWS = [-DAY - 1, -DAY, -HOUR, -300, 0, 300, HOUR, DAY, DAY + 1]
 def test_skewed_device_against_an_honest_tablet(skew: int) -> None:
     """The tablet signs at the true time; the device judges at its own. Beyond
     300 s of skew every credential is refused (clock-skew): fail closed."""
-    w, grant = tablet_world()
-    dev = synced_device(w)  # synced while its clock was right
+    story = LostTablet.build()
+    w = story.world
+    dev = story.device()  # synced while its clock was right
     assert dev.size == w.size
-    accepted, reason = ask(dev, w, grant, now=T + skew, signed_at=T)
+    accepted, reason = story.ask(dev, now=T + skew, signed_at=T)
     if abs(skew) <= 300:
         assert (accepted, reason) == (True, None)
     else:
@@ -85,9 +67,9 @@ def test_skewed_device_and_tablet_agree_freshness_decides(skew: int) -> None:
     the auth window passes, and the checkpoint's age on the device's clock decides.
     More than a day fast, or more than 300 s slow (the checkpoint is then in its
     future, never fresh), makes the device stale: refused."""
-    w, grant = tablet_world()
-    dev = synced_device(w)
-    accepted, reason = ask(dev, w, grant, now=T + skew, signed_at=T + skew)
+    story = LostTablet.build()
+    dev = story.device()
+    accepted, reason = story.ask(dev, now=T + skew, signed_at=T + skew)
     stale = skew > DAY or skew < -300  # max_staleness is 24 h, inclusive; 300 s ahead counts as now
     assert dev.is_stale(T + skew) is stale
     assert (accepted, reason) == ((False, "stale") if stale else (True, None))
@@ -97,12 +79,12 @@ def test_skewed_device_and_tablet_agree_freshness_decides(skew: int) -> None:
 def test_skew_shifts_expiry(skew: int) -> None:
     """A credential valid until T + 30 min: a device an hour fast refuses it early; one
     an hour slow honours it for an hour after it expired (bounded by the skew)."""
-    w, grant = tablet_world(not_after=T + 1800)
-    dev = synced_device(w, now=T + skew, ts=T + min(skew, 0))  # the log's clock agrees, or is behind
-    accepted, reason = ask(dev, w, grant, now=T + skew, signed_at=T + skew)
+    story = LostTablet.build(not_after=T + 1800)
+    dev = story.device(now=T + skew, ts=T + min(skew, 0))  # the log's clock agrees, or is behind
+    accepted, reason = story.ask(dev, now=T + skew, signed_at=T + skew)
     assert (accepted, reason) == ((False, "expired") if skew > 0 else (True, None))
     if skew < 0:  # really expired 30 min ago, still accepted on the slow clock
-        assert ask(dev, w, grant, now=T + 2 * 1800 + skew, signed_at=T + 2 * 1800 + skew) == (True, None)
+        assert story.ask(dev, now=T + 2 * 1800 + skew, signed_at=T + 2 * 1800 + skew) == (True, None)
 
 
 @pytest.mark.parametrize("skew", [-301, -HOUR, -DAY])
@@ -110,21 +92,23 @@ def test_a_slow_device_refuses_honest_checkpoints_as_future(skew: int) -> None:
     """A device clock more than 300 s slow sees the honest log's checkpoints in
     its future: refused (``future-checkpoint``), state and floor unchanged,
     evidence kept; it fails closed (stale) until its clock is fixed."""
-    w, grant = tablet_world()
-    dev = synced_device(w, ts=T - DAY, now=T - DAY)
+    story = LostTablet.build()
+    w = story.world
+    dev = story.device(ts=T - DAY, now=T - DAY)
     before = dev.state.snapshot()
-    w.revoke(records.parse(grant).seq, reason=2)
+    story.revoke()
     with pytest.raises(FutureCheckpoint):
         dev.apply_update(w.records[dev.size :], dev.size, w.checkpoint(T), T + skew)
     assert dev.state.snapshot() == before and dev.checkpoint_time == T - DAY
     assert dev.evidence[-1].kind == "future-checkpoint"
     dev.apply_update(w.records[dev.size :], dev.size, w.checkpoint(T), T)  # the clock is fixed
-    assert ask(dev, w, grant, now=T, signed_at=T) == (False, "revoked")
+    assert story.ask(dev, now=T, signed_at=T) == (False, "revoked")
 
 
 def test_a_device_clock_jumping_back_never_accepts_an_older_checkpoint() -> None:
-    w, _ = tablet_world()
-    dev = synced_device(w, ts=T, now=T)
+    story = LostTablet.build()
+    w = story.world
+    dev = story.device(ts=T, now=T)
     with pytest.raises(TimestampRegression):
         dev.apply_update([], dev.size, w.checkpoint(T - HOUR), T - DAY)
     with pytest.raises(FutureCheckpoint):  # and one at the true time is in its future
@@ -141,45 +125,33 @@ def test_a_future_checkpoint_is_refused_and_blocks_nothing(ahead: int, policy: s
     """Issue #10: a log key signs the same tree `ahead` seconds in the future.
     It is refused, the floor stays, and the honest log's next checkpoint (with
     the tablet's revocation) is accepted: under either staleness policy."""
-    w, grant = tablet_world()
-    dev = synced_device(w, policy=policy)
+    story = LostTablet.build()
+    w = story.world
+    dev = story.device(stale_policy=policy)
     before = dev.state.snapshot()
     with pytest.raises(FutureCheckpoint):
         dev.apply_update([], dev.size, w.checkpoint(T + ahead), T)
     assert dev.checkpoint_time == T and dev.state.snapshot() == before
     assert dev.evidence[-1].kind == "future-checkpoint" and len(dev.evidence[-1].notes) == 2
-    assert ask(dev, w, grant, now=T, signed_at=T) == (True, None)
-    w.revoke(records.parse(grant).seq, reason=2)
+    assert story.ask(dev, now=T, signed_at=T) == (True, None)
+    story.revoke()
     dev.apply_update(w.records[dev.size :], dev.size, w.checkpoint(T + 60), T + 60)
-    assert ask(dev, w, grant, now=T + 60, signed_at=T + 60) == (False, "revoked")
+    assert story.ask(dev, now=T + 60, signed_at=T + 60) == (False, "revoked")
 
 
 def test_a_checkpoint_300_s_ahead_blocks_honest_ones_for_at_most_300_s() -> None:
     """Within the bound the note is accepted (a log clock a little fast is no
     attack); honest checkpoints dated before it are refused until then."""
-    w, grant = tablet_world()
-    dev = synced_device(w)
+    story = LostTablet.build()
+    w = story.world
+    dev = story.device()
     dev.apply_update([], dev.size, w.checkpoint(T + 300), T)
     assert dev.checkpoint_time == T + 300 and not dev.is_stale(T)
-    w.revoke(records.parse(grant).seq, reason=2)
+    story.revoke()
     with pytest.raises(TimestampRegression):
         dev.apply_update(w.records[dev.size :], dev.size, w.checkpoint(T + 60), T + 60)
     dev.apply_update(w.records[dev.size :], dev.size, w.checkpoint(T + 300), T + 300)
-    assert ask(dev, w, grant, now=T + 300, signed_at=T + 300) == (False, "revoked")
-
-
-class Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def service(app: Starlette) -> LedgerService:
-    svc = app.state.service
-    assert isinstance(svc, LedgerService)
-    return svc
+    assert story.ask(dev, now=T + 300, signed_at=T + 300) == (False, "revoked")
 
 
 async def served(c: httpx.AsyncClient, svc: LedgerService) -> notes.VerifiedCheckpoint:
@@ -211,12 +183,12 @@ async def test_a_server_clock_jumping_back_serves_its_last_note_until_it_passes(
         m = Mirror(root, origin, time=T)
         m.genesis()
         m.grant(svc.signer.public_key, "log", "log")
-        assert (await post(c, m.records)).status_code == 200
+        assert (await post_records(c, m.records)).status_code == 200
         first = await served(c, svc)
         assert first.timestamp == T + 100
         clock.t = T + 40  # NTP steps the clock back
         m.time = T + 10
-        assert (await post(c, [m.grant(os.urandom(32), "operator", "x")])).status_code == 200
+        assert (await post_records(c, [m.grant(os.urandom(32), "operator", "x")])).status_code == 200
         await asyncio.sleep(0.2)  # several re-sign intervals
         assert (await c.get("/checkpoint")).text == first.note  # unchanged: size 2, T + 100
         data_dir = svc.config.data_dir
@@ -247,16 +219,16 @@ async def test_a_server_clock_jump_forward_is_refused_by_devices(tmp_path: Path)
         m = Mirror(root, origin, time=T - 100)
         m.genesis()
         m.grant(svc.signer.public_key, "log", "log")
-        assert (await post(c, m.records)).status_code == 200
+        assert (await post_records(c, m.records)).status_code == 200
         dev = Device.create(root.public_key, origin, now=T)
         good = await served(c, svc)
         dev.apply_update(list(m.records), 0, good.note, T)
         clock.t = T + 10 * 365 * DAY
         m.time = T - 50
-        assert (await post(c, [m.grant(os.urandom(32), "operator", "x")])).status_code == 200
+        assert (await post_records(c, [m.grant(os.urandom(32), "operator", "x")])).status_code == 200
         clock.t = T
         m.time = T - 40
-        assert (await post(c, [m.grant(os.urandom(32), "operator", "y")])).status_code == 200
+        assert (await post_records(c, [m.grant(os.urandom(32), "operator", "y")])).status_code == 200
         vc = await served(c, svc)
         assert (vc.checkpoint.size, vc.timestamp) == (3, T + 10 * 365 * DAY)
         raws = encoding.unpack_records((await c.get("/v1/records?start=2")).content, max_count=1000)
@@ -277,7 +249,7 @@ async def test_a_stored_checkpoint_naming_no_head_stops_the_server(tmp_path: Pat
         m = Mirror(root, origin, time=T)
         m.genesis()
         m.grant(svc.signer.public_key, "log", "log")
-        await post(c, m.records)
+        await post_records(c, m.records)
         data_dir = svc.config.data_dir
         forged = notes.sign_checkpoint(notes.Checkpoint(origin, 2, bytes(32)), origin, svc.signer, T + 1)
     storage._closed = False  # the same memory, as a restarted process would find it on disk
@@ -287,10 +259,6 @@ async def test_a_stored_checkpoint_naming_no_head_stops_the_server(tmp_path: Pat
             tmp_path, root.public_key, origin, storage, clock=Clock(T), data_dir=data_dir
         ):
             pass
-
-
-async def post(c: httpx.AsyncClient, raws: list[bytes]) -> httpx.Response:
-    return await c.post("/v1/records", content=encoding.pack_records(raws), headers=MSGPACK)
 
 
 # --- a revoker grant that expires ---------------------------------------------------------
@@ -313,12 +281,12 @@ async def test_a_revoker_grant_expiring_mid_scenario(tmp_path: Path) -> None:
         m.grant(signer("tablet-b").public_key, "operator", "tablet-b")
         cc = m.state.size
         m.grant(signer("tablet-c").public_key, "operator", "tablet-c")
-        assert (await post(c, m.records)).status_code == 200
+        assert (await post_records(c, m.records)).status_code == 200
         good = list(m.records)
 
         # inside the window: the revoker revokes tablet-a
         clock.t = m.time = T + 50
-        r = await post(c, [m.revoke(a, reason=2, signer=(revoker_seq, oncall))])
+        r = await post_records(c, [m.revoke(a, reason=2, signer=(revoker_seq, oncall))])
         assert r.status_code == 200, r.text
         good = list(m.records)
 
@@ -327,7 +295,7 @@ async def test_a_revoker_grant_expiring_mid_scenario(tmp_path: Path) -> None:
         head = (m.state.size, m.state.root)
         late = Revoke(head[0], head[1], T + 150, revoker_seq, b, 2)
         late_raw = records.sign(late, oncall)
-        r = await post(c, [late_raw])
+        r = await post_records(c, [late_raw])
         assert r.status_code == 403 and r.json()["type"] == "urn:writ:problem:unauthorized-signer", r.text
         assert service(app).size == len(good)
 
@@ -348,14 +316,14 @@ async def test_a_revoker_grant_expiring_mid_scenario(tmp_path: Path) -> None:
 
         # residual risk, pinned: backdated into the window while no later record exists, it is accepted
         backdated = records.sign(Revoke(head[0], head[1], T + 99, revoker_seq, b, 2), oncall)
-        r = await post(c, [backdated])
+        r = await post_records(c, [backdated])
         assert r.status_code == 200, r.text
         m.extend([backdated])
         # ... but not once a record at or after the expiry is in the ledger (time never goes back)
         m.time = T + 150
-        assert (await post(c, [m.grant(os.urandom(32), "operator", "later")])).status_code == 200
+        assert (await post_records(c, [m.grant(os.urandom(32), "operator", "later")])).status_code == 200
         again = records.sign(Revoke(m.state.size, m.state.root, T + 99, revoker_seq, cc, 2), oncall)
-        r = await post(c, [again])
+        r = await post_records(c, [again])
         assert r.status_code == 422 and r.json()["type"] == "urn:writ:problem:time-regression", r.text
         # the root itself can always revoke
-        assert (await post(c, [m.revoke(cc, reason=2)])).status_code == 200
+        assert (await post_records(c, [m.revoke(cc, reason=2)])).status_code == 200

@@ -25,8 +25,6 @@ from typing import Any
 
 import nacl.signing
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from shamir_mnemonic.wordlist import WORDLIST
@@ -45,10 +43,15 @@ from ledger.errors import (
 )
 from ledger.signers import agent as agent_mod
 from ledger.signers import file as file_mod
-from tests.fixtures_keys import short_tmp, ssh_agent
-
-__all__ = ["short_tmp", "ssh_agent"]  # pytest fixtures shared with the CLI tests
 from ledger.signers import pkcs11 as p11_mod
+from tests.helpers.keys import (
+    PIN,
+    SOFTHSM_MODULE,
+    init_softhsm_token,
+    openssh_key_file,
+    requires_softhsm,
+    ssh_add,
+)
 
 SEED = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")  # RFC 8032 test 1
 OTHER_SEED = bytes(range(1, 33))
@@ -501,12 +504,6 @@ def test_share_sheet(shares_2_of_3: list[str]) -> None:
 
 # --- PKCS#11 (SoftHSM) ----------------------------------------------------------
 
-SOFTHSM_MODULE = p11_mod.DEFAULT_MODULE
-requires_softhsm = pytest.mark.skipif(
-    shutil.which("softhsm2-util") is None or not os.path.exists(SOFTHSM_MODULE),
-    reason="softhsm2 is not installed (apt-get install softhsm2)",
-)
-PIN = "1234"
 TOKEN = "writ-test"
 
 
@@ -514,18 +511,7 @@ TOKEN = "writ-test"
 def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A fresh SoftHSM token ``writ-test`` (user PIN 1234) in its own token directory."""
 
-    tokendir = tmp_path / "tokens"
-    tokendir.mkdir()
-    conf = tmp_path / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {tokendir}\nobjectstore.backend = file\nlog.level = ERROR\n")
-    monkeypatch.setenv("SOFTHSM2_CONF", str(conf))
-    monkeypatch.delenv(p11_mod.MODULE_ENV, raising=False)
-    subprocess.run(
-        ["softhsm2-util", "--init-token", "--free", "--label", TOKEN, "--pin", PIN, "--so-pin", "5678"],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
+    tokendir = init_softhsm_token(tmp_path, monkeypatch, TOKEN)
     yield tokendir
     assert p11_mod._users == {}, "a PKCS#11 signer or session was left open"
 
@@ -767,28 +753,6 @@ requires_openssh = pytest.mark.skipif(
     any(shutil.which(tool) is None for tool in ("ssh-agent", "ssh-add", "ssh-keygen")),
     reason="openssh-client is not installed (apt-get install openssh-client)",
 )
-
-
-def openssh_key_file(directory: Path, seed: bytes, name: str = "id_ed25519") -> Path:
-    path = directory / name
-    pem = Ed25519PrivateKey.from_private_bytes(seed).private_bytes(
-        Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption()
-    )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
-    return path
-
-
-def ssh_add(sock: str, *args: str) -> None:
-    subprocess.run(
-        ["ssh-add", *args],
-        env={**os.environ, "SSH_AUTH_SOCK": sock},
-        check=True,
-        capture_output=True,
-        stdin=subprocess.DEVNULL,
-        timeout=30,
-    )
 
 
 @pytest.mark.e2e

@@ -27,6 +27,10 @@ Stable API (other test modules use it):
     an earlier call (a restart). ``app.state.service`` is the
     :class:`api.service.LedgerService`.
 
+``Clock(t)``, ``service(app)``, ``await post_records(client, raws)``
+    A settable clock for ``clock=``; the app's :class:`api.service.LedgerService`;
+    ``POST /v1/records`` of ``raws`` (returns the response).
+
 ``async with sse_stream(app, "/v1/events?records=1", headers={...}) as stream:``
     ``await stream.next_event(timeout=2.0)`` -> ``SSEEvent(event, id, data, comment)``
     (httpx's ASGITransport buffers whole responses, so SSE goes through this).
@@ -65,12 +69,13 @@ from starlette.applications import Starlette
 from api.app import create_app
 from api.cli import create_data_dir
 from api.config import Limits, ServerConfig, read_identity
+from api.service import LedgerService
 from device_sim import server_process
 from device_sim.server_process import free_port as free_port
 from device_sim.server_process import run_writ as run_writ
 from device_sim.server_process import wait_ready as wait_ready
 from device_sim.server_process import writ_command as writ_command
-from ledger import records
+from ledger import encoding, records
 from ledger.crypto import SeedSigner
 from ledger.errors import LedgerMissing
 from ledger.records import Genesis, Grant, Revoke
@@ -78,6 +83,7 @@ from ledger.state import LedgerState
 from ledger.storage import Storage
 
 BASE_URL = "http://writ.test"
+MSGPACK = {"content-type": "application/msgpack"}
 
 # --- building ledgers -----------------------------------------------------------
 
@@ -181,6 +187,28 @@ async def inprocess_server(
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
             yield client, app
+
+
+class Clock:
+    """A settable clock for ``inprocess_server(clock=...)``: ``clock.t = ...`` moves it."""
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def service(app: Starlette) -> LedgerService:
+    """The app's single writer."""
+    svc = app.state.service
+    assert isinstance(svc, LedgerService)
+    return svc
+
+
+async def post_records(client: httpx.AsyncClient, raws: Sequence[bytes]) -> httpx.Response:
+    """``POST /v1/records`` with ``raws`` (the reply is the caller's to check)."""
+    return await client.post("/v1/records", content=encoding.pack_records(list(raws)), headers=MSGPACK)
 
 
 @dataclass(frozen=True)
