@@ -372,8 +372,10 @@ class LedgerService:
                 if room <= 0 or n >= GROUP_RECORDS:
                     return  # the next group is full
                 waiter = asyncio.ensure_future(self._wake.wait())
-                await asyncio.wait((store, waiter), return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
+                try:
+                    await asyncio.wait((store, waiter), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
                 self._wake.clear()
                 continue
             if ahead is None:
