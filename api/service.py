@@ -122,12 +122,6 @@ class _Ahead:
     work: LedgerState | None  # None: the speculation failed; verify again
 
 
-def _retrieve(task: asyncio.Future[Head]) -> None:
-    """Done callback of an abandoned task: its exception is consumed (never logged as lost)."""
-    if not task.cancelled():
-        task.exception()
-
-
 def checkpoint_timestamp(note: str, origin: str, log_key: bytes) -> int:
     """The verified 0x04 timestamp of a note signed by ``log_key`` (0 if it has none or does not verify)."""
     try:
@@ -167,6 +161,7 @@ class LedgerService:
         self._lock = asyncio.Lock()
         self._queue: list[_Pending] = []
         self._ahead: _Ahead | None = None  # the next group, verified while the current one stores
+        self._verifying: asyncio.Future[None] | None = None  # the task verifying it
         self._wake = asyncio.Event()
         self._closing = False
         self._broken: str | None = None
@@ -245,7 +240,7 @@ class LedgerService:
         self.begin_shutdown()
         # finish the appends in flight (uvicorn already waited for the requests)
         for _ in range(300):
-            if not self._queue and self._ahead is None and not self._lock.locked():
+            if not (self._queue or self._ahead or self._verifying or self._lock.locked()):
                 break
             await asyncio.sleep(0.01)
         for t in self._tasks:
@@ -287,8 +282,17 @@ class LedgerService:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._queue or self._ahead is not None:
+            while self._queue or self._ahead is not None or self._verifying is not None:
+                try:
+                    if self._verifying is not None:  # the next group's verification, started ahead
+                        verifying, self._verifying = self._verifying, None
+                        await verifying
+                except asyncio.CancelledError:
+                    self._fail_ahead(Problem("shutting-down", 503, "the server is shutting down"))
+                    raise
                 group = self._ahead.group if self._ahead is not None else self._take_group()
+                if not group:
+                    continue
                 try:
                     async with self._lock:
                         await self._commit_group(group)
@@ -297,6 +301,8 @@ class LedgerService:
                     for p in group:
                         if not p.future.done():
                             p.future.set_exception(shutting)
+                    if self._verifying is not None:
+                        self._verifying.cancel()
                     self._fail_ahead(shutting)
                     raise
                 except Exception as exc:  # a bug: answer 500 rather than leave requests hanging
@@ -415,12 +421,9 @@ class LedgerService:
         store = asyncio.ensure_future(
             self.storage.append(Head(base.size, base.root), batch, work.root, event.note)
         )
-        try:
-            await self._verify_ahead(work, store)
-        except BaseException:  # cancelled (shutdown): the append goes with it, as it would unpipelined
-            store.cancel()
-            store.add_done_callback(_retrieve)
-            raise
+        # the requests that arrive while the append runs are verified meanwhile, in a task
+        # of their own: this group's replies never wait for the next group's verification
+        self._verifying = asyncio.ensure_future(self._verify_ahead(work, store))
         try:
             await store
         except Exception as exc:
