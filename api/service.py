@@ -19,6 +19,14 @@ the writer lock:
    persists and publishes the new checkpoint, wakes the SSE streams, and
    answers the requests.
 
+Pipelining: while group k's storage append (and its fsync) runs, the writer
+takes group k+1 and verifies it, in the worker thread, against a private copy
+of group k's *unpublished* result (speculation). Group k+1 is used as verified
+only if that result did become the live state (group k committed); when group
+k's append fails, the state is reloaded and group k+1 is verified again from
+scratch against it. Speculation changes nothing anyone can see: the copy is
+private, and nothing of group k+1 is stored or answered before group k is.
+
 The live state therefore never gets ahead of storage, and readers (which run
 on the event loop) never see a state that a worker thread is changing. When
 the storage append fails, the state is reloaded from storage (a full audit)
@@ -38,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -113,6 +122,16 @@ class _Pending:
     enqueued: float = field(default_factory=time.monotonic)
 
 
+@dataclass(eq=False)
+class _Ahead:
+    """A group verified speculatively: against ``base``, the result of the
+    group before it, which was not yet committed when the verification ran."""
+
+    group: list[_Pending]
+    base: LedgerState
+    work: LedgerState | None  # None: the speculation failed; verify again
+
+
 def stored_checkpoint(note: str, origin: str, log_key: bytes) -> CheckpointEvent | None:
     """The persisted note signed by ``log_key`` as an event (``None`` if it does not verify)."""
     try:
@@ -152,6 +171,8 @@ class LedgerService:
         self.log_vkey, self.cosig_vkey = notes.checkpoint_vkeys(self.origin, signer.public_key)
         self._lock = asyncio.Lock()
         self._queue: list[_Pending] = []
+        self._ahead: _Ahead | None = None  # the next group, verified while the current one stores
+        self._verifying: asyncio.Future[None] | None = None  # the task verifying it
         self._wake = asyncio.Event()
         self._closing = False
         self._broken: str | None = None
@@ -244,7 +265,7 @@ class LedgerService:
         self.begin_shutdown()
         # finish the appends in flight (uvicorn already waited for the requests)
         for _ in range(300):
-            if not self._queue and not self._lock.locked():
+            if not (self._queue or self._ahead or self._verifying or self._lock.locked()):
                 break
             await asyncio.sleep(0.01)
         for t in self._tasks:
@@ -252,6 +273,7 @@ class LedgerService:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        self._fail_ahead(Problem(HttpProblem.SHUTTING_DOWN, 503, "the server is shutting down"))
         for p in self._queue:
             if not p.future.done():
                 p.future.set_exception(Problem(HttpProblem.SHUTTING_DOWN, 503, "the server is shutting down"))
@@ -287,34 +309,63 @@ class LedgerService:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._queue:
-                group: list[_Pending] = []
-                n = 0
-                while self._queue and len(group) < GROUP_REQUESTS:
-                    k = len(self._queue[0].records)
-                    if group and n + k > GROUP_RECORDS:
-                        break
-                    group.append(self._queue.pop(0))
-                    n += k
+            while self._queue or self._ahead is not None or self._verifying is not None:
+                try:
+                    if self._verifying is not None:  # the next group's verification, started ahead
+                        verifying, self._verifying = self._verifying, None
+                        await verifying
+                except asyncio.CancelledError:
+                    self._fail_ahead(Problem(HttpProblem.SHUTTING_DOWN, 503, "the server is shutting down"))
+                    raise
+                group = self._ahead.group if self._ahead is not None else self._take_group()
+                if not group:
+                    continue
                 try:
                     async with self._lock:
                         await self._commit_group(group)
                 except asyncio.CancelledError:
+                    shutting = Problem(HttpProblem.SHUTTING_DOWN, 503, "the server is shutting down")
                     for p in group:
                         if not p.future.done():
-                            p.future.set_exception(
-                                Problem(HttpProblem.SHUTTING_DOWN, 503, "the server is shutting down")
-                            )
+                            p.future.set_exception(shutting)
+                    if self._verifying is not None:
+                        self._verifying.cancel()
+                    self._fail_ahead(shutting)
                     raise
                 except Exception as exc:  # a bug: answer 500 rather than leave requests hanging
                     log.exception("append group failed")
                     for p in group:
                         if not p.future.done():
                             p.future.set_exception(exc)
+                    if self._ahead is not None and self._ahead.group is group:
+                        self._ahead = None
 
-    def _verify_group(self, base: LedgerState, group: list[_Pending], now: int) -> LedgerState:
-        """Worker thread: apply each request to a private copy of the state."""
-        work = base.copy()
+    def _take_group(self, requests: int = GROUP_REQUESTS, n: int = 0) -> list[_Pending]:
+        """The next requests of the queue, up to ``requests`` requests and
+        :data:`GROUP_RECORDS` records (``n`` of which are already taken)."""
+        group: list[_Pending] = []
+        while self._queue and len(group) < requests:
+            k = len(self._queue[0].records)
+            if (group or n) and n + k > GROUP_RECORDS:
+                break
+            group.append(self._queue.pop(0))
+            n += k
+        return group
+
+    def _fail_ahead(self, exc: Exception) -> None:
+        """Answer the requests of the speculatively verified group with ``exc``."""
+        ahead, self._ahead = self._ahead, None
+        for p in ahead.group if ahead is not None else ():
+            if not p.future.done():
+                p.future.set_exception(exc)
+
+    def _verify_group(
+        self, base: LedgerState, group: list[_Pending], now: int, *, in_place: bool = False
+    ) -> LedgerState:
+        """Worker thread: apply each request to a private copy of the state
+        (``in_place``: ``base`` is private already); every request's
+        ``outcome`` and ``first_seq`` are set afresh."""
+        work = base if in_place else base.copy()
         for p in group:
             first = work.size
             try:
@@ -340,11 +391,53 @@ class LedgerService:
                 p.outcome = exc
         return work
 
+    async def _verify_ahead(self, base: LedgerState, store: asyncio.Future[Head]) -> None:
+        """While ``store`` (the current group's append) runs: take the requests
+        that arrive and verify them, as the next group, against ``base`` (the
+        current group's result, not committed yet), on a private copy."""
+        loop = asyncio.get_running_loop()
+        while not store.done() and not self._closing:
+            ahead = self._ahead
+            n = sum(len(p.records) for p in ahead.group) if ahead is not None else 0
+            room = GROUP_REQUESTS - (len(ahead.group) if ahead is not None else 0)
+            more = self._take_group(room, n) if room > 0 else []
+            if not more:
+                if room <= 0 or n >= GROUP_RECORDS:
+                    return  # the next group is full
+                waiter = asyncio.ensure_future(self._wake.wait())
+                try:
+                    await asyncio.wait((store, waiter), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                self._wake.clear()
+                continue
+            if ahead is None:
+                ahead = self._ahead = _Ahead([], base, None)
+                on, in_place = base, False
+            elif ahead.work is not None:
+                on, in_place = ahead.work, True  # the private result of the requests taken before
+            else:  # verifying ahead failed before: the group is verified when its turn comes
+                ahead.group += more
+                continue
+            ahead.group += more
+            try:
+                ahead.work = await loop.run_in_executor(
+                    self.writer_pool,
+                    functools.partial(self._verify_group, on, more, int(self.clock()), in_place=in_place),
+                )
+            except Exception:  # a bug; the group is verified again, the normal way, when its turn comes
+                log.exception("verifying the next group ahead failed")
+                ahead.work = None
+
     async def _commit_group(self, group: list[_Pending]) -> None:
         base = self.state
-        now = int(self.clock())
-        loop = asyncio.get_running_loop()
-        work = await loop.run_in_executor(self.writer_pool, self._verify_group, base, group, now)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.group is group and ahead.base is base and ahead.work is not None:
+            work = ahead.work  # verified ahead against what is now the committed state
+        else:  # nothing ahead, or verified against a result that was never committed: from scratch
+            loop = asyncio.get_running_loop()
+            now = int(self.clock())
+            work = await loop.run_in_executor(self.writer_pool, self._verify_group, base, group, now)
         accepted = [p for p in group if isinstance(p.outcome, list)]
         rejected = [(p, p.outcome) for p in group if isinstance(p.outcome, WritError)]
         batch = [rec for p in accepted if isinstance(p.outcome, list) for rec in p.outcome]
@@ -352,9 +445,13 @@ class LedgerService:
             self._answer_rejected(rejected)
             return
         event = self._sign(work.size, work.root)
+        note = event.note if event is not None else None  # None: the clock is behind the last note
+        store = asyncio.ensure_future(self.storage.append(Head(base.size, base.root), batch, work.root, note))
+        # the requests that arrive while the append runs are verified meanwhile, in a task
+        # of their own: this group's replies never wait for the next group's verification
+        self._verifying = asyncio.ensure_future(self._verify_ahead(work, store))
         try:
-            note = event.note if event is not None else None
-            await self.storage.append(Head(base.size, base.root), batch, work.root, note)
+            await store
         except Exception as exc:
             await self._recover(accepted, exc)
             self._answer_rejected(rejected)

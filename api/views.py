@@ -66,7 +66,8 @@ class FleetIndex:
                 break
             grants.append(state.grants[seq])
         revs: list[Revocation] = []
-        for rev in reversed(state.revocations.values()):
+        for key in reversed(state.revocations):
+            rev = state.revocations[key]
             if rev.seq < self.seen:
                 break
             revs.append(rev)

@@ -17,10 +17,11 @@ rules themselves consult (``revoker``, ``log``, ``witness``) are always kept.
 from __future__ import annotations
 
 import copy as _copy
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from . import crypto, encoding, records
 from .errors import (
@@ -107,6 +108,78 @@ class Bits:
         return Bits(self._b)
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+T = TypeVar("T")
+_MISSING: Any = object()
+
+
+class Layered(MutableMapping[K, V]):
+    """A dict whose :meth:`copy` costs the entries added since the last full
+    copy, not all of them: the entries live in a *base* dict, shared by the
+    copies and never written again, plus a private *top* dict that takes every
+    write. A key is in one of the two, never both, so iteration (base, then
+    top) keeps a dict's insertion order. :meth:`copy` folds the top into a new
+    base once it holds more than about ``8 * sqrt(len)`` entries; it never
+    changes the mapping it copies (another thread may be reading it)."""
+
+    __slots__ = ("_base", "_top")
+    #: the top is never folded below this many entries
+    FOLD_MIN = 1024
+
+    def __init__(self, data: Mapping[K, V] | Iterable[tuple[K, V]] = ()) -> None:
+        self._base: dict[K, V] = {}
+        self._top: dict[K, V] = dict(data)
+
+    def __getitem__(self, key: K) -> V:
+        v = self._top.get(key, _MISSING)
+        return self._base[key] if v is _MISSING else v
+
+    @overload
+    def get(self, key: K, /) -> V | None: ...
+    @overload
+    def get(self, key: K, /, default: V | T) -> V | T: ...
+    def get(self, key: K, /, default: Any = None) -> Any:
+        v = self._top.get(key, _MISSING)
+        return self._base.get(key, default) if v is _MISSING else v
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._top or key in self._base
+
+    def __setitem__(self, key: K, value: V) -> None:
+        if key in self._base:  # never both: own a merged dict (rare: the rules only add)
+            self._top, self._base = self._base | self._top, {}
+        self._top[key] = value
+
+    def __delitem__(self, key: K) -> None:
+        if key in self._base:
+            self._top, self._base = self._base | self._top, {}
+        del self._top[key]
+
+    def __iter__(self) -> Iterator[K]:
+        yield from self._base
+        yield from self._top
+
+    def __reversed__(self) -> Iterator[K]:
+        """Keys newest first (a dict's reversed insertion order)."""
+        yield from reversed(self._top)
+        yield from reversed(self._base)
+
+    def __len__(self) -> int:
+        return len(self._base) + len(self._top)
+
+    def __repr__(self) -> str:
+        return f"Layered({dict(self)!r})"
+
+    def copy(self) -> Layered[K, V]:
+        new: Layered[K, V] = Layered.__new__(Layered)
+        if len(self._top) > max(self.FOLD_MIN, 8 * math.isqrt(len(self._base))):
+            new._base, new._top = self._base | self._top, {}
+        else:
+            new._base, new._top = self._base, dict(self._top)
+        return new
+
+
 class LedgerState:
     """What the rules need to know about records[0:size]."""
 
@@ -129,15 +202,16 @@ class LedgerState:
         self.last_time = 0
         self.roots: list[tuple[int, bytes]] = []  # (first seq it signs, key)
         self.pending_digest: bytes | None = None
-        self.grants: dict[int, GrantInfo] = {}
+        # the maps that grow with the ledger are Layered: a copy per commit group stays cheap
+        self.grants: Layered[int, GrantInfo] = Layered()
         self.grant_bits = Bits()
         self.revoked = Bits()
-        self.revoked_keys: dict[bytes, int] = {}  # subject -> seq of the revoke
-        self.revocations: dict[int | bytes, Revocation] = {}  # full states only: the details
+        self.revoked_keys: Layered[bytes, int] = Layered()  # subject -> seq of the revoke
+        self.revocations: Layered[int | bytes, Revocation] = Layered()  # full states only: the details
         self.counts = {k: 0 for k in Kind}
         # seq -> subject of every revoker grant, kept as records are applied, so
         # the signature pre-check's key guess never rescans the grants
-        self.revokers: dict[int, bytes] = {}
+        self.revokers: Layered[int, bytes] = Layered()
 
     # -- queries -------------------------------------------------------------
 
@@ -441,17 +515,18 @@ class LedgerState:
         return out
 
     def copy(self) -> LedgerState:
-        """An independent copy (for all-or-nothing batches)."""
+        """An independent copy (for all-or-nothing batches). It does not change
+        ``self`` and costs about O(sqrt(grants)), plus the two bitmaps' bytes."""
         new = _copy.copy(self)
         new.frontier = self.frontier.copy()
         new.roots = list(self.roots)
-        new.grants = dict(self.grants)
+        new.grants = self.grants.copy()
         new.grant_bits = self.grant_bits.copy()
         new.revoked = self.revoked.copy()
-        new.revoked_keys = dict(self.revoked_keys)
-        new.revocations = dict(self.revocations)
+        new.revoked_keys = self.revoked_keys.copy()
+        new.revocations = self.revocations.copy()
         new.counts = dict(self.counts)
-        new.revokers = dict(self.revokers)
+        new.revokers = self.revokers.copy()
         return new
 
     # -- persistence (a device's own state file) -------------------------------
@@ -545,7 +620,7 @@ class LedgerState:
         st.last_time = u(f[8])
         st.roots = [(u(s), k32(k)) for s, k in rows(f[9], 2)]
         st.pending_digest = opt(k32, f[10])
-        st.grants = {}
+        st.grants = Layered()
         if type(f[11]) is not list:
             raise BadMessage("damaged state snapshot (expected a table)")
         for g in f[11]:  # one type test per row: a device may keep 100,000 grants
@@ -557,12 +632,14 @@ class LedgerState:
             raise BadMessage("damaged state snapshot (bitmaps)")
         st.grant_bits = Bits(f[12])
         st.revoked = Bits(f[13])
-        st.revoked_keys = {k32(k): u(s) for k, s in rows(f[14], 2)}
-        st.revocations = {}
+        st.revoked_keys = Layered((k32(k), u(s)) for k, s in rows(f[14], 2))
+        st.revocations = Layered()
         for r in rows(f[15], 5):
             target = r[0] if type(r[0]) is int else k32(r[0])
             st.revocations[target] = Revocation(u(r[1]), target, u(r[2]), u(r[3]), u(r[4]))
-        st.revokers = {g.seq: g.subject for g in st.grants.values() if g.role == records.ROLE_REVOKER}
+        st.revokers = Layered(
+            (g.seq, g.subject) for g in st.grants.values() if g.role == records.ROLE_REVOKER
+        )
         counts = f[16]
         if type(counts) is not list or len(counts) != len(Kind):
             raise BadMessage("damaged state snapshot (counts)")

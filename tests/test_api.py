@@ -23,7 +23,7 @@ from ledger.crypto import SeedSigner
 from ledger.errors import BadKeyFile, CorruptLedger, StorageError
 from ledger.records import Grant
 from ledger.state import LedgerState
-from ledger.storage import MemoryStorage, ReceiptRow
+from ledger.storage import Head, MemoryStorage, ReceiptRow
 from tests.helpers.server import Mirror, inprocess_server, make_ledger, sse_stream
 from tests.vectors_data import ledger_vectors
 
@@ -432,6 +432,77 @@ async def test_storage_failure_after_commit_acknowledges_what_was_stored(tmp_pat
         )
         assert cp.checkpoint.size == 10
         assert_problem(await post(client, V.records[5:]), "stale-head", 409)
+
+
+async def _pipelined(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, fail_first: bool
+) -> tuple[list[httpx.Response], list[list[bytes]], list[bytes], LedgerService, Head]:
+    """Group k = [a] stores (blocked until group k+1 = [b, rival] was verified
+    ahead against k's uncommitted result), then fails or commits. ``b`` is
+    chained on ``a``; ``rival`` competes with ``a`` for seq 10."""
+    storage = MemoryStorage()
+    async with inprocess_server(tmp_path, V.anchor, V.origin, storage, clock=Clock()) as (client, app):
+        assert (await post(client, V.records)).status_code == 200
+        svc = service(app)
+        m = next_mirror()
+        a, b = m.grant(os.urandom(32), "operator", "a"), m.grant(os.urandom(32), "operator", "b")
+        rival = next_mirror().grant(os.urandom(32), "operator", "rival")
+        verified: list[list[bytes]] = []
+        verify, append = svc._verify_group, storage.append
+
+        def spy(base: LedgerState, group: list[Any], now: int, *, in_place: bool = False) -> LedgerState:
+            out = verify(base, group, now, in_place=in_place)
+            verified.append([raw for p in group for raw in p.records])
+            return out
+
+        async def fault(expected: Any, recs: Sequence[Any], new_root: bytes, checkpoint: Any = None) -> Any:
+            if recs[0].raw == a:
+                for _ in range(2000):  # until group k+1 is verified ahead
+                    if any(b in g for g in verified):
+                        break
+                    await asyncio.sleep(0.001)
+                if fail_first:
+                    raise StorageError("injected failure of group k")
+            return await append(expected, recs, new_root, checkpoint)
+
+        monkeypatch.setattr(svc, "_verify_group", spy)
+        monkeypatch.setattr(storage, "append", fault)
+        first = asyncio.create_task(post(client, [a]))
+        while not verified:  # group k is taken and verified: its append is (about to be) running
+            await asyncio.sleep(0.001)
+        rest = await asyncio.gather(post(client, [b]), post(client, [rival]))
+        replies = [await first, *rest]
+        stored = encoding.unpack_records((await client.get("/v1/records")).content, max_count=1000)
+        return replies, verified, stored, svc, await storage.head()
+
+
+async def test_group_verified_ahead_of_a_failed_commit_is_verified_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group k's append fails while group k+1 is already verified against k's result:
+    k+1 is verified again, from scratch, against the reloaded ledger."""
+    (ra, rb, rival), verified, stored, svc, head = await _pipelined(tmp_path, monkeypatch, fail_first=True)
+    a, b = ra.request.content, rb.request.content
+    assert_problem(ra, "storage-error", 503)
+    assert_problem(rb, "stale-head", 409)  # b was valid only on top of a, which was never stored
+    assert rival.status_code == 200 and rival.json()["first_seq"] == 10  # refused on top of a, valid without
+    assert sum(1 for g in verified if encoding.unpack_records(b, max_count=1)[0] in g) == 2
+    assert a not in (encoding.pack_records([r]) for r in stored)
+    # acknowledged records are exactly the stored ones; memory is not ahead of the disk
+    assert stored == [*V.records, encoding.unpack_records(rival.request.content, max_count=1)[0]]
+    assert (head.size, head.root) == (svc.size, svc.state.root) == (11, svc.levels.root(11))
+
+
+async def test_group_verified_ahead_commits_without_a_second_verification(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (ra, rb, rival), verified, stored, svc, head = await _pipelined(tmp_path, monkeypatch, fail_first=False)
+    assert ra.status_code == 200 and rb.status_code == 200
+    assert_problem(rival, "stale-head", 409)
+    b = encoding.unpack_records(rb.request.content, max_count=1)[0]
+    assert sum(1 for g in verified if b in g) == 1
+    assert len(stored) == 12 and stored[11] == b
+    assert (head.size, head.root) == (svc.size, svc.state.root) == (12, svc.levels.root(12))
 
 
 # --- concurrency ------------------------------------------------------------------

@@ -42,7 +42,7 @@ from ledger.errors import (
     WritError,
 )
 from ledger.records import Grant, Kind, Revoke, Rotate
-from ledger.state import LedgerState
+from ledger.state import Layered, LedgerState
 from tests.helpers.vectors import check_vector_auth, vector_credential
 from tests.vectors_data import ledger_vectors
 
@@ -741,3 +741,61 @@ def test_record_framing_fast_path_agrees_with_the_strict_decoder(data: st.DataOb
     elif choice == 4:
         raw = data.draw(st.binary(max_size=700))
     assert _split_outcome(raw, True) == _split_outcome(raw, False)
+
+
+# --- the state's cheap copies -----------------------------------------------------
+
+_LAYERED_OPS = st.lists(
+    st.tuples(st.sampled_from(["set", "del", "copy", "switch"]), st.integers(0, 40), st.integers()),
+    max_size=300,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=_LAYERED_OPS, fold=st.integers(0, 8))
+def test_layered_maps_behave_as_independent_dicts(ops: list[tuple[str, int, int]], fold: int) -> None:
+    """Every copy of a Layered map reads, iterates (in insertion order) and
+    compares exactly like a dict copy, however the copies are written later."""
+    maps: list[tuple[Layered[int, int], dict[int, int]]] = [(Layered(), {})]
+    Layered.FOLD_MIN = fold  # small: copies fold their top often
+    try:
+        _layered_ops(maps, ops)
+    finally:
+        Layered.FOLD_MIN = 1024
+    for lay, ref in maps:
+        assert list(lay.items()) == list(ref.items()) and len(lay) == len(ref) and lay == ref
+        assert all(lay.get(k) == ref.get(k) and (k in lay) == (k in ref) for k in range(41))
+
+
+def _layered_ops(
+    maps: list[tuple[Layered[int, int], dict[int, int]]], ops: list[tuple[str, int, int]]
+) -> None:
+    cur = 0
+    for op, key, value in ops:
+        lay, ref = maps[cur]
+        if op == "set":
+            lay[key] = value
+            ref[key] = value
+        elif op == "del" and key in ref:
+            del lay[key]
+            del ref[key]
+        elif op == "copy":
+            maps.append((lay.copy(), dict(ref)))
+        elif op == "switch":
+            cur = key % len(maps)
+
+
+def test_state_copies_share_nothing_that_either_writes() -> None:
+    """The state after the vectors, copied many times (past the fold threshold),
+    then each copy extended: the original and the copies never see each other."""
+    base = prefix_states()[FULL]
+    before = base.snapshot()
+    state = base.copy()
+    for i in range(3000):  # enough grants to make Layered.copy fold its top at least once
+        state.grants[10_000 + i] = dataclasses.replace(next(iter(base.grants.values())), seq=10_000 + i)
+        state = state.copy()
+    snap = state.snapshot()
+    other = state.copy()
+    other.grants[99_999] = next(iter(base.grants.values()))
+    assert base.snapshot() == before and state.snapshot() == snap
+    assert len(other.grants) == len(state.grants) + 1
