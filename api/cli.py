@@ -27,6 +27,7 @@ from typing import Any
 
 from ledger import notes
 from ledger.errors import LedgerExists, StorageError, UsageError, WritError
+from ledger.fileio import raise_open_files_limit
 from ledger.storage import Storage
 from ledger.storage.sqlite import SqliteStorage
 
@@ -272,22 +273,6 @@ def _server_class() -> type[Any]:
     return WritServer
 
 
-def _raise_open_files_limit() -> int:
-    """Event streams hold a socket each: allow as many open files as the hard limit lets us
-    (up to 65536). Returns the soft limit now in force (-1 where it cannot be read)."""
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
-        if soft != resource.RLIM_INFINITY and soft < want:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-            return want
-        return int(soft)
-    except (ImportError, ValueError, OSError):
-        return -1
-
-
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     import uvicorn
 
@@ -340,7 +325,8 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
         max_per_address=limits.max_connections_per_address,
         trusted=trusted,
     )
-    nofile = _raise_open_files_limit()
+    # event streams hold a socket each: allow up to 65536 open files (within the hard limit)
+    nofile = raise_open_files_limit(65536)
     log.info("open files limit %s", nofile if nofile >= 0 else "unknown")
     server = _server_class()(uconfig)
     hide = _HideTracebacks()

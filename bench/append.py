@@ -52,6 +52,7 @@ from bench.harness import (
     summarize_pyspy,
     table,
 )
+from device_sim.measure import percentile
 from ledger import crypto, encoding, records
 
 COMMAND = "python -m bench.append"
@@ -184,8 +185,8 @@ async def _singles(srv: Served, pool: Pool, clients: int, seconds: float) -> dic
         "per_s": done / elapsed,
         "conflicts": conflicts,
         "errors": errors,
-        "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else 0.0,
-        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else 0.0,
+        "p50_ms": 1000 * percentile(latencies, 50) if latencies else 0.0,
+        "p99_ms": 1000 * percentile(latencies, 99) if latencies else 0.0,
     }
 
 

@@ -393,18 +393,6 @@ def ledger_server(
 # --- processes --------------------------------------------------------------------------------
 
 
-def rss_kib(pid: int) -> int:
-    """VmRSS of a process (KiB); 0 when it is gone."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 def children(pid: int) -> list[int]:
     out: list[int] = []
     with contextlib.suppress(OSError):

@@ -1,9 +1,8 @@
-"""Helpers shared by the reliability runners and tests: reading a server back, percentiles."""
+"""Helpers shared by the reliability runners and tests: reading a server back, the machine."""
 
 from __future__ import annotations
 
 import json
-import math
 import platform
 import subprocess
 import time
@@ -94,19 +93,6 @@ def writ_audit_data(data_dir: Path, anchor: bytes, timeout: float = 300.0) -> di
     if p.returncode != 0 or not doc.get("ok"):
         raise AssertionError(f"writ audit --data failed ({p.returncode}): {doc} {p.stderr.decode()[-2000:]}")
     return doc
-
-
-def percentiles(values: Sequence[float], ps: Sequence[float] = (50, 90, 99, 100)) -> dict[str, float]:
-    """Nearest-rank percentiles (``p100`` is the maximum); empty input gives NaN."""
-    s = sorted(values)
-    out: dict[str, float] = {}
-    for p in ps:
-        if not s:
-            out[f"p{p:g}"] = float("nan")
-            continue
-        k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))
-        out[f"p{p:g}"] = s[k]
-    return out
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from typing import Any
 
 import httpx
 
+from device_sim.measure import percentiles
 from device_sim.server_process import ServerProcess, run_writ, start_server, stop_server
 from ledger import encoding, records
 from ledger.audit import audit
@@ -60,7 +61,6 @@ from .common import (
     check_tiles,
     fetch_records,
     machine,
-    percentiles,
     verify_checkpoint,
     writ_audit_data,
 )

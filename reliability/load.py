@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import json
 import random
-import resource
 import secrets
 import sys
 import tempfile
@@ -39,27 +38,19 @@ from typing import Any
 
 import httpx
 
+from device_sim.measure import percentiles
 from device_sim.server_process import ServerProcess, run_writ, start_server, stop_server
 from ledger import encoding, records
 from ledger.crypto import SeedSigner, sha256
+from ledger.fileio import raise_open_files_limit
 from ledger.records import Grant
 from ledger.state import LedgerState
 from ledger.tree import leaf_hash, mth
 
-from .common import base_ledger, fetch_records, machine, percentiles, verify_checkpoint, writ_audit_data
+from .common import base_ledger, fetch_records, machine, verify_checkpoint, writ_audit_data
 
 ORIGIN = "load.writ.example/ledger"
 MSGPACK = {"content-type": "application/msgpack"}
-
-
-def raise_nofile(want: int) -> int:
-    """Raise this process's open-files limit towards ``want`` (up to the hard limit); the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        return target
-    return soft
 
 
 @dataclass
@@ -357,7 +348,7 @@ class LoadRun:
 
     def run(self) -> LoadReport:
         t0 = time.monotonic()
-        raise_nofile(self.cfg.sse + 1024)
+        raise_open_files_limit(self.cfg.sse + 1024)
         code, doc, err = run_writ(
             "server",
             "init",
