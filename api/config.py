@@ -76,10 +76,6 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
 
     @property
-    def server_json(self) -> Path:
-        return self.data_dir / SERVER_JSON
-
-    @property
     def log_key(self) -> Path:
         return self.data_dir / LOG_KEY
 

@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import re
-import shlex
 import statistics
 import subprocess
 import sys
@@ -61,11 +60,6 @@ class Config:
 
     def pick(self, quick: Any, full: Any) -> Any:
         return quick if self.quick else full
-
-
-def bench_command(module: str, *args: str) -> str:
-    """The command line a reader runs to reproduce a figure (from the repository root)."""
-    return " ".join(["python -m " + module, *map(shlex.quote, args)])
 
 
 # --- results ----------------------------------------------------------------------------------

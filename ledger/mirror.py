@@ -335,10 +335,6 @@ class Mirror:
             len(fetched), new.size, new.root, accepted.timestamp if accepted is not None else None, warning
         )
 
-    def append_verified(self, new: LedgerState, raws: list[bytes]) -> None:
-        """Commit records already applied to ``new`` (a copy of this state)."""
-        self._commit(new, raws, self.view)
-
     def _commit(self, new: LedgerState, raws: Sequence[bytes], accepted: AcceptedView | None) -> None:
         if new.size == self.state.size and accepted == self.view and not self.new:
             return

@@ -46,7 +46,6 @@ from .common import (
 
 Sub = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
-_WORD = re.compile(r"^\s*(\d{1,2})\.\s+([a-z]+)", re.MULTILINE)
 _CELL = re.compile(r"(\d{1,2})\.\s+([a-z]+)")
 
 
