@@ -57,7 +57,7 @@ class GrantInfo:
     leaf_hash: bytes
 
     def valid_at(self, now: int) -> bool:
-        return self.not_before <= now and (self.not_after == 0 or now < self.not_after)
+        return records.valid_between(self.not_before, self.not_after, now)
 
 
 @dataclass(frozen=True, slots=True)
