@@ -46,6 +46,7 @@ from bench.harness import (
     ledger_server,
     module_main,
     module_result,
+    post_records,
     profile_block,
     profile_pid,
     ref,
@@ -198,13 +199,7 @@ def _batches(srv: Served, pool: Pool, n_batches: int) -> dict[str, float]:
             raws = pool.raws[pool.pos : pool.pos + BATCH]
             if not raws:
                 break
-            r = client.post(
-                srv.url + "/v1/records",
-                content=encoding.pack_records(raws),
-                headers={"Content-Type": "application/msgpack"},
-            )
-            if r.status_code != 200:
-                raise RuntimeError(f"batch POST: {r.status_code} {r.text[:300]}")
+            post_records(srv.url, raws, client)
             pool.pos += len(raws)
             total += len(raws)
         elapsed = time.perf_counter() - t0

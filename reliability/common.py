@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from bench.harness import Chain
-from device_sim.server_process import writ_command
+from device_sim.server_process import run_writ, writ_command
 from ledger import encoding, notes, records, tiles
 from ledger.crypto import SeedSigner
 from ledger.tree import MerkleLevels, leaf_hash
@@ -26,6 +26,16 @@ def base_ledger(root: SeedSigner, origin: str, log_key: bytes) -> list[bytes]:
     """A new ledger's first records: the genesis signed by ``root`` and the grant of the log key."""
     chain = Chain(root, origin)
     return [chain.genesis().raw, chain.grant(log_key, records.ROLE_LOG, "log").raw]
+
+
+def init_server(data_dir: Path, root: SeedSigner, origin: str) -> bytes:
+    """``writ server init`` for a new ledger rooted at ``root``; the new log public key."""
+    code, doc, err = run_writ(
+        "server", "init", "--data", str(data_dir), "--anchor", root.public_key.hex(), "--origin", origin
+    )
+    if code != 0:
+        raise RuntimeError(f"writ server init failed: {doc} {err}")
+    return bytes.fromhex(doc["log_public_key"])
 
 
 def fetch_records(client: httpx.Client, url: str, start: int = 0) -> list[bytes]:

@@ -46,8 +46,9 @@ from typing import Any
 
 import httpx
 
+from bench.harness import post_records
 from device_sim.measure import percentiles
-from device_sim.server_process import ServerProcess, run_writ, start_server, stop_server
+from device_sim.server_process import ServerProcess, start_server, stop_server
 from ledger import encoding, records
 from ledger.audit import audit
 from ledger.crypto import SeedSigner, sha256
@@ -60,6 +61,7 @@ from .common import (
     base_ledger,
     check_tiles,
     fetch_records,
+    init_server,
     machine,
     verify_checkpoint,
     writ_audit_data,
@@ -322,30 +324,11 @@ class CrashRunner:
 
     def run(self) -> CrashReport:
         t0 = time.monotonic()
-        code, doc, err = run_writ(
-            "server",
-            "init",
-            "--data",
-            str(self.data_dir),
-            "--anchor",
-            self.root.public_key.hex(),
-            "--origin",
-            ORIGIN,
-        )
-        if code != 0:
-            raise RuntimeError(f"writ server init failed: {doc} {err}")
-        self.log_key = bytes.fromhex(doc["log_public_key"])
+        self.log_key = init_server(self.data_dir, self.root, ORIGIN)
         srv = self._start()
         try:
             base = base_ledger(self.root, ORIGIN, self.log_key)
-            r = httpx.post(
-                srv.url + "/v1/records",
-                content=encoding.pack_records(base),
-                headers={"content-type": "application/msgpack"},
-            )
-            if r.status_code != 200:
-                raise RuntimeError(f"could not push the genesis: {r.status_code} {r.text}")
-            self.check(srv, [Post(base, 0, 200, r.json())])
+            self.check(srv, [Post(base, 0, 200, post_records(srv.url, base))])
             for k in range(1, self.kills + 1):
                 posts = self._one_round(srv)
                 stop_server(srv.process)  # already dead: closes its pipe

@@ -38,8 +38,9 @@ from typing import Any
 
 import httpx
 
+from bench.harness import post_records
 from device_sim.measure import percentiles
-from device_sim.server_process import ServerProcess, run_writ, start_server, stop_server
+from device_sim.server_process import ServerProcess, start_server, stop_server
 from ledger import encoding, records
 from ledger.crypto import SeedSigner, sha256
 from ledger.fileio import raise_open_files_limit
@@ -47,7 +48,7 @@ from ledger.records import Grant
 from ledger.state import LedgerState
 from ledger.tree import leaf_hash, mth
 
-from .common import base_ledger, fetch_records, machine, verify_checkpoint, writ_audit_data
+from .common import base_ledger, fetch_records, init_server, machine, verify_checkpoint, writ_audit_data
 
 ORIGIN = "load.writ.example/ledger"
 MSGPACK = {"content-type": "application/msgpack"}
@@ -349,25 +350,11 @@ class LoadRun:
     def run(self) -> LoadReport:
         t0 = time.monotonic()
         raise_open_files_limit(self.cfg.sse + 1024)
-        code, doc, err = run_writ(
-            "server",
-            "init",
-            "--data",
-            str(self.data_dir),
-            "--anchor",
-            self.root.public_key.hex(),
-            "--origin",
-            ORIGIN,
-        )
-        if code != 0:
-            raise RuntimeError(f"writ server init failed: {doc} {err}")
-        self.log_key = bytes.fromhex(doc["log_public_key"])
+        self.log_key = init_server(self.data_dir, self.root, ORIGIN)
         srv = start_server(self.data_dir, ready_timeout=60.0, **self.cfg.server_flags())
         try:
             self.base = base_ledger(self.root, ORIGIN, self.log_key)
-            r = httpx.post(srv.url + "/v1/records", content=encoding.pack_records(self.base), headers=MSGPACK)
-            if r.status_code != 200:
-                raise RuntimeError(f"could not push the genesis: {r.status_code} {r.text}")
+            post_records(srv.url, self.base)
             self.acked.update(enumerate(self.base))
             self._run_loop(srv)
             self._check(srv)
