@@ -633,6 +633,21 @@ def open_mirror(
     return Mirror.open(path, anchor), note
 
 
+def synced_mirror(
+    stack: contextlib.ExitStack[Any],
+    args: argparse.Namespace,
+    client: Client,
+    *,
+    fallback: bytes | None = None,
+) -> Mirror:
+    """The mirror of ``client``'s ledger (anchor from the arguments or the environment,
+    ``fallback`` as in :func:`open_mirror`), closed with ``stack``, synced and verified."""
+    mirror, note = open_mirror(args, client, default_anchor(args), fallback=fallback)
+    stack.enter_context(mirror)
+    sync_mirror(mirror, client, note)
+    return mirror
+
+
 def sync_mirror(mirror: Mirror, client: Client, note: str | None = None) -> SyncResult:
     """Sync and verify; a failure here is exit 3 and nothing is signed."""
     fresh = mirror.new and mirror.size == 0

@@ -271,12 +271,7 @@ def _online(
     with contextlib.ExitStack() as stack:
         client = stack.enter_context(Client(args.server))
         signer = stack.enter_context(common.open_key(args))
-        anchor = common.default_anchor(args)
-        mirror, note = common.open_mirror(
-            args, client, anchor, fallback=None if revoker else signer.public_key
-        )
-        stack.enter_context(mirror)
-        common.sync_mirror(mirror, client, note)
+        mirror = common.synced_mirror(stack, args, client, fallback=None if revoker else signer.public_key)
         return common.push_intent(mirror, client, make(signer), sync_first=False, ask=not args.yes)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -468,11 +463,8 @@ def cmd_push(args: argparse.Namespace) -> dict[str, Any]:
     first = rec.decode_unverified(raws[0]).body if _decodes(raws[0]) else None
     with contextlib.ExitStack() as stack:
         client = stack.enter_context(Client(args.server))
-        anchor = common.default_anchor(args)
         fallback = first.root if isinstance(first, Genesis) else None
-        mirror, note = common.open_mirror(args, client, anchor, fallback=fallback)
-        stack.enter_context(mirror)
-        common.sync_mirror(mirror, client, note)
+        mirror = common.synced_mirror(stack, args, client, fallback=fallback)
         state = mirror.state
         start = first.seq if first is not None else state.size
         if (
@@ -526,10 +518,7 @@ def _decodes(raw: bytes) -> bool:
 def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         client = stack.enter_context(Client(args.server))
-        anchor = common.default_anchor(args)
-        mirror, note = common.open_mirror(args, client, anchor)
-        stack.enter_context(mirror)
-        common.sync_mirror(mirror, client, note)
+        mirror = common.synced_mirror(stack, args, client)
         state = mirror.state
         now = int(time.time())
         q = args.query
@@ -617,10 +606,7 @@ def _print_status(creds: list[dict[str, Any]]) -> None:
 def cmd_bundle_export(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         client = stack.enter_context(Client(args.server))
-        anchor = common.default_anchor(args)
-        mirror, note = common.open_mirror(args, client, anchor)
-        stack.enter_context(mirror)
-        common.sync_mirror(mirror, client, note)
+        mirror = common.synced_mirror(stack, args, client)
         if mirror.view is None:
             refuse("untrusted-checkpoint", "the ledger has no verified checkpoint yet (no log key granted)")
         start = args.start or 0
@@ -705,11 +691,8 @@ def cmd_sign(args: argparse.Namespace) -> dict[str, Any]:
             anchor = common.default_anchor(args)
             mirror = stack.enter_context(Mirror.open(Path(args.mirror), anchor, create=False))
         else:
-            anchor = common.default_anchor(args)
-            mirror, note = common.open_mirror(args, client, anchor)
-            stack.enter_context(mirror)
             assert client is not None
-            common.sync_mirror(mirror, client, note)
+            mirror = common.synced_mirror(stack, args, client)
         state = mirror.state.copy()
         batch: list[bytes] = []
         if os.path.exists(args.out):
