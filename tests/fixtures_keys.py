@@ -36,10 +36,10 @@ requires_openssh = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A fresh SoftHSM token (label ``writ-cli``, user PIN 1234) in its own token
-    directory; yields the token's PKCS#11 URI."""
+def init_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, label: str) -> Path:
+    """Initialise a SoftHSM token ``label`` (user PIN :data:`PIN`) in a token
+    directory of its own under ``tmp_path``, the environment pointing at it;
+    returns the token directory."""
     tokendir = tmp_path / "tokens"
     tokendir.mkdir()
     conf = tmp_path / "softhsm2.conf"
@@ -47,11 +47,19 @@ def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("SOFTHSM2_CONF", str(conf))
     monkeypatch.delenv(p11_mod.MODULE_ENV, raising=False)
     subprocess.run(
-        ["softhsm2-util", "--init-token", "--free", "--label", TOKEN, "--pin", PIN, "--so-pin", SO_PIN],
+        ["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", PIN, "--so-pin", SO_PIN],
         check=True,
         capture_output=True,
         timeout=30,
     )
+    return tokendir
+
+
+@pytest.fixture
+def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh SoftHSM token (label ``writ-cli``, user PIN 1234) in its own token
+    directory; yields the token's PKCS#11 URI."""
+    init_token(tmp_path, monkeypatch, TOKEN)
     yield f"pkcs11:token={TOKEN}"
 
 

@@ -45,7 +45,7 @@ from ledger.errors import (
 )
 from ledger.signers import agent as agent_mod
 from ledger.signers import file as file_mod
-from tests.fixtures_keys import short_tmp, ssh_agent
+from tests.fixtures_keys import PIN, SOFTHSM_MODULE, init_token, requires_softhsm, short_tmp, ssh_agent
 
 __all__ = ["short_tmp", "ssh_agent"]  # pytest fixtures shared with the CLI tests
 from ledger.signers import pkcs11 as p11_mod
@@ -501,12 +501,6 @@ def test_share_sheet(shares_2_of_3: list[str]) -> None:
 
 # --- PKCS#11 (SoftHSM) ----------------------------------------------------------
 
-SOFTHSM_MODULE = p11_mod.DEFAULT_MODULE
-requires_softhsm = pytest.mark.skipif(
-    shutil.which("softhsm2-util") is None or not os.path.exists(SOFTHSM_MODULE),
-    reason="softhsm2 is not installed (apt-get install softhsm2)",
-)
-PIN = "1234"
 TOKEN = "writ-test"
 
 
@@ -514,19 +508,7 @@ TOKEN = "writ-test"
 def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A fresh SoftHSM token ``writ-test`` (user PIN 1234) in its own token directory."""
 
-    tokendir = tmp_path / "tokens"
-    tokendir.mkdir()
-    conf = tmp_path / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {tokendir}\nobjectstore.backend = file\nlog.level = ERROR\n")
-    monkeypatch.setenv("SOFTHSM2_CONF", str(conf))
-    monkeypatch.delenv(p11_mod.MODULE_ENV, raising=False)
-    subprocess.run(
-        ["softhsm2-util", "--init-token", "--free", "--label", TOKEN, "--pin", PIN, "--so-pin", "5678"],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    yield tokendir
+    yield init_token(tmp_path, monkeypatch, TOKEN)
     assert p11_mod._users == {}, "a PKCS#11 signer or session was left open"
 
 
