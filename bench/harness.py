@@ -625,6 +625,22 @@ def profile_block(title: str, summary: dict[str, Any], how: str) -> dict[str, An
     return {"title": title, "how": how, **summary}
 
 
+def profile_server(
+    pid: int, seconds: float, out: Path, load: Callable[[], object], title: str, during: str
+) -> dict[str, Any] | None:
+    """Sample the server ``pid`` with py-spy for ``seconds`` (to ``out``) while ``load``
+    runs; the profile block (``during`` says what the load was), None without py-spy."""
+    spy = profile_pid(pid, seconds, out)
+    if spy is None:
+        return None
+    time.sleep(0.3)
+    load()
+    with contextlib.suppress(Exception):
+        spy.wait(30)
+    how = f"py-spy record --pid <writ serve> --rate 250 --nonblocking, {during}"
+    return profile_block(title, summarize_pyspy(out, roles=SERVER_ROLES), how)
+
+
 # --- nginx (Debian's, run as a plain subprocess from a throw-away prefix) -------------------
 
 

@@ -34,7 +34,6 @@ from typing import Any
 import httpx
 
 from bench.harness import (
-    SERVER_ROLES,
     Config,
     Result,
     figure,
@@ -43,11 +42,9 @@ from bench.harness import (
     module_main,
     module_result,
     nginx_exe,
-    profile_block,
-    profile_pid,
+    profile_server,
     ref,
     running_nginx,
-    summarize_pyspy,
     table,
 )
 
@@ -180,20 +177,16 @@ def run(cfg: Config) -> Result:
             v = [r["per_s"] for r in results["server"][path]]
             if statistics.median(v) < want or path != "/checkpoint":
                 out = cfg.work / f"readpath{path.replace('/', '_')}.raw"
-                spy = profile_pid(srv.pid, secs, out)
-                if spy is not None:
-                    time.sleep(0.3)
-                    load(srv.url + path, secs)
-                    with contextlib.suppress(Exception):
-                        spy.wait(30)
-                    res["profiles"].append(
-                        profile_block(
-                            f"writ serve under GET {path}",
-                            summarize_pyspy(out, roles=SERVER_ROLES),
-                            "py-spy record --pid <writ serve> --rate 250 --nonblocking, "
-                            f"{secs:.0f} s of the load",
-                        )
-                    )
+                block = profile_server(
+                    srv.pid,
+                    secs,
+                    out,
+                    lambda: load(srv.url + path, secs),  # noqa: B023 - called before the loop moves on
+                    f"writ serve under GET {path}",
+                    f"{secs:.0f} s of the load",
+                )
+                if block is not None:
+                    res["profiles"].append(block)
         if have_nginx:
             with running_nginx(cfg.work, srv.url, static) as ng:
                 measure("nginx", ng.url)
