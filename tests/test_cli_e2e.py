@@ -26,6 +26,7 @@ from ledger import messages
 from ledger.crypto import SeedSigner
 from ledger.state import LedgerState
 from tests.helpers.server import running_server, writ_command
+from tests.helpers.story import grant_oncall, oncall_env, oncall_revokes_tablet
 
 pytestmark = pytest.mark.e2e
 
@@ -97,63 +98,21 @@ def test_lost_tablet_end_to_end(tmp_path: Path) -> None:
         t = writ(
             "grant", "--server", srv.url, "--request", tmp_path / "tablet.enroll", "--role", "operator", *key
         )
-        oncall = writ(
-            "key", "init", "--out", tmp_path / "oncall.key", "--passphrase-env", "PW", "--role", "revoker"
-        )
-        writ(
-            "grant",
-            "--server",
-            srv.url,
-            "--subject",
-            oncall["public_key"],
-            "--role",
-            "revoker",
-            "--name",
-            "oncall",
-            *key,
-        )
+        oncall = grant_oncall(writ, srv.url, key, tmp_path)
 
         # THE lost-tablet command, from the on-call engineer's own machine (own mirror)
-        oncall_env = {"WRIT_HOME": str(tmp_path / "oncall-home"), "WRIT_ANCHOR": anchor}
-        r = writ(
-            "revoke",
-            "--name",
-            "tablet-07",
-            "--reason",
-            "lost",
-            "--revoker-key",
-            tmp_path / "oncall.key",
-            "--passphrase-env",
-            "PW",
-            "--server",
-            srv.url,
-            extra_env=oncall_env,
-        )
+        r = oncall_revokes_tablet(writ, srv.url, tmp_path, anchor)
         assert r["target"] == t["seq"] and r["reason"] == "lost"
 
         synced = device("device", "sync", "--state", plc, "--server", srv.url)
         assert synced["size"] == r["seq"] + 1
         device("device", "receipt", "--state", plc, "--server", srv.url)
-        s = writ("status", "tablet-07", "--server", srv.url, extra_env=oncall_env)
+        s = writ("status", "tablet-07", "--server", srv.url, extra_env=oncall_env(tmp_path, anchor))
         assert s["status"] == "revoked" and s["revocation"]["seq"] == r["seq"]
         assert s["devices"]["applied"] == 1 and s["devices"]["total"] == 1
 
         # nothing left to revoke: a clean refusal, nothing appended
-        writ(
-            "revoke",
-            "--name",
-            "tablet-07",
-            "--reason",
-            "lost",
-            "--revoker-key",
-            tmp_path / "oncall.key",
-            "--passphrase-env",
-            "PW",
-            "--server",
-            srv.url,
-            code=1,
-            extra_env=oncall_env,
-        )
+        oncall_revokes_tablet(writ, srv.url, tmp_path, anchor, code=1)
 
         a = writ("audit", "--server", srv.url, "--anchor", anchor)
         assert a["ok"] and a["size"] == r["seq"] + 1 and a["checkpoint"]["size"] == a["size"]
@@ -176,7 +135,9 @@ def test_lost_tablet_end_to_end(tmp_path: Path) -> None:
     # the auditor reads the stopped server's database read-only, without its storage code
     d2 = writ("audit", "--data", data_dir, "--anchor", anchor, "--json")
     assert d2["root"] == a["root"]
-    unreachable = writ("status", "tablet-07", "--server", srv.url, code=4, extra_env=oncall_env)
+    unreachable = writ(
+        "status", "tablet-07", "--server", srv.url, code=4, extra_env=oncall_env(tmp_path, anchor)
+    )
     assert unreachable["error"] == "unreachable"
     # `python -m api.main` (the composition root) is the same program
     rc, doc, _ = _run([sys.executable, "-m", "api.main", "key", "public", str(tmp_path / "oncall.key")], env)

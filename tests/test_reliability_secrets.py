@@ -45,6 +45,7 @@ import pytest
 
 from ledger.signers.file import load_key_file
 from tests.helpers.server import running_server, writ_command
+from tests.helpers.story import grant_oncall, oncall_env, oncall_revokes_tablet
 
 pytestmark = pytest.mark.e2e
 
@@ -291,36 +292,8 @@ def test_no_private_key_byte_escapes_a_whole_scenario(tmp_path: Path) -> None:
                 "tablet-07",
                 *key,
             )
-            oncall = writ(
-                "key", "init", "--out", tmp_path / "oncall.key", "--passphrase-env", "PW", "--role", "revoker"
-            )
-            writ(
-                "grant",
-                "--server",
-                url,
-                "--subject",
-                oncall["public_key"],
-                "--role",
-                "revoker",
-                "--name",
-                "oncall",
-                *key,
-            )
-            oncall_env = {"WRIT_HOME": str(tmp_path / "oncall-home"), "WRIT_ANCHOR": anchor}
-            writ(
-                "revoke",
-                "--name",
-                "tablet-07",
-                "--reason",
-                "lost",
-                "--revoker-key",
-                tmp_path / "oncall.key",
-                "--passphrase-env",
-                "PW",
-                "--server",
-                url,
-                extra_env=oncall_env,
-            )
+            grant_oncall(writ, url, key, tmp_path)
+            oncall_revokes_tablet(writ, url, tmp_path, anchor)
             for d in devices:
                 device("device", "sync", "--state", d, "--server", url)
                 device("device", "receipt", "--state", d, "--server", url)
@@ -364,7 +337,7 @@ def test_no_private_key_byte_escapes_a_whole_scenario(tmp_path: Path) -> None:
                 device("device", "sync", "--state", d, "--server", url)
                 device("device", "receipt", "--state", d, "--server", url)
                 device("device", "status", "--state", d)
-            writ("status", "tablet-07", "--server", url, extra_env=oncall_env)
+            writ("status", "tablet-07", "--server", url, extra_env=oncall_env(tmp_path, anchor))
             writ("audit", "--server", url, "--anchor", anchor, "--json")
             writ("log", "--server", url, "--anchor", anchor)
             writ("show", "1", "--server", url)
