@@ -1,7 +1,7 @@
 """Durable and private files: the one implementation every writer uses.
 
 Key files, share sheets, the CLI mirror, a device's state and evidence, the
-server's identity and log key all go through these four functions, so every
+server's identity and log key all go through these functions, so every
 one of them gets the same guarantees:
 
 - :func:`write_atomic` replaces a file so that a crash leaves the old or the
@@ -12,6 +12,8 @@ one of them gets the same guarantees:
 - :func:`create_private` creates a new file exclusively (never overwriting
   one: key material is never replaced by accident), with ``mode``, written
   and fsynced, the directory fsynced; on failure nothing is left behind.
+- :func:`write_at` truncates a file to ``offset`` and writes ``data`` there,
+  fsynced (an append-only file whose valid length is recorded elsewhere).
 - :func:`fsync_dir` makes a rename or a creation in ``directory`` durable.
 - :func:`read_capped` reads at most ``limit`` bytes: a file is never trusted
   to be small.
@@ -33,7 +35,14 @@ from pathlib import Path
 
 from .errors import UsageError, WritError
 
-__all__ = ["create_private", "fsync_dir", "raise_open_files_limit", "read_capped", "write_atomic"]
+__all__ = [
+    "create_private",
+    "fsync_dir",
+    "raise_open_files_limit",
+    "read_capped",
+    "write_at",
+    "write_atomic",
+]
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
@@ -87,6 +96,19 @@ def write_atomic(
             tmp.unlink()
         raise
     fsync_dir(target.parent)
+
+
+def write_at(path: str | os.PathLike[str], offset: int, data: bytes, *, mode: int = 0o600) -> None:
+    """Cut ``path`` (created with ``mode`` if missing) to ``offset`` bytes, write ``data``
+    there and fsync: whatever a crash left after ``offset`` is dropped. Raises OSError."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, mode)
+    try:
+        os.ftruncate(fd, offset)
+        os.lseek(fd, offset, os.SEEK_SET)
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def create_private(
