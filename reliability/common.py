@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import secrets
 import subprocess
 import time
 from collections.abc import Sequence
@@ -17,6 +18,8 @@ from bench.harness import Chain
 from device_sim.server_process import run_writ, writ_command
 from ledger import encoding, notes, records, tiles
 from ledger.crypto import SeedSigner
+from ledger.records import Grant
+from ledger.state import LedgerState
 from ledger.tree import MerkleLevels, leaf_hash
 
 PAGE = 1000
@@ -26,6 +29,22 @@ def base_ledger(root: SeedSigner, origin: str, log_key: bytes) -> list[bytes]:
     """A new ledger's first records: the genesis signed by ``root`` and the grant of the log key."""
     chain = Chain(root, origin)
     return [chain.genesis().raw, chain.grant(log_key, records.ROLE_LOG, "log").raw]
+
+
+def grant_batch(
+    state: LedgerState, root: SeedSigner, names: Sequence[str]
+) -> tuple[LedgerState, list[bytes]]:
+    """One operator grant per name (to a fresh random key) signed by ``root`` on top of
+    ``state``: the state they lead to (a copy; ``state`` is untouched) and the records."""
+    work = state.copy()
+    raws: list[bytes] = []
+    for name in names:
+        t = max(int(time.time()), work.last_time)
+        body = Grant(work.size, work.root, t, secrets.token_bytes(32), records.ROLE_OPERATOR, "", name, 0, 0)
+        raw = records.sign(body, root)
+        work.apply(raw)
+        raws.append(raw)
+    return work, raws
 
 
 def init_server(data_dir: Path, root: SeedSigner, origin: str) -> bytes:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import secrets
 import shutil
 import signal
 import sys
@@ -49,10 +48,9 @@ import httpx
 from bench.harness import post_records
 from device_sim.measure import percentiles
 from device_sim.server_process import ServerProcess, start_server, stop_server
-from ledger import encoding, records
+from ledger import encoding
 from ledger.audit import audit
 from ledger.crypto import SeedSigner, sha256
-from ledger.records import Grant
 from ledger.state import LedgerState
 from ledger.tiles import TILE_WIDTH
 from ledger.tree import MerkleLevels, leaf_hash
@@ -61,6 +59,7 @@ from .common import (
     base_ledger,
     check_tiles,
     fetch_records,
+    grant_batch,
     init_server,
     machine,
     verify_checkpoint,
@@ -139,17 +138,8 @@ class _Round:
         with httpx.Client(timeout=10.0) as client:
             while not self.stop.is_set():
                 k = 1 if rng.random() < 0.3 else rng.randint(10, 100)
-                work = state.copy()
-                raws: list[bytes] = []
-                for _ in range(k):
-                    t = max(int(time.time()), work.last_time)
-                    body = Grant(
-                        work.size, work.root, t, secrets.token_bytes(32), "operator", "", f"w{wid}-{n}", 0, 0
-                    )
-                    n += 1
-                    raw = records.sign(body, self.root)
-                    work.apply(raw)
-                    raws.append(raw)
+                work, raws = grant_batch(state, self.root, [f"w{wid}-{n + i}" for i in range(k)])
+                n += k
                 post = Post(raws, state.size)
                 with self.lock:
                     self.posts.append(post)

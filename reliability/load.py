@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import json
 import random
-import secrets
 import sys
 import tempfile
 import time
@@ -41,14 +40,21 @@ import httpx
 from bench.harness import post_records
 from device_sim.measure import percentiles
 from device_sim.server_process import ServerProcess, start_server, stop_server
-from ledger import encoding, records
+from ledger import encoding
 from ledger.crypto import SeedSigner, sha256
 from ledger.fileio import raise_open_files_limit
-from ledger.records import Grant
 from ledger.state import LedgerState
 from ledger.tree import leaf_hash, mth
 
-from .common import base_ledger, fetch_records, init_server, machine, verify_checkpoint, writ_audit_data
+from .common import (
+    base_ledger,
+    fetch_records,
+    grant_batch,
+    init_server,
+    machine,
+    verify_checkpoint,
+    writ_audit_data,
+)
 
 ORIGIN = "load.writ.example/ledger"
 MSGPACK = {"content-type": "application/msgpack"}
@@ -256,17 +262,8 @@ class LoadRun:
                 if stop.is_set():
                     return
                 k = 1 if rng.random() < 0.7 else rng.randint(2, 20)
-                work = state.copy()
-                raws = []
-                for _ in range(k):
-                    t = max(int(time.time()), work.last_time)
-                    body = Grant(
-                        work.size, work.root, t, secrets.token_bytes(32), "operator", "", f"l{wid}-{n}", 0, 0
-                    )
-                    n += 1
-                    raw = records.sign(body, self.root)
-                    work.apply(raw)
-                    raws.append(raw)
+                work, raws = grant_batch(state, self.root, [f"l{wid}-{n + i}" for i in range(k)])
+                n += k
                 t0 = loop.time()
                 try:
                     r = await client.post(
