@@ -100,8 +100,8 @@ def ssh_agent(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]
             proc.wait()
 
 
-def ssh_add_seed(sock: str, directory: Path, seed: bytes, name: str = "id_ed25519") -> None:
-    """Load an Ed25519 seed into the agent (through a 0600 OpenSSH key file, removed after)."""
+def openssh_key_file(directory: Path, seed: bytes, name: str = "id_ed25519") -> Path:
+    """An unencrypted OpenSSH private key file (0600, created exclusively) of an Ed25519 seed."""
     path = directory / name
     pem = Ed25519PrivateKey.from_private_bytes(seed).private_bytes(
         Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption()
@@ -109,6 +109,12 @@ def ssh_add_seed(sock: str, directory: Path, seed: bytes, name: str = "id_ed2551
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(pem)
+    return path
+
+
+def ssh_add_seed(sock: str, directory: Path, seed: bytes, name: str = "id_ed25519") -> None:
+    """Load an Ed25519 seed into the agent (through a 0600 OpenSSH key file, removed after)."""
+    path = openssh_key_file(directory, seed, name)
     try:
         subprocess.run(
             ["ssh-add", str(path)],

@@ -25,8 +25,6 @@ from typing import Any
 
 import nacl.signing
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from shamir_mnemonic.wordlist import WORDLIST
@@ -45,7 +43,15 @@ from ledger.errors import (
 )
 from ledger.signers import agent as agent_mod
 from ledger.signers import file as file_mod
-from tests.fixtures_keys import PIN, SOFTHSM_MODULE, init_token, requires_softhsm, short_tmp, ssh_agent
+from tests.fixtures_keys import (
+    PIN,
+    SOFTHSM_MODULE,
+    init_token,
+    openssh_key_file,
+    requires_softhsm,
+    short_tmp,
+    ssh_agent,
+)
 
 __all__ = ["short_tmp", "ssh_agent"]  # pytest fixtures shared with the CLI tests
 from ledger.signers import pkcs11 as p11_mod
@@ -749,17 +755,6 @@ requires_openssh = pytest.mark.skipif(
     any(shutil.which(tool) is None for tool in ("ssh-agent", "ssh-add", "ssh-keygen")),
     reason="openssh-client is not installed (apt-get install openssh-client)",
 )
-
-
-def openssh_key_file(directory: Path, seed: bytes, name: str = "id_ed25519") -> Path:
-    path = directory / name
-    pem = Ed25519PrivateKey.from_private_bytes(seed).private_bytes(
-        Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption()
-    )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
-    return path
 
 
 def ssh_add(sock: str, *args: str) -> None:
