@@ -23,7 +23,6 @@ import http.server
 import json
 import os
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from tests.fixtures_keys import SO_PIN, requires_softhsm, softhsm
 from tests.helpers.server import (
     Mirror,
     RunningServer,
+    backup_data_dir,
     make_ledger,
     running_server,
     stop_server,
@@ -285,17 +285,6 @@ def fetch_records(url: str) -> list[bytes]:
 # --- #8: a truncated ledger -------------------------------------------------------------------
 
 
-def _copy_db(srv: RunningServer, into: Path) -> Path:
-    into.mkdir()
-    src = sqlite3.connect(srv.data_dir / "ledger.db")
-    dst = sqlite3.connect(into / "ledger.db")
-    src.backup(dst)
-    src.close()
-    dst.close()
-    shutil.copy(srv.data_dir / "server.json", into / "server.json")
-    return into
-
-
 def test_audit_of_a_truncated_ledger_names_the_first_missing_seq(
     served: tuple[RunningServer, SeedSigner], env: Path, proxies: list[Proxy]
 ) -> None:
@@ -311,7 +300,7 @@ def test_audit_of_a_truncated_ledger_names_the_first_missing_seq(
     assert "record 4 is missing" in r.doc["message"]
 
     # --data: the last two rows deleted from a copy of the database
-    data = _copy_db(srv, env / "truncated")
+    data = backup_data_dir(srv.data_dir, env / "truncated")
     db = sqlite3.connect(data / "ledger.db")
     db.execute("DELETE FROM records WHERE seq >= 4")
     db.commit()

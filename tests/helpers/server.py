@@ -43,6 +43,11 @@ Stable API (other test modules use it):
     :mod:`device_sim.server_process` (shipped: ``writ demo`` uses it too), which
     also provides ``writ_command()``, ``run_writ(*args)`` and ``free_port()``,
     re-exported here.
+
+``backup_data_dir(data_dir, dest) -> dest``
+    A consistent online copy of a server's data directory (SQLite's backup
+    API for ``ledger.db``, and ``server.json``) into a new directory ``dest``:
+    what the backup script in docs/operations.md makes.
 """
 
 from __future__ import annotations
@@ -50,7 +55,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import shutil
 import signal
+import sqlite3
 import subprocess
 import tempfile
 import time as _time
@@ -335,3 +342,16 @@ def running_server(tmp_path: Path, anchor: bytes, origin: str, **flags: Any) -> 
         yield srv
     finally:
         stop_server(srv)
+
+
+def backup_data_dir(data_dir: Path, dest: Path) -> Path:
+    """A consistent copy of ``data_dir``'s ledger and identity in the new directory ``dest``."""
+    dest.mkdir()
+    src, dst = sqlite3.connect(data_dir / "ledger.db"), sqlite3.connect(dest / "ledger.db")
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+    shutil.copy(data_dir / "server.json", dest / "server.json")
+    return dest
