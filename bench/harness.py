@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -641,6 +642,25 @@ def profile_server(
     return profile_block(title, summarize_pyspy(out, roles=SERVER_ROLES), how)
 
 
+def wait_answering(
+    proc: subprocess.Popen[bytes],
+    url: str,
+    what: str,
+    timeout: float,
+    ok: Callable[[httpx.Response], bool] = lambda _r: True,
+) -> None:
+    """Wait until GET ``url`` gets an answer ``ok`` accepts; RuntimeError when ``proc``
+    exits first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(httpx.TransportError):
+            if ok(httpx.get(url, timeout=1.0)):
+                return
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.05)
+
+
 # --- nginx (Debian's, run as a plain subprocess from a throw-away prefix) -------------------
 
 
@@ -729,21 +749,7 @@ def running_nginx(work: Path, upstream_url: str, static_dir: Path | None = None)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                httpx.get(url + "/healthz", timeout=1.0)
-                break
-            except httpx.TransportError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("nginx did not start") from None
-                time.sleep(0.05)
+        wait_answering(proc, url + "/healthz", "nginx", 10)
         yield Nginx(url, f"http://127.0.0.1:{static_port}", prefix, proc)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(3)  # SIGQUIT: graceful
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_server(proc, signal.SIGQUIT, timeout=10)  # graceful: workers finish their requests

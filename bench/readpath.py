@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,9 @@ from bench.harness import (
     ref,
     running_nginx,
     table,
+    wait_answering,
 )
+from device_sim.server_process import stop_server
 
 COMMAND = "python -m bench.readpath"
 CONNECTIONS = 64
@@ -132,24 +133,12 @@ def minimal_app(static: Path) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(url + "/checkpoint", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the minimal uvicorn app did not start")
-            time.sleep(0.05)
+        wait_answering(
+            proc, url + "/checkpoint", "the minimal uvicorn app", 20, lambda r: r.status_code == 200
+        )
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc, timeout=10)
 
 
 def run(cfg: Config) -> Result:
