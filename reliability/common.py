@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import platform
 import secrets
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench.harness import Chain
+from bench.harness import machine as bench_machine
 from device_sim.server_process import run_writ, writ_command
 from ledger import encoding, notes, records, tiles
 from ledger.crypto import SeedSigner
@@ -124,23 +123,10 @@ def writ_audit_data(data_dir: Path, anchor: bytes, timeout: float = 300.0) -> di
     return doc
 
 
-@dataclass(frozen=True)
-class Machine:
-    cpus: int
-    python: str
-    system: str
-    date: str
-
-    def line(self) -> str:
-        return f"{self.date}, {self.cpus} CPUs, {self.system}, Python {self.python}"
-
-
-def machine() -> Machine:
-    import os
-
-    return Machine(
-        os.cpu_count() or 0,
-        platform.python_version(),
-        f"{platform.system()} {platform.release()}",
-        time.strftime("%Y-%m-%d"),
+def machine() -> str:
+    """The machine a run was made on, in one line (from the benchmarks' description)."""
+    m = bench_machine()
+    return (
+        f"{time.strftime('%Y-%m-%d')}, {m['cores']} CPUs ({m['cpu'] or '?'}), {m['memory_mib']} MiB, "
+        f"Linux {m['kernel']}, Python {m['python']}"
     )

@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     report = runner.run()
     out = report.to_json()
-    out["machine"] = machine().line()
+    out["machine"] = machine()
     print(json.dumps(out))
     if args.work_dir is None and not report.violations:
         shutil.rmtree(work, ignore_errors=True)

@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     report = LoadRun(work, cfg).run()
     out = report.to_json()
-    out["machine"] = machine().line()
+    out["machine"] = machine()
     print(json.dumps(out, indent=1))
     return 1 if report.violations else 0
 
