@@ -19,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
+from device_sim.server_process import stop_server as stop_process
 from ledger.signers import pkcs11 as p11_mod
 
 SOFTHSM_MODULE = p11_mod.DEFAULT_MODULE
@@ -92,12 +93,7 @@ def ssh_agent(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]
         monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
         yield str(sock)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=5)
 
 
 def openssh_key_file(directory: Path, seed: bytes, name: str = "id_ed25519") -> Path:
