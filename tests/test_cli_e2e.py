@@ -26,7 +26,7 @@ from ledger import messages
 from ledger.crypto import SeedSigner
 from ledger.state import LedgerState
 from tests.helpers.server import running_server, writ_command
-from tests.helpers.story import grant_oncall, oncall_env, oncall_revokes_tablet
+from tests.helpers.story import grant_oncall, oncall_env, oncall_revokes_tablet, root_init
 
 pytestmark = pytest.mark.e2e
 
@@ -65,22 +65,9 @@ def test_lost_tablet_end_to_end(tmp_path: Path) -> None:
         assert rc == 0, (args, doc, err)
         return doc
 
-    root = tmp_path / "root.key"
-    init = writ(
-        "root",
-        "init",
-        "--out",
-        root,
-        "--passphrase-env",
-        "PW",
-        "--shares",
-        "2-of-3",
-        "--shares-out",
-        tmp_path / "shares",
-    )
+    init, key = root_init(writ, tmp_path)
     anchor = init["anchor"]
     assert init["next_root_digest"] and len(init["shares"]) == 3
-    key = ["--key", root, "--passphrase-env", "PW"]
 
     with running_server(tmp_path, bytes.fromhex(anchor), ORIGIN, checkpoint_interval=1) as srv:
         g = writ("genesis", "--origin", ORIGIN, "--server", srv.url, *key)

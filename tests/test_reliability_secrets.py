@@ -45,7 +45,7 @@ import pytest
 
 from ledger.signers.file import load_key_file
 from tests.helpers.server import running_server, writ_command
-from tests.helpers.story import grant_oncall, oncall_env, oncall_revokes_tablet
+from tests.helpers.story import grant_oncall, oncall_env, oncall_revokes_tablet, root_init
 
 pytestmark = pytest.mark.e2e
 
@@ -230,22 +230,8 @@ def test_no_private_key_byte_escapes_a_whole_scenario(tmp_path: Path) -> None:
         return run([sys.executable, "-m", "device_sim", *map(str, args)])
 
     root_key, succ_key, next_key = tmp_path / "root.key", tmp_path / "successor.key", tmp_path / "next.key"
-    init = writ(
-        "root",
-        "init",
-        "--out",
-        root_key,
-        "--passphrase-env",
-        "PW",
-        "--shares",
-        "2-of-3",
-        "--shares-out",
-        tmp_path / "shares",
-        "--share-passphrase-env",
-        "SPW",
-    )
+    init, key = root_init(writ, tmp_path, "--share-passphrase-env", "SPW")
     anchor = init["anchor"]
-    key = ["--key", root_key, "--passphrase-env", "PW"]
 
     with running_server(
         tmp_path, bytes.fromhex(anchor), ORIGIN, checkpoint_interval=1, log_level="debug"

@@ -1,6 +1,7 @@
 """Steps of the lost-tablet story that more than one end-to-end test runs
-through the real ``writ`` program: an on-call engineer's revoker key is
-created and granted, then revokes ``tablet-07`` from its own machine.
+through the real ``writ`` program: the root key is made with 2-of-3 share
+sheets; an on-call engineer's revoker key is created and granted, then
+revokes ``tablet-07`` from its own machine.
 
 ``writ`` is the test's runner: ``writ(*args, code=0, extra_env=None)`` runs
 the ``writ`` console script, checks its exit code and returns its JSON.
@@ -13,6 +14,26 @@ from pathlib import Path
 from typing import Any
 
 WritRun = Callable[..., dict[str, Any]]
+
+
+def root_init(writ: WritRun, tmp_path: Path, *extra: object) -> tuple[dict[str, Any], list[object]]:
+    """``writ root init`` of ``root.key`` (passphrase from $PW) with 2-of-3 share sheets in
+    ``shares/`` (``extra``: more options); its JSON and the ``--key`` arguments that sign with it."""
+    root = tmp_path / "root.key"
+    init = writ(
+        "root",
+        "init",
+        "--out",
+        root,
+        "--passphrase-env",
+        "PW",
+        "--shares",
+        "2-of-3",
+        "--shares-out",
+        tmp_path / "shares",
+        *extra,
+    )
+    return init, ["--key", root, "--passphrase-env", "PW"]
 
 
 def grant_oncall(writ: WritRun, url: str, key: Sequence[object], tmp_path: Path) -> dict[str, Any]:
