@@ -53,6 +53,13 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _fill(fd: int, data: bytes, mode: int) -> None:
+    """A new file's content: ``mode`` whatever the umask, all of ``data``, fsynced."""
+    os.fchmod(fd, mode)
+    _write_all(fd, data)
+    os.fsync(fd)
+
+
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
     """fsync a directory, so that a rename or a new entry in it survives a crash.
     (Best effort: a file system that cannot fsync a directory is not an error.)"""
@@ -81,9 +88,7 @@ def write_atomic(
     try:
         fd = os.open(tmp, _CREATE, mode)
         try:
-            os.fchmod(fd, mode)
-            _write_all(fd, data)
-            os.fsync(fd)
+            _fill(fd, data, mode)
         finally:
             os.close(fd)
         os.replace(tmp, target)
@@ -132,9 +137,7 @@ def create_private(
     except OSError as exc:
         raise error(f"cannot create {what}{target}: {exc.strerror or exc}") from None
     try:
-        os.fchmod(fd, mode)
-        _write_all(fd, data)
-        os.fsync(fd)
+        _fill(fd, data, mode)
     except BaseException as exc:
         os.close(fd)
         with contextlib.suppress(OSError):
