@@ -256,7 +256,7 @@ class LoadRun:
         rng = random.Random(self.rng.getrandbits(32))
         async with httpx.AsyncClient(timeout=60.0) as client:
             state = LedgerState(self.root.public_key, origin=ORIGIN)
-            state.apply_all(await self._records(client, url, 0))
+            state.apply_all(await self._records(url, 0))
             n = 0
             for _ in range(1_000_000):
                 if stop.is_set():
@@ -287,20 +287,19 @@ class LoadRun:
                         await asyncio.wait_for(stop.wait(), float(r.headers.get("retry-after", "1")))
                     continue
                 else:
-                    state.apply_all(await self._records(client, url, state.size))
+                    state.apply_all(await self._records(url, state.size))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.cfg.write_pause)
 
     @staticmethod
-    async def _records(client: httpx.AsyncClient, url: str, start: int) -> list[bytes]:
-        out: list[bytes] = []
-        while True:
-            r = await client.get(url + "/v1/records", params={"start": start + len(out), "limit": 1000})
-            r.raise_for_status()
-            page = encoding.unpack_records(r.content, max_count=1000)
-            out.extend(page)
-            if len(page) < 1000:
-                return out
+    async def _records(url: str, start: int) -> list[bytes]:
+        """The records from ``start`` on (a writer catching up), off the event loop."""
+
+        def fetch() -> list[bytes]:
+            with httpx.Client(timeout=60.0) as client:
+                return fetch_records(client, url, start)
+
+        return await asyncio.to_thread(fetch)
 
     # -- the run -------------------------------------------------------------
 
