@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ledger import notes
+from ledger.cli.common import parse_hex
 from ledger.errors import LedgerExists, StorageError, UsageError, WritError
 from ledger.fileio import raise_open_files_limit
 from ledger.storage import Storage
@@ -231,7 +232,7 @@ def check_data_dir_writable(data_dir: Path) -> None:
 
 
 def cmd_server_init(args: argparse.Namespace) -> dict[str, Any]:
-    anchor = cfg.parse_anchor(args.anchor)
+    anchor = parse_hex(args.anchor, 32, "--anchor (the root public key)")
     origin = cfg.parse_origin(args.origin)
     return asyncio.run(create_data_dir(Path(args.data), anchor, origin))
 
