@@ -129,6 +129,13 @@ def needs_subcommand(parser: argparse.ArgumentParser, choices: str) -> None:
 # --- hex and secrets --------------------------------------------------------
 
 
+def uint_arg(text: str) -> int:
+    """An argparse ``type``: an unsigned decimal integer (ASCII digits only)."""
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an unsigned integer")
+    return int(text)
+
+
 def parse_hex(text: str | None, size: int, what: str) -> bytes:
     """``size`` bytes of hex, or a :class:`UsageError` naming ``what``."""
     if text is None:

@@ -768,13 +768,13 @@ def _add_grant_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--not-before",
-        type=_uint,
+        type=common.uint_arg,
         metavar="UNIX",
         help="valid from this UNIX time in seconds (0 or absent: at once)",
     )
     p.add_argument(
         "--not-after",
-        type=_uint,
+        type=common.uint_arg,
         metavar="UNIX",
         help="valid until this UNIX time in seconds, in the future (0 or absent: no expiry)",
     )
@@ -791,12 +791,6 @@ def _add_revoke_args(p: argparse.ArgumentParser) -> None:
         help="unspecified, key_compromise, lost, superseded, retired",
     )
     p.add_argument("--revoker-key", metavar="FILE", help="sign as the revoker whose key this file holds")
-
-
-def _uint(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not an unsigned integer")
-    return int(text)
 
 
 _ANCHOR_HELP = "the ledger's anchor (default: $WRIT_ANCHOR, FILE.pub.json)"
@@ -847,7 +841,9 @@ def register(sub: Any) -> None:
     common.needs_subcommand(p, "export")
     e = bs.add_parser("export", help="write a verified bundle (records + checkpoint)")
     _add_server(e)
-    e.add_argument("--start", type=_uint, default=0, metavar="N", help="the first record to include")
+    e.add_argument(
+        "--start", type=common.uint_arg, default=0, metavar="N", help="the first record to include"
+    )
     e.add_argument("--out", required=True, metavar="FILE", help="the bundle file to write")
     e.set_defaults(handler=cmd_bundle_export)
 
