@@ -45,6 +45,7 @@ from tests.helpers.server import (
     backup_data_dir,
     make_ledger,
     running_server,
+    served_records,
     stop_server,
     writ_command,
 )
@@ -249,7 +250,7 @@ def test_rotate_refused_by_the_server_removes_the_unused_sheets(env: Path, proxi
             def handle(self, h: http.server.BaseHTTPRequestHandler, method: str) -> None:
                 if method == "POST":
                     m = Mirror(root, ORIGIN)
-                    m.extend(fetch_records(srv.url))
+                    m.extend(served_records(srv.url))
                     post(srv.url, [m.grant(os.urandom(32), "operator", f"racer-{self.posts}")])
                     self.posts += 1
                 super().handle(h, method)
@@ -270,16 +271,6 @@ def load_root(path: Path) -> SeedSigner:
     signer = load_key_file(path, PW.encode())
     assert isinstance(signer, SeedSigner)
     return signer
-
-
-def fetch_records(url: str) -> list[bytes]:
-    out: list[bytes] = []
-    while True:
-        r = httpx.get(url + f"/v1/records?start={len(out)}", timeout=30)
-        page = encoding.unpack_records(r.content, max_count=1000)
-        if not page:
-            return out
-        out.extend(page)
 
 
 # --- #8: a truncated ledger -------------------------------------------------------------------

@@ -44,6 +44,10 @@ Stable API (other test modules use it):
     also provides ``writ_command()``, ``run_writ(*args)`` and ``free_port()``,
     re-exported here.
 
+``served_records(url, start=0) -> list[bytes]``
+    Every record a real server serves from ``start`` on (``GET /v1/records``,
+    page by page, through :func:`reliability.common.fetch_records`).
+
 ``backup_data_dir(data_dir, dest) -> dest``
     A consistent online copy of a server's data directory (SQLite's backup
     API for ``ledger.db``, and ``server.json``) into a new directory ``dest``:
@@ -355,3 +359,11 @@ def backup_data_dir(data_dir: Path, dest: Path) -> Path:
         dst.close()
     shutil.copy(data_dir / "server.json", dest / "server.json")
     return dest
+
+
+def served_records(url: str, start: int = 0) -> list[bytes]:
+    """Every record the server at ``url`` serves from ``start`` on."""
+    from reliability.common import fetch_records
+
+    with httpx.Client(timeout=30) as client:
+        return fetch_records(client, url, start)
