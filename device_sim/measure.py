@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["percentile", "percentiles", "rss_kib"]
+__all__ = ["peak_rss_kib", "percentile", "percentiles", "rss_kib"]
 
 
 def percentile(sorted_values: Sequence[float], p: float) -> float:
@@ -27,15 +27,23 @@ def percentiles(values: Sequence[float], ps: Sequence[float] = (50, 90, 99, 100)
     return {f"p{p:g}": percentile(s, p) for p in ps}
 
 
-def rss_kib(pid: int | None = None) -> int:
-    """Resident set size (VmRSS, KiB) of process ``pid`` (this process when None);
-    0 when the process is gone or /proc is missing."""
-    path = f"/proc/{'self' if pid is None else pid}/status"
+def _status_kib(pid: int | None, key: str) -> int:
     try:
-        with open(path, encoding="ascii") as f:
+        with open(f"/proc/{'self' if pid is None else pid}/status", encoding="ascii") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def rss_kib(pid: int | None = None) -> int:
+    """Resident set size (VmRSS, KiB) of process ``pid`` (this process when None);
+    0 when the process is gone or /proc is missing."""
+    return _status_kib(pid, "VmRSS")
+
+
+def peak_rss_kib(pid: int | None = None) -> int:
+    """The largest resident set size process ``pid`` had so far (VmHWM, KiB); 0 as above."""
+    return _status_kib(pid, "VmHWM")

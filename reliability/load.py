@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 
 from bench.harness import post_records
-from device_sim.measure import percentiles
+from device_sim.measure import peak_rss_kib, percentiles
 from device_sim.server_process import ServerProcess, start_server, stop_server
 from ledger import encoding
 from ledger.crypto import SeedSigner, sha256
@@ -354,7 +354,7 @@ class LoadRun:
             self.acked.update(enumerate(self.base))
             self._run_loop(srv)
             self._check(srv)
-            self.report.server_peak_rss_mib = _peak_rss_mib(srv.process.pid)
+            self.report.server_peak_rss_mib = peak_rss_kib(srv.process.pid) / 1024
         finally:
             code_stop = stop_server(srv.process)
         if code_stop != 0:
@@ -436,16 +436,6 @@ class LoadRun:
             rep.violations.append(f"{rep.sse_dropped} event streams ended before the run did")
         if rep.sse_missing_last:
             rep.violations.append(f"{rep.sse_missing_last} event streams never got the last checkpoint")
-
-
-def _peak_rss_mib(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def main(argv: list[str] | None = None) -> int:

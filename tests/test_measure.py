@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from device_sim.measure import percentile, percentiles, rss_kib
+from device_sim.measure import peak_rss_kib, percentile, percentiles, rss_kib
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -27,6 +27,7 @@ def test_percentiles_sort_and_name_their_figures() -> None:
 def test_rss_of_this_process_of_another_and_of_a_gone_one() -> None:
     assert rss_kib() > 0
     assert rss_kib(os.getpid()) > 0
+    assert peak_rss_kib() >= rss_kib() > 0
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
-    assert rss_kib(child.pid) == 0  # reaped: no /proc entry
+    assert rss_kib(child.pid) == peak_rss_kib(child.pid) == 0  # reaped: no /proc entry
