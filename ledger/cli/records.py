@@ -63,10 +63,6 @@ def credential_json(state: LedgerState, g: GrantInfo, now: int) -> dict[str, Any
     return credential(state, g, now, None)
 
 
-def _is_active(state: LedgerState, g: GrantInfo) -> bool:
-    return not state.is_withdrawn(g.seq)
-
-
 # --- what a grant may say (refused before anything is signed) ------------------------
 
 #: the furthest ahead a validity bound may be: more is a millisecond timestamp, or a typo
@@ -148,7 +144,7 @@ def grant_builder(args: argparse.Namespace, signer: Signer, found: list[int] | N
                 found.append(retry.seq)
             return []
         if not warned:
-            same = [g for g in state.grants_named(name) if _is_active(state, g)]
+            same = [g for g in state.grants_named(name) if not state.is_withdrawn(g.seq)]
             if same:
                 say(
                     f"writ: warning: {len(same)} unrevoked grant(s) already named {name!r}"
@@ -212,7 +208,7 @@ def _resolve_name(state: LedgerState, name: str) -> int:
     named = state.grants_named(name)
     if not named:
         refuse("unknown-name", f"no grant is named {name!r}", EXIT_USAGE, name=name)
-    active = [g for g in named if _is_active(state, g)]
+    active = [g for g in named if not state.is_withdrawn(g.seq)]
     if not active:
         refuse(
             "already-revoked",
