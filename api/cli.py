@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from ledger import notes
+from ledger.cli.common import parse_hex
 from ledger.errors import LedgerExists, StorageError, UsageError, WritError
+from ledger.fileio import raise_open_files_limit
 from ledger.storage import Storage
 from ledger.storage.sqlite import SqliteStorage
 
@@ -246,7 +248,7 @@ def check_data_dir_writable(data_dir: Path) -> None:
 
 
 def cmd_server_init(args: argparse.Namespace) -> dict[str, Any]:
-    anchor = cfg.parse_anchor(args.anchor)
+    anchor = parse_hex(args.anchor, 32, "--anchor (the root public key)")
     origin = cfg.parse_origin(args.origin)
     return asyncio.run(create_data_dir(Path(args.data), anchor, origin))
 
@@ -286,22 +288,6 @@ def _server_class() -> type[Any]:
                     self._captured_signals.clear()  # exit 0 with a JSON line, not by re-raising
 
     return WritServer
-
-
-def _raise_open_files_limit() -> int:
-    """Event streams hold a socket each: allow as many open files as the hard limit lets us
-    (up to 65536). Returns the soft limit now in force (-1 where it cannot be read)."""
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
-        if soft != resource.RLIM_INFINITY and soft < want:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-            return want
-        return int(soft)
-    except (ImportError, ValueError, OSError):
-        return -1
 
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
@@ -357,7 +343,8 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
         max_per_address=limits.max_connections_per_address,
         trusted=trusted,
     )
-    nofile = _raise_open_files_limit()
+    # event streams hold a socket each: allow up to 65536 open files (within the hard limit)
+    nofile = raise_open_files_limit(65536)
     log.info("open files limit %s", nofile if nofile >= 0 else "unknown")
     server = _server_class()(uconfig)
     hide = _HideTracebacks()

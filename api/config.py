@@ -78,10 +78,6 @@ class ServerConfig:
     witnesses: tuple[str, ...] = ()
 
     @property
-    def server_json(self) -> Path:
-        return self.data_dir / SERVER_JSON
-
-    @property
     def log_key(self) -> Path:
         return self.data_dir / LOG_KEY
 
@@ -97,16 +93,6 @@ class Identity:
     origin: str
     anchor: bytes
     log_public_key: bytes
-
-
-def parse_anchor(text: str) -> bytes:
-    """A 32-byte key from 64 hex digits, or a :class:`UsageError` saying what is wrong."""
-    if not isinstance(text, str) or len(text) != 64:
-        raise UsageError("the anchor is 64 hex digits (a 32-byte Ed25519 public key)")
-    try:
-        return bytes.fromhex(text)
-    except ValueError:
-        raise UsageError("the anchor is 64 hex digits (a 32-byte Ed25519 public key)") from None
 
 
 def parse_origin(text: str) -> str:

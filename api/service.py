@@ -710,12 +710,7 @@ class LedgerService:
         r = messages.parse_receipt(raw)
         state = self.state
         g = state.grants.get(r.device_grant_seq)
-        if (
-            g is None
-            or g.role != records.ROLE_DEVICE
-            or state.is_revoked(g.seq)
-            or state.key_revoked(g.subject)
-        ):
+        if g is None or g.role != records.ROLE_DEVICE or state.is_withdrawn(g.seq):
             raise UnknownDevice(f"seq {r.device_grant_seq} is not an unrevoked device grant")
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(

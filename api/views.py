@@ -23,10 +23,6 @@ MAX_FLEET_STRAGGLERS = 20
 _NONE = -1  # the receipt size of a device that never sent one (sorts first: furthest behind)
 
 
-def _device_revoked(state: LedgerState, g: GrantInfo) -> bool:
-    return state.is_revoked(g.seq) or state.key_revoked(g.subject)
-
-
 class FleetIndex:
     """The fleet report's running counts, kept up to date as records and receipts arrive.
 
@@ -76,7 +72,7 @@ class FleetIndex:
             if g.role != records.ROLE_DEVICE:
                 continue
             self.devices.append(g.seq)
-            if not _device_revoked(state, g):
+            if not state.is_withdrawn(g.seq):
                 r = receipts.get(g.seq)
                 self._add(g.seq, g.subject, r.size if r is not None else _NONE)
         for rev in reversed(revs):
@@ -159,7 +155,7 @@ def _device_json(state: LedgerState, g: GrantInfo, r: ReceiptRow | None) -> dict
         "root": r.root.hex() if r else None,
         "time": r.time if r else None,
         "received_at": r.received_at if r else None,
-        "revoked": _device_revoked(state, g),
+        "revoked": state.is_withdrawn(g.seq),
     }
 
 

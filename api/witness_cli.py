@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from ledger.errors import UsageError, WritError
+from ledger.fileio import raise_open_files_limit
 
 from . import witness as wit
-from .cli import _port, _positive, _raise_open_files_limit, _server_class
+from .cli import _port, _positive, _server_class
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -125,7 +126,7 @@ def cmd_witness_serve(args: argparse.Namespace) -> dict[str, Any]:
         access_log=args.log_level == "debug",
         server_header=False,
     )
-    _raise_open_files_limit()
+    raise_open_files_limit()
     server = _server_class()(uconfig)
     try:
         server.run()

@@ -25,7 +25,6 @@ part. A target missed gets a py-spy profile of the server under that load.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sqlite3
 import statistics
@@ -36,7 +35,6 @@ import httpx
 
 from bench.common import build_ledger, cores, raw_verify_rate
 from bench.harness import (
-    SERVER_ROLES,
     Chain,
     Config,
     RawHttp,
@@ -46,12 +44,12 @@ from bench.harness import (
     ledger_server,
     module_main,
     module_result,
-    profile_block,
-    profile_pid,
+    post_records,
+    profile_server,
     ref,
-    summarize_pyspy,
     table,
 )
+from device_sim.measure import percentile
 from ledger import crypto, encoding, records
 
 COMMAND = "python -m bench.append"
@@ -184,8 +182,8 @@ async def _singles(srv: Served, pool: Pool, clients: int, seconds: float) -> dic
         "per_s": done / elapsed,
         "conflicts": conflicts,
         "errors": errors,
-        "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else 0.0,
-        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else 0.0,
+        "p50_ms": 1000 * percentile(latencies, 50) if latencies else 0.0,
+        "p99_ms": 1000 * percentile(latencies, 99) if latencies else 0.0,
     }
 
 
@@ -197,13 +195,7 @@ def _batches(srv: Served, pool: Pool, n_batches: int) -> dict[str, float]:
             raws = pool.raws[pool.pos : pool.pos + BATCH]
             if not raws:
                 break
-            r = client.post(
-                srv.url + "/v1/records",
-                content=encoding.pack_records(raws),
-                headers={"Content-Type": "application/msgpack"},
-            )
-            if r.status_code != 200:
-                raise RuntimeError(f"batch POST: {r.status_code} {r.text[:300]}")
+            post_records(srv.url, raws, client)
             pool.pos += len(raws)
             total += len(raws)
         elapsed = time.perf_counter() - t0
@@ -274,38 +266,35 @@ def run(cfg: Config) -> Result:
         if statistics.median(c16) < 3000:
             pool.ensure(int(rate * (secs + 1) * 2) + 2000)
             out = prof_dir / "append-c16.raw"
-            spy = profile_pid(srv.pid, secs + 1, out)
-            if spy is not None:
-                time.sleep(0.3)
-                asyncio.run(_singles(srv, pool, CONCURRENCY, secs))
-                with contextlib.suppress(Exception):
-                    spy.wait(30)
-                res["profiles"].append(
-                    profile_block(
-                        "the server under 16 concurrent single-record POSTs",
-                        summarize_pyspy(out, roles=SERVER_ROLES),
-                        f"py-spy record --pid <writ serve> --rate 250 --nonblocking, {secs:.0f} s "
-                        "of the c=16 load",
-                    )
-                )
+            block = profile_server(
+                srv.pid,
+                secs + 1,
+                out,
+                lambda: asyncio.run(_singles(srv, pool, CONCURRENCY, secs)),
+                "the server under 16 concurrent single-record POSTs",
+                f"{secs:.0f} s of the c=16 load",
+            )
+            if block is not None:
+                res["profiles"].append(block)
         if statistics.median(batch) < 0.5 * vn_med:
             pool.ensure(BATCH * 60)
             out = prof_dir / "append-batch.raw"
-            spy = profile_pid(srv.pid, 4, out)
-            if spy is not None:
-                time.sleep(0.3)
+
+            def batches_for_4s() -> None:
                 t_end = time.perf_counter() + 4
                 while time.perf_counter() < t_end and pool.left() >= BATCH:
                     _batches(srv, pool, 1)
-                with contextlib.suppress(Exception):
-                    spy.wait(30)
-                res["profiles"].append(
-                    profile_block(
-                        "the server under batches of 1000 records",
-                        summarize_pyspy(out, roles=SERVER_ROLES),
-                        "py-spy record --pid <writ serve> --rate 250 --nonblocking, 4 s of batch POSTs",
-                    )
-                )
+
+            block = profile_server(
+                srv.pid,
+                4,
+                out,
+                batches_for_4s,
+                "the server under batches of 1000 records",
+                "4 s of batch POSTs",
+            )
+            if block is not None:
+                res["profiles"].append(block)
 
     lim_fsync = ref("os.fsync of a 4 KiB write, same directory", round(fs_med), "fsyncs/s")
     sqlite_single = ref(

@@ -16,7 +16,7 @@ import json
 import os
 import platform
 import re
-import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -61,11 +61,6 @@ class Config:
 
     def pick(self, quick: Any, full: Any) -> Any:
         return quick if self.quick else full
-
-
-def bench_command(module: str, *args: str) -> str:
-    """The command line a reader runs to reproduce a figure (from the repository root)."""
-    return " ".join(["python -m " + module, *map(shlex.quote, args)])
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -393,18 +388,6 @@ def ledger_server(
 # --- processes --------------------------------------------------------------------------------
 
 
-def rss_kib(pid: int) -> int:
-    """VmRSS of a process (KiB); 0 when it is gone."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 def children(pid: int) -> list[int]:
     out: list[int] = []
     with contextlib.suppress(OSError):
@@ -643,6 +626,41 @@ def profile_block(title: str, summary: dict[str, Any], how: str) -> dict[str, An
     return {"title": title, "how": how, **summary}
 
 
+def profile_server(
+    pid: int, seconds: float, out: Path, load: Callable[[], object], title: str, during: str
+) -> dict[str, Any] | None:
+    """Sample the server ``pid`` with py-spy for ``seconds`` (to ``out``) while ``load``
+    runs; the profile block (``during`` says what the load was), None without py-spy."""
+    spy = profile_pid(pid, seconds, out)
+    if spy is None:
+        return None
+    time.sleep(0.3)
+    load()
+    with contextlib.suppress(Exception):
+        spy.wait(30)
+    how = f"py-spy record --pid <writ serve> --rate 250 --nonblocking, {during}"
+    return profile_block(title, summarize_pyspy(out, roles=SERVER_ROLES), how)
+
+
+def wait_answering(
+    proc: subprocess.Popen[bytes],
+    url: str,
+    what: str,
+    timeout: float,
+    ok: Callable[[httpx.Response], bool] = lambda _r: True,
+) -> None:
+    """Wait until GET ``url`` gets an answer ``ok`` accepts; RuntimeError when ``proc``
+    exits first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(httpx.TransportError):
+            if ok(httpx.get(url, timeout=1.0)):
+                return
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.05)
+
+
 # --- nginx (Debian's, run as a plain subprocess from a throw-away prefix) -------------------
 
 
@@ -731,21 +749,7 @@ def running_nginx(work: Path, upstream_url: str, static_dir: Path | None = None)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                httpx.get(url + "/healthz", timeout=1.0)
-                break
-            except httpx.TransportError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("nginx did not start") from None
-                time.sleep(0.05)
+        wait_answering(proc, url + "/healthz", "nginx", 10)
         yield Nginx(url, f"http://127.0.0.1:{static_port}", prefix, proc)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(3)  # SIGQUIT: graceful
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_server(proc, signal.SIGQUIT, timeout=10)  # graceful: workers finish their requests

@@ -15,10 +15,11 @@ import argparse
 import asyncio
 import contextlib
 import json
-import resource
 import sys
 import time
 import urllib.parse
+
+from ledger.fileio import raise_open_files_limit
 
 
 async def _hold(url: str, n: int, mode: str, parallel: int) -> None:
@@ -83,10 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mode", choices=("sse", "partial"), default="sse")
     ap.add_argument("--parallel", type=int, default=200, help="connections being opened at once")
     args = ap.parse_args(argv)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, max(soft, args.n + 1024)) if hard != resource.RLIM_INFINITY else args.n + 1024
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    raise_open_files_limit(args.n + 1024)
     try:
         import uvloop
 

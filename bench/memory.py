@@ -36,10 +36,10 @@ from bench.harness import (
     nginx_exe,
     python_exe,
     ref,
-    rss_kib,
     running_nginx,
     table,
 )
+from device_sim.measure import rss_kib
 
 COMMAND = "python -m bench.memory"
 TARGET_MB = 400

@@ -34,10 +34,10 @@ from bench.harness import (
     module_result,
     python_exe,
     ref,
-    rss_kib,
     run_json,
     table,
 )
+from device_sim.measure import rss_kib
 
 COMMAND = "python -m bench.propagation"
 PASSPHRASE_ENV = "WRIT_BENCH_PASSPHRASE"  # noqa: S105 - the name of a variable, not a secret

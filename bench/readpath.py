@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,6 @@ from typing import Any
 import httpx
 
 from bench.harness import (
-    SERVER_ROLES,
     Config,
     Result,
     figure,
@@ -43,13 +41,13 @@ from bench.harness import (
     module_main,
     module_result,
     nginx_exe,
-    profile_block,
-    profile_pid,
+    profile_server,
     ref,
     running_nginx,
-    summarize_pyspy,
     table,
+    wait_answering,
 )
+from device_sim.server_process import stop_server
 
 COMMAND = "python -m bench.readpath"
 CONNECTIONS = 64
@@ -135,24 +133,12 @@ def minimal_app(static: Path) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(url + "/checkpoint", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the minimal uvicorn app did not start")
-            time.sleep(0.05)
+        wait_answering(
+            proc, url + "/checkpoint", "the minimal uvicorn app", 20, lambda r: r.status_code == 200
+        )
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc, timeout=10)
 
 
 def run(cfg: Config) -> Result:
@@ -180,20 +166,16 @@ def run(cfg: Config) -> Result:
             v = [r["per_s"] for r in results["server"][path]]
             if statistics.median(v) < want or path != "/checkpoint":
                 out = cfg.work / f"readpath{path.replace('/', '_')}.raw"
-                spy = profile_pid(srv.pid, secs, out)
-                if spy is not None:
-                    time.sleep(0.3)
-                    load(srv.url + path, secs)
-                    with contextlib.suppress(Exception):
-                        spy.wait(30)
-                    res["profiles"].append(
-                        profile_block(
-                            f"writ serve under GET {path}",
-                            summarize_pyspy(out, roles=SERVER_ROLES),
-                            "py-spy record --pid <writ serve> --rate 250 --nonblocking, "
-                            f"{secs:.0f} s of the load",
-                        )
-                    )
+                block = profile_server(
+                    srv.pid,
+                    secs,
+                    out,
+                    lambda: load(srv.url + path, secs),  # noqa: B023 - called before the loop moves on
+                    f"writ serve under GET {path}",
+                    f"{secs:.0f} s of the load",
+                )
+                if block is not None:
+                    res["profiles"].append(block)
         if have_nginx:
             with running_nginx(cfg.work, srv.url, static) as ng:
                 measure("nginx", ng.url)

@@ -55,7 +55,7 @@ def report(state: LedgerState, now: int | None = None) -> AuditReport:
     active = revoked = 0
     roles: dict[str, int] = {}
     for g in state.grants.values():
-        if state.is_revoked(g.seq) or state.key_revoked(g.subject):
+        if state.is_withdrawn(g.seq):
             revoked += 1
         else:
             active += 1

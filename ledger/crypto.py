@@ -163,8 +163,3 @@ def verify_rate(items: Sequence[tuple[bytes, bytes, bytes, bytes]], threads: int
         t0 = time.perf_counter()
         check_many(items, pool, chunk=512)
         return len(items) / (time.perf_counter() - t0)
-
-
-def key_id_hex(public_key: bytes) -> str:
-    """A short printable fingerprint of a public key (not a protocol value)."""
-    return sha256(public_key).hex()[:16]

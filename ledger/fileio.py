@@ -1,7 +1,7 @@
 """Durable and private files: the one implementation every writer uses.
 
 Key files, share sheets, the CLI mirror, a device's state and evidence, the
-server's identity and log key all go through these four functions, so every
+server's identity and log key all go through these functions, so every
 one of them gets the same guarantees:
 
 - :func:`write_atomic` replaces a file so that a crash leaves the old or the
@@ -12,9 +12,15 @@ one of them gets the same guarantees:
 - :func:`create_private` creates a new file exclusively (never overwriting
   one: key material is never replaced by accident), with ``mode``, written
   and fsynced, the directory fsynced; on failure nothing is left behind.
+- :func:`write_at` truncates a file to ``offset`` and writes ``data`` there,
+  fsynced (an append-only file whose valid length is recorded elsewhere).
 - :func:`fsync_dir` makes a rename or a creation in ``directory`` durable.
 - :func:`read_capped` reads at most ``limit`` bytes: a file is never trusted
   to be small.
+
+:func:`raise_open_files_limit` lives here too: the one place that raises the
+process's open-files limit (a server holding an event stream per socket, a
+fleet, a benchmark or a load run holding thousands of connections).
 
 Failures raise the :class:`~ledger.errors.WritError` subclass the caller
 names (``error``), with the path and the OS's reason, never the content.
@@ -29,7 +35,14 @@ from pathlib import Path
 
 from .errors import UsageError, WritError
 
-__all__ = ["create_private", "fsync_dir", "read_capped", "write_atomic"]
+__all__ = [
+    "create_private",
+    "fsync_dir",
+    "raise_open_files_limit",
+    "read_capped",
+    "write_at",
+    "write_atomic",
+]
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
@@ -38,6 +51,13 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _fill(fd: int, data: bytes, mode: int) -> None:
+    """A new file's content: ``mode`` whatever the umask, all of ``data``, fsynced."""
+    os.fchmod(fd, mode)
+    _write_all(fd, data)
+    os.fsync(fd)
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -68,9 +88,7 @@ def write_atomic(
     try:
         fd = os.open(tmp, _CREATE, mode)
         try:
-            os.fchmod(fd, mode)
-            _write_all(fd, data)
-            os.fsync(fd)
+            _fill(fd, data, mode)
         finally:
             os.close(fd)
         os.replace(tmp, target)
@@ -83,6 +101,19 @@ def write_atomic(
             tmp.unlink()
         raise
     fsync_dir(target.parent)
+
+
+def write_at(path: str | os.PathLike[str], offset: int, data: bytes, *, mode: int = 0o600) -> None:
+    """Cut ``path`` (created with ``mode`` if missing) to ``offset`` bytes, write ``data``
+    there and fsync: whatever a crash left after ``offset`` is dropped. Raises OSError."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, mode)
+    try:
+        os.ftruncate(fd, offset)
+        os.lseek(fd, offset, os.SEEK_SET)
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def create_private(
@@ -106,9 +137,7 @@ def create_private(
     except OSError as exc:
         raise error(f"cannot create {what}{target}: {exc.strerror or exc}") from None
     try:
-        os.fchmod(fd, mode)
-        _write_all(fd, data)
-        os.fsync(fd)
+        _fill(fd, data, mode)
     except BaseException as exc:
         os.close(fd)
         with contextlib.suppress(OSError):
@@ -145,3 +174,24 @@ def read_capped(
     if len(data) > limit:
         raise error(f"the {name} {os.fspath(path)} is larger than {limit} bytes")
     return data
+
+
+def raise_open_files_limit(want: int | None = None) -> int:
+    """Raise this process's soft open-files limit (``RLIMIT_NOFILE``) towards
+    ``want``, or to the hard limit when ``want`` is None (2**20 where the hard
+    limit is infinite); never above the hard limit and never lowering it.
+    Returns the soft limit now in force, -1 where it cannot be read."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if want is None:
+            want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        elif hard != resource.RLIM_INFINITY:
+            want = min(want, hard)
+        if soft == resource.RLIM_INFINITY or soft >= want:
+            return int(soft)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        return int(want)
+    except (ImportError, ValueError, OSError):
+        return -1

@@ -50,7 +50,7 @@ from .errors import (
     VerificationError,
     WritError,
 )
-from .fileio import write_atomic
+from .fileio import write_at, write_atomic
 from .notes import parse_checkpoint_body, parse_note
 from .state import LedgerState
 from .tree import CompactRange, leaf_hash
@@ -335,10 +335,6 @@ class Mirror:
             len(fetched), new.size, new.root, accepted.timestamp if accepted is not None else None, warning
         )
 
-    def append_verified(self, new: LedgerState, raws: list[bytes]) -> None:
-        """Commit records already applied to ``new`` (a copy of this state)."""
-        self._commit(new, raws, self.view)
-
     def _commit(self, new: LedgerState, raws: Sequence[bytes], accepted: AcceptedView | None) -> None:
         if new.size == self.state.size and accepted == self.view and not self.new:
             return
@@ -348,18 +344,8 @@ class Mirror:
             raise StorageError(f"cannot write the mirror at {self.path}: {exc.strerror}") from None
 
     def _write(self, new: LedgerState, raws: Sequence[bytes], accepted: AcceptedView | None) -> None:
-        rec_file = self.path / "records.bin"
         blob = b"".join(_LEN.pack(len(r)) + r for r in raws)
-        fd = os.open(rec_file, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            os.ftruncate(fd, self.records_bytes)
-            os.lseek(fd, self.records_bytes, os.SEEK_SET)
-            view_ = memoryview(blob)
-            while view_:
-                view_ = view_[os.write(fd, view_) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_at(self.path / "records.bin", self.records_bytes, blob)
         nbytes = self.records_bytes + len(blob)
         snapshot = encoding.pack(
             [
@@ -376,7 +362,7 @@ class Mirror:
 
     def _evidence(self, exc: WritError, note: str | None, data: bytes | None = None) -> None:
         """Keep what a refused sync saw (best effort: never hides the error)."""
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, StorageError):
             ev = Evidence.from_error(
                 exc,
                 observed_at=int(time.time()),
@@ -386,7 +372,8 @@ class Mirror:
             d = self.path / "evidence"
             d.mkdir(exist_ok=True, mode=0o700)
             name = f"{ev.observed_at}-{ev.kind}-{os.getpid()}.json"
-            (d / name).write_text(json.dumps(ev.to_json(), indent=2) + "\n", encoding="utf-8")
+            body = (json.dumps(ev.to_json(), indent=2) + "\n").encode()
+            write_atomic(d / name, body, error=StorageError, what="the evidence ")
 
 
 def _lock(path: Path) -> int:

@@ -140,6 +140,12 @@ def check_role(value: object) -> str:
     return value
 
 
+def valid_between(not_before: int, not_after: int, now: int) -> bool:
+    """A grant's validity window (PROTOCOL 2): ``not_before <= now``, and before
+    ``not_after`` unless that is 0 (no expiry)."""
+    return not_before <= now and (not_after == 0 or now < not_after)
+
+
 def in_scope(credential_scope: str, device_scope: str) -> bool:
     """PROTOCOL 2: a credential of scope s is in scope on a device of scope d."""
     s, d = credential_scope, device_scope
@@ -165,6 +171,10 @@ class _Header:
     def fields(self) -> list[Any]:
         raise NotImplementedError
 
+    def _head(self, signer: int) -> list[Any]:
+        """The fields every body opens with (PROTOCOL 2): version, kind, seq, prev, time, signer."""
+        return [VERSION, int(self.KIND), self.seq, self.prev, self.time, signer]
+
     def encode(self) -> bytes:
         return encoding.pack(self.fields())
 
@@ -184,17 +194,7 @@ class Genesis(_Header):
         check_digest("next_root_digest", self.next_root_digest)
 
     def fields(self) -> list[Any]:
-        return [
-            VERSION,
-            int(self.KIND),
-            self.seq,
-            self.prev,
-            self.time,
-            self.signer,
-            self.origin,
-            self.root,
-            self.next_root_digest,
-        ]
+        return [*self._head(self.signer), self.origin, self.root, self.next_root_digest]
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,12 +221,7 @@ class Grant(_Header):
 
     def fields(self) -> list[Any]:
         return [
-            VERSION,
-            int(self.KIND),
-            self.seq,
-            self.prev,
-            self.time,
-            self.signer,
+            *self._head(self.signer),
             self.subject,
             self.role,
             self.scope,
@@ -236,7 +231,7 @@ class Grant(_Header):
         ]
 
     def valid_at(self, now: int) -> bool:
-        return self.not_before <= now and (self.not_after == 0 or now < self.not_after)
+        return valid_between(self.not_before, self.not_after, now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,16 +251,7 @@ class Revoke(_Header):
         check_uint("reason", self.reason)
 
     def fields(self) -> list[Any]:
-        return [
-            VERSION,
-            int(self.KIND),
-            self.seq,
-            self.prev,
-            self.time,
-            self.signer,
-            self.target,
-            self.reason,
-        ]
+        return [*self._head(self.signer), self.target, self.reason]
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,16 +267,7 @@ class Rotate(_Header):
         check_digest("next_root_digest", self.next_root_digest)
 
     def fields(self) -> list[Any]:
-        return [
-            VERSION,
-            int(self.KIND),
-            self.seq,
-            self.prev,
-            self.time,
-            self.signer,
-            self.new_root,
-            self.next_root_digest,
-        ]
+        return [*self._head(self.signer), self.new_root, self.next_root_digest]
 
 
 Body = Genesis | Grant | Revoke | Rotate

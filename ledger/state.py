@@ -60,7 +60,7 @@ class GrantInfo:
     leaf_hash: bytes
 
     def valid_at(self, now: int) -> bool:
-        return self.not_before <= now and (self.not_after == 0 or now < self.not_after)
+        return records.valid_between(self.not_before, self.not_after, now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,18 +258,14 @@ class LedgerState:
     def grant_active(self, seq: int, at: int) -> GrantInfo | None:
         """The kept grant ``seq`` when unrevoked (by id and key) and valid at ``at``."""
         g = self.grants.get(seq)
-        if g is None or seq in self.revoked or g.subject in self.revoked_keys or not g.valid_at(at):
+        if g is None or self.is_withdrawn(seq) or not g.valid_at(at):
             return None
         return g
 
     def active_keys(self, role: str) -> list[bytes]:
         """Subjects of unrevoked grants of ``role`` (validity windows ignored):
         for the log and witness keys a checkpoint may be signed with."""
-        return [
-            g.subject
-            for g in self.grants.values()
-            if g.role == role and g.seq not in self.revoked and g.subject not in self.revoked_keys
-        ]
+        return [g.subject for g in self.grants.values() if g.role == role and not self.is_withdrawn(g.seq)]
 
     def grants_named(self, name: str) -> list[GrantInfo]:
         return [g for g in self.grants.values() if g.name == name]
@@ -343,15 +339,8 @@ class LedgerState:
     def _step10_signer(self, env: Envelope) -> bytes:
         seq = env.seq
         if env.kind is Kind.REVOKE and env.signer != 0:
-            g = self.grants.get(env.signer)
-            if (
-                g is None
-                or not self.is_grant(env.signer)
-                or g.role != records.ROLE_REVOKER
-                or env.signer in self.revoked
-                or g.subject in self.revoked_keys
-                or not g.valid_at(env.time)
-            ):
+            g = self.grant_active(env.signer, env.time)
+            if g is None or not self.is_grant(env.signer) or g.role != records.ROLE_REVOKER:
                 raise UnauthorizedSigner(
                     f"signer {env.signer} is not an active revoker grant at this time", seq=seq
                 )

@@ -210,7 +210,7 @@ def _witness_keys(state: LedgerState) -> list[tuple[str, bytes]]:
     return [
         (g.name, g.subject)
         for g in state.grants.values()
-        if g.role == records.ROLE_WITNESS and not state.is_revoked(g.seq) and not state.key_revoked(g.subject)
+        if g.role == records.ROLE_WITNESS and not state.is_withdrawn(g.seq)
     ]
 
 

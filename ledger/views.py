@@ -29,7 +29,7 @@ def revocation_of(state: LedgerState, g: GrantInfo) -> tuple[Revocation, str] | 
 
 
 def status_of(state: LedgerState, g: GrantInfo, now: int) -> str:
-    if state.is_revoked(g.seq) or state.key_revoked(g.subject):
+    if state.is_withdrawn(g.seq):
         return "revoked"
     if g.not_after != 0 and now >= g.not_after:
         return "expired"

@@ -1,23 +1,24 @@
-"""Helpers shared by the reliability runners and tests: reading a server back, percentiles."""
+"""Helpers shared by the reliability runners and tests: reading a server back, the machine."""
 
 from __future__ import annotations
 
 import json
-import math
-import platform
+import secrets
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench.harness import Chain
-from device_sim.server_process import writ_command
+from bench.harness import machine as bench_machine
+from device_sim.server_process import run_writ, writ_command
 from ledger import encoding, notes, records, tiles
 from ledger.crypto import SeedSigner
+from ledger.records import Grant
+from ledger.state import LedgerState
 from ledger.tree import MerkleLevels, leaf_hash
 
 PAGE = 1000
@@ -27,6 +28,32 @@ def base_ledger(root: SeedSigner, origin: str, log_key: bytes) -> list[bytes]:
     """A new ledger's first records: the genesis signed by ``root`` and the grant of the log key."""
     chain = Chain(root, origin)
     return [chain.genesis().raw, chain.grant(log_key, records.ROLE_LOG, "log").raw]
+
+
+def grant_batch(
+    state: LedgerState, root: SeedSigner, names: Sequence[str]
+) -> tuple[LedgerState, list[bytes]]:
+    """One operator grant per name (to a fresh random key) signed by ``root`` on top of
+    ``state``: the state they lead to (a copy; ``state`` is untouched) and the records."""
+    work = state.copy()
+    raws: list[bytes] = []
+    for name in names:
+        t = max(int(time.time()), work.last_time)
+        body = Grant(work.size, work.root, t, secrets.token_bytes(32), records.ROLE_OPERATOR, "", name, 0, 0)
+        raw = records.sign(body, root)
+        work.apply(raw)
+        raws.append(raw)
+    return work, raws
+
+
+def init_server(data_dir: Path, root: SeedSigner, origin: str) -> bytes:
+    """``writ server init`` for a new ledger rooted at ``root``; the new log public key."""
+    code, doc, err = run_writ(
+        "server", "init", "--data", str(data_dir), "--anchor", root.public_key.hex(), "--origin", origin
+    )
+    if code != 0:
+        raise RuntimeError(f"writ server init failed: {doc} {err}")
+    return bytes.fromhex(doc["log_public_key"])
 
 
 def fetch_records(client: httpx.Client, url: str, start: int = 0) -> list[bytes]:
@@ -96,36 +123,10 @@ def writ_audit_data(data_dir: Path, anchor: bytes, timeout: float = 300.0) -> di
     return doc
 
 
-def percentiles(values: Sequence[float], ps: Sequence[float] = (50, 90, 99, 100)) -> dict[str, float]:
-    """Nearest-rank percentiles (``p100`` is the maximum); empty input gives NaN."""
-    s = sorted(values)
-    out: dict[str, float] = {}
-    for p in ps:
-        if not s:
-            out[f"p{p:g}"] = float("nan")
-            continue
-        k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))
-        out[f"p{p:g}"] = s[k]
-    return out
-
-
-@dataclass(frozen=True)
-class Machine:
-    cpus: int
-    python: str
-    system: str
-    date: str
-
-    def line(self) -> str:
-        return f"{self.date}, {self.cpus} CPUs, {self.system}, Python {self.python}"
-
-
-def machine() -> Machine:
-    import os
-
-    return Machine(
-        os.cpu_count() or 0,
-        platform.python_version(),
-        f"{platform.system()} {platform.release()}",
-        time.strftime("%Y-%m-%d"),
+def machine() -> str:
+    """The machine a run was made on, in one line (from the benchmarks' description)."""
+    m = bench_machine()
+    return (
+        f"{time.strftime('%Y-%m-%d')}, {m['cores']} CPUs ({m['cpu'] or '?'}), {m['memory_mib']} MiB, "
+        f"Linux {m['kernel']}, Python {m['python']}"
     )

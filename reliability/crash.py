@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import secrets
 import shutil
 import signal
 import sys
@@ -46,11 +45,12 @@ from typing import Any
 
 import httpx
 
-from device_sim.server_process import ServerProcess, run_writ, start_server, stop_server
-from ledger import encoding, records
+from bench.harness import post_records
+from device_sim.measure import percentiles
+from device_sim.server_process import ServerProcess, start_server, stop_server
+from ledger import encoding
 from ledger.audit import audit
 from ledger.crypto import SeedSigner, sha256
-from ledger.records import Grant
 from ledger.state import LedgerState
 from ledger.tiles import TILE_WIDTH
 from ledger.tree import MerkleLevels, leaf_hash
@@ -59,8 +59,9 @@ from .common import (
     base_ledger,
     check_tiles,
     fetch_records,
+    grant_batch,
+    init_server,
     machine,
-    percentiles,
     verify_checkpoint,
     writ_audit_data,
 )
@@ -137,17 +138,8 @@ class _Round:
         with httpx.Client(timeout=10.0) as client:
             while not self.stop.is_set():
                 k = 1 if rng.random() < 0.3 else rng.randint(10, 100)
-                work = state.copy()
-                raws: list[bytes] = []
-                for _ in range(k):
-                    t = max(int(time.time()), work.last_time)
-                    body = Grant(
-                        work.size, work.root, t, secrets.token_bytes(32), "operator", "", f"w{wid}-{n}", 0, 0
-                    )
-                    n += 1
-                    raw = records.sign(body, self.root)
-                    work.apply(raw)
-                    raws.append(raw)
+                work, raws = grant_batch(state, self.root, [f"w{wid}-{n + i}" for i in range(k)])
+                n += k
                 post = Post(raws, state.size)
                 with self.lock:
                     self.posts.append(post)
@@ -322,30 +314,11 @@ class CrashRunner:
 
     def run(self) -> CrashReport:
         t0 = time.monotonic()
-        code, doc, err = run_writ(
-            "server",
-            "init",
-            "--data",
-            str(self.data_dir),
-            "--anchor",
-            self.root.public_key.hex(),
-            "--origin",
-            ORIGIN,
-        )
-        if code != 0:
-            raise RuntimeError(f"writ server init failed: {doc} {err}")
-        self.log_key = bytes.fromhex(doc["log_public_key"])
+        self.log_key = init_server(self.data_dir, self.root, ORIGIN)
         srv = self._start()
         try:
             base = base_ledger(self.root, ORIGIN, self.log_key)
-            r = httpx.post(
-                srv.url + "/v1/records",
-                content=encoding.pack_records(base),
-                headers={"content-type": "application/msgpack"},
-            )
-            if r.status_code != 200:
-                raise RuntimeError(f"could not push the genesis: {r.status_code} {r.text}")
-            self.check(srv, [Post(base, 0, 200, r.json())])
+            self.check(srv, [Post(base, 0, 200, post_records(srv.url, base))])
             for k in range(1, self.kills + 1):
                 posts = self._one_round(srv)
                 stop_server(srv.process)  # already dead: closes its pipe
@@ -399,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     report = runner.run()
     out = report.to_json()
-    out["machine"] = machine().line()
+    out["machine"] = machine()
     print(json.dumps(out))
     if args.work_dir is None and not report.violations:
         shutil.rmtree(work, ignore_errors=True)

@@ -27,8 +27,6 @@ import asyncio
 import contextlib
 import json
 import random
-import resource
-import secrets
 import sys
 import tempfile
 import time
@@ -39,27 +37,27 @@ from typing import Any
 
 import httpx
 
-from device_sim.server_process import ServerProcess, run_writ, start_server, stop_server
-from ledger import encoding, records
+from bench.harness import post_records
+from device_sim.measure import peak_rss_kib, percentiles
+from device_sim.server_process import ServerProcess, start_server, stop_server
+from ledger import encoding
 from ledger.crypto import SeedSigner, sha256
-from ledger.records import Grant
+from ledger.fileio import raise_open_files_limit
 from ledger.state import LedgerState
 from ledger.tree import leaf_hash, mth
 
-from .common import base_ledger, fetch_records, machine, percentiles, verify_checkpoint, writ_audit_data
+from .common import (
+    base_ledger,
+    fetch_records,
+    grant_batch,
+    init_server,
+    machine,
+    verify_checkpoint,
+    writ_audit_data,
+)
 
 ORIGIN = "load.writ.example/ledger"
 MSGPACK = {"content-type": "application/msgpack"}
-
-
-def raise_nofile(want: int) -> int:
-    """Raise this process's open-files limit towards ``want`` (up to the hard limit); the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        return target
-    return soft
 
 
 @dataclass
@@ -258,23 +256,14 @@ class LoadRun:
         rng = random.Random(self.rng.getrandbits(32))
         async with httpx.AsyncClient(timeout=60.0) as client:
             state = LedgerState(self.root.public_key, origin=ORIGIN)
-            state.apply_all(await self._records(client, url, 0))
+            state.apply_all(await self._records(url, 0))
             n = 0
             for _ in range(1_000_000):
                 if stop.is_set():
                     return
                 k = 1 if rng.random() < 0.7 else rng.randint(2, 20)
-                work = state.copy()
-                raws = []
-                for _ in range(k):
-                    t = max(int(time.time()), work.last_time)
-                    body = Grant(
-                        work.size, work.root, t, secrets.token_bytes(32), "operator", "", f"l{wid}-{n}", 0, 0
-                    )
-                    n += 1
-                    raw = records.sign(body, self.root)
-                    work.apply(raw)
-                    raws.append(raw)
+                work, raws = grant_batch(state, self.root, [f"l{wid}-{n + i}" for i in range(k)])
+                n += k
                 t0 = loop.time()
                 try:
                     r = await client.post(
@@ -298,20 +287,19 @@ class LoadRun:
                         await asyncio.wait_for(stop.wait(), float(r.headers.get("retry-after", "1")))
                     continue
                 else:
-                    state.apply_all(await self._records(client, url, state.size))
+                    state.apply_all(await self._records(url, state.size))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.cfg.write_pause)
 
     @staticmethod
-    async def _records(client: httpx.AsyncClient, url: str, start: int) -> list[bytes]:
-        out: list[bytes] = []
-        while True:
-            r = await client.get(url + "/v1/records", params={"start": start + len(out), "limit": 1000})
-            r.raise_for_status()
-            page = encoding.unpack_records(r.content, max_count=1000)
-            out.extend(page)
-            if len(page) < 1000:
-                return out
+    async def _records(url: str, start: int) -> list[bytes]:
+        """The records from ``start`` on (a writer catching up), off the event loop."""
+
+        def fetch() -> list[bytes]:
+            with httpx.Client(timeout=60.0) as client:
+                return fetch_records(client, url, start)
+
+        return await asyncio.to_thread(fetch)
 
     # -- the run -------------------------------------------------------------
 
@@ -357,30 +345,16 @@ class LoadRun:
 
     def run(self) -> LoadReport:
         t0 = time.monotonic()
-        raise_nofile(self.cfg.sse + 1024)
-        code, doc, err = run_writ(
-            "server",
-            "init",
-            "--data",
-            str(self.data_dir),
-            "--anchor",
-            self.root.public_key.hex(),
-            "--origin",
-            ORIGIN,
-        )
-        if code != 0:
-            raise RuntimeError(f"writ server init failed: {doc} {err}")
-        self.log_key = bytes.fromhex(doc["log_public_key"])
+        raise_open_files_limit(self.cfg.sse + 1024)
+        self.log_key = init_server(self.data_dir, self.root, ORIGIN)
         srv = start_server(self.data_dir, ready_timeout=60.0, **self.cfg.server_flags())
         try:
             self.base = base_ledger(self.root, ORIGIN, self.log_key)
-            r = httpx.post(srv.url + "/v1/records", content=encoding.pack_records(self.base), headers=MSGPACK)
-            if r.status_code != 200:
-                raise RuntimeError(f"could not push the genesis: {r.status_code} {r.text}")
+            post_records(srv.url, self.base)
             self.acked.update(enumerate(self.base))
             self._run_loop(srv)
             self._check(srv)
-            self.report.server_peak_rss_mib = _peak_rss_mib(srv.process.pid)
+            self.report.server_peak_rss_mib = peak_rss_kib(srv.process.pid) / 1024
         finally:
             code_stop = stop_server(srv.process)
         if code_stop != 0:
@@ -464,16 +438,6 @@ class LoadRun:
             rep.violations.append(f"{rep.sse_missing_last} event streams never got the last checkpoint")
 
 
-def _peak_rss_mib(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m reliability.load", description=__doc__.split("\n\n")[0])
     d = LoadConfig()
@@ -509,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     report = LoadRun(work, cfg).run()
     out = report.to_json()
-    out["machine"] = machine().line()
+    out["machine"] = machine()
     print(json.dumps(out, indent=1))
     return 1 if report.violations else 0
 

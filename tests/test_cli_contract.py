@@ -23,7 +23,6 @@ import http.server
 import json
 import os
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -43,8 +42,10 @@ from tests.helpers.keys import SO_PIN, requires_softhsm
 from tests.helpers.server import (
     Mirror,
     RunningServer,
+    backup_data_dir,
     make_ledger,
     running_server,
+    served_records,
     stop_server,
     writ_command,
 )
@@ -247,7 +248,7 @@ def test_rotate_refused_by_the_server_removes_the_unused_sheets(env: Path, proxi
             def handle(self, h: http.server.BaseHTTPRequestHandler, method: str) -> None:
                 if method == "POST":
                     m = Mirror(root, ORIGIN)
-                    m.extend(fetch_records(srv.url))
+                    m.extend(served_records(srv.url))
                     post(srv.url, [m.grant(os.urandom(32), "operator", f"racer-{self.posts}")])
                     self.posts += 1
                 super().handle(h, method)
@@ -270,28 +271,7 @@ def load_root(path: Path) -> SeedSigner:
     return signer
 
 
-def fetch_records(url: str) -> list[bytes]:
-    out: list[bytes] = []
-    while True:
-        r = httpx.get(url + f"/v1/records?start={len(out)}", timeout=30)
-        page = encoding.unpack_records(r.content, max_count=1000)
-        if not page:
-            return out
-        out.extend(page)
-
-
 # --- #8: a truncated ledger -------------------------------------------------------------------
-
-
-def _copy_db(srv: RunningServer, into: Path) -> Path:
-    into.mkdir()
-    src = sqlite3.connect(srv.data_dir / "ledger.db")
-    dst = sqlite3.connect(into / "ledger.db")
-    src.backup(dst)
-    src.close()
-    dst.close()
-    shutil.copy(srv.data_dir / "server.json", into / "server.json")
-    return into
 
 
 def test_audit_of_a_truncated_ledger_names_the_first_missing_seq(
@@ -309,7 +289,7 @@ def test_audit_of_a_truncated_ledger_names_the_first_missing_seq(
     assert "record 4 is missing" in r.doc["message"]
 
     # --data: the last two rows deleted from a copy of the database
-    data = _copy_db(srv, env / "truncated")
+    data = backup_data_dir(srv.data_dir, env / "truncated")
     db = sqlite3.connect(data / "ledger.db")
     db.execute("DELETE FROM records WHERE seq >= 4")
     db.commit()

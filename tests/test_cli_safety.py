@@ -479,6 +479,17 @@ def test_server_init_on_a_file_or_an_impossible_path_is_a_clean_error(tmp_path: 
     assert f.read_text() == "x"
 
 
+def test_server_init_anchor_with_spaces_is_a_usage_error(tmp_path: Path) -> None:
+    """64 characters that are not 32 bytes of hex (``bytes.fromhex`` skips spaces: 22 bytes)
+    are refused as usage by the one hex parser, before anything is created."""
+    env = base_env(tmp_path)
+    data = tmp_path / "data"
+    for anchor in ("aa " * 20 + "aaaa", "zz" * 32, "ab" * 31):
+        r = run(env, "server", "init", "--data", data, "--anchor", anchor, "--origin", ORIGIN)
+        assert (r.code, r.doc["error"]) == (2, "usage") and "--anchor" in r.doc["message"], r.doc
+    assert not data.exists()
+
+
 async def test_server_init_failing_half_way_leaves_nothing_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

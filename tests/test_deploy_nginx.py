@@ -38,6 +38,7 @@ import httpx
 import pytest
 
 from api.main import build_parser
+from device_sim.server_process import stop_server as stop_process
 from ledger import encoding, messages, notes, records
 from ledger.crypto import SeedSigner
 from tests.helpers.server import (
@@ -151,13 +152,7 @@ def running_nginx(tmp: Path, upstream_url: str, *, edits: dict[str, str] | None 
                 time.sleep(0.05)
         yield Nginx(url, prefix, proc)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGQUIT)  # graceful: workers finish their requests
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, signal.SIGQUIT, timeout=10)  # graceful: workers finish their requests
         if proc.stderr is not None:
             proc.stderr.close()
 

@@ -102,3 +102,69 @@ def test_read_capped_refuses_a_file_larger_than_its_limit(tmp_path: Path) -> Non
         fileio.read_capped(tmp_path / "absent", 10)
     with pytest.raises(FileNotFoundError):
         fileio.read_capped(tmp_path / "absent", 10, missing_is_error=False)
+
+
+def test_write_at_drops_what_a_crash_left_after_the_offset(tmp_path: Path) -> None:
+    p = tmp_path / "records.bin"
+    fileio.write_at(p, 0, b"committed")
+    with p.open("ab") as fh:
+        fh.write(b"torn tail")  # written, never committed: the valid length is kept elsewhere
+    fileio.write_at(p, len(b"committed"), b"+next")
+    assert (p.read_bytes(), _mode(p)) == (b"committed+next", 0o600)
+
+
+class _Limits:
+    """A stand-in for RLIMIT_NOFILE: what getrlimit returns and what setrlimit was asked."""
+
+    def __init__(self, soft: int, hard: int, fail: bool = False) -> None:
+        self.soft, self.hard, self.fail = soft, hard, fail
+        self.set: list[tuple[int, int]] = []
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import resource
+
+        def setrlimit(_which: int, limits: tuple[int, int]) -> None:
+            if self.fail:
+                raise ValueError("not allowed")
+            self.set.append(limits)
+            self.soft = limits[0]
+
+        monkeypatch.setattr(resource, "getrlimit", lambda _which: (self.soft, self.hard))
+        monkeypatch.setattr(resource, "setrlimit", setrlimit)
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "want", "now", "asked"),
+    [
+        (1024, 4096, 65536, 4096, [(4096, 4096)]),  # capped at the hard limit
+        (1024, 4096, 2048, 2048, [(2048, 4096)]),  # as much as wanted
+        (8192, 8192, 2048, 8192, []),  # never lowered
+        (1024, 4096, None, 4096, [(4096, 4096)]),  # None: the hard limit
+    ],
+)
+def test_raise_open_files_limit_raises_within_the_hard_limit_and_never_lowers(
+    monkeypatch: pytest.MonkeyPatch,
+    soft: int,
+    hard: int,
+    want: int | None,
+    now: int,
+    asked: list[tuple[int, int]],
+) -> None:
+    limits = _Limits(soft, hard)
+    limits.install(monkeypatch)
+    assert fileio.raise_open_files_limit(want) == now
+    assert limits.set == asked
+
+
+def test_raise_open_files_limit_with_an_infinite_hard_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import resource
+
+    limits = _Limits(1024, resource.RLIM_INFINITY)
+    limits.install(monkeypatch)
+    assert fileio.raise_open_files_limit() == 1 << 20
+    assert fileio.raise_open_files_limit(1 << 30) == 1 << 30
+
+
+def test_raise_open_files_limit_refused_is_minus_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    _Limits(1024, 4096, fail=True).install(monkeypatch)
+    assert fileio.raise_open_files_limit(2048) == -1

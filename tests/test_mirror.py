@@ -313,20 +313,6 @@ def test_bytes_past_the_committed_length_are_ignored_and_overwritten(tmp_path: P
         assert m.read_records() == w.records
 
 
-def test_append_verified_commits_records_applied_to_a_copy(tmp_path: Path) -> None:
-    """What the signing tool does after the server accepted its record."""
-    story = LostTablet.build()
-    w = story.world
-    path = synced(tmp_path, w)
-    story.revoke()
-    with Mirror.open(path, None) as m:
-        new = m.state.copy()
-        new.apply(w.records[-1])
-        m.append_verified(new, [w.records[-1]])
-    with Mirror.open(path, None) as m:
-        assert m.state.is_revoked(story.seq) and m.read_records() == w.records
-
-
 # --- where mirrors live ----------------------------------------------------------------------------
 
 

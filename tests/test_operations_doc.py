@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import shutil
-import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers.server import RunningServer, start_server, stop_server, writ_command
+from tests.helpers.server import RunningServer, backup_data_dir, start_server, stop_server, writ_command
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "operations.md"
@@ -184,12 +182,7 @@ def test_every_writ_command_of_the_runbook_runs(scenario: Scenario) -> None:
             assert httpx.get(live.url + m.group(1), timeout=10).status_code == 200, m.group(1)
 
     # section 5: test a backup (an online copy stands in for last night's file)
-    (s.tmp / "check").mkdir()
-    src, dst = sqlite3.connect(live.data_dir / "ledger.db"), sqlite3.connect(s.tmp / "check" / "ledger.db")
-    src.backup(dst)
-    src.close()
-    dst.close()
-    shutil.copy(live.data_dir / "server.json", s.tmp / "check" / "server.json")
+    backup_data_dir(live.data_dir, s.tmp / "check")
     assert s.run(lines[1])["size"] == 4
 
     # section 7: the on-call revoker revokes a lost tablet

@@ -28,6 +28,7 @@ from tests.helpers.server import (
     make_ledger,
     run_writ,
     running_server,
+    served_records,
     start_server,
     stop_server,
 )
@@ -42,16 +43,6 @@ MSGPACK = {"content-type": "application/msgpack"}
 def push(url: str, raws: list[bytes], client: httpx.Client | None = None) -> httpx.Response:
     c = client or httpx
     return c.post(url + "/v1/records", content=encoding.pack_records(raws), headers=MSGPACK, timeout=30)
-
-
-def served_records(url: str) -> list[bytes]:
-    out: list[bytes] = []
-    while True:
-        r = httpx.get(url + "/v1/records", params={"start": len(out)}, timeout=30)
-        page = encoding.unpack_records(r.content, max_count=1000)
-        if not page:
-            return out
-        out.extend(page)
 
 
 def test_server_init_cli(tmp_path: Path) -> None:

@@ -79,9 +79,7 @@ def _fleet_mirror(root: SeedSigner, devices: int, revoked_operators: int) -> tup
 def _naive_spread(state: LedgerState, receipts: dict[int, ReceiptRow], rev_seq: int) -> tuple[int, int]:
     """(applied, total) counted from scratch: the definition the index must agree with."""
     active = [
-        g
-        for g in state.grants.values()
-        if g.role == records.ROLE_DEVICE and not state.is_revoked(g.seq) and not state.key_revoked(g.subject)
+        g for g in state.grants.values() if g.role == records.ROLE_DEVICE and not state.is_withdrawn(g.seq)
     ]
     applied = sum(1 for g in active if g.seq in receipts and receipts[g.seq].size > rev_seq)
     return applied, len(active)
@@ -199,11 +197,7 @@ def test_running_fleet_counts_agree_with_a_count_from_scratch(ops: list[tuple[st
     receipts: dict[int, ReceiptRow] = {}
 
     def active() -> list[int]:
-        return [
-            g.seq
-            for g in m.state.grants.values()
-            if not m.state.is_revoked(g.seq) and not m.state.key_revoked(g.subject)
-        ]
+        return [g.seq for g in m.state.grants.values() if not m.state.is_withdrawn(g.seq)]
 
     def check() -> None:
         index.sync(m.state, receipts)

@@ -58,8 +58,23 @@ AnyStorage = MemoryStorage | SqliteStorage
 # --- records: the writer's verified view ------------------------------------------
 
 
+class _Records:
+    """Records and the state they lead to (the fields of :class:`Batch` and :class:`Chain`)."""
+
+    state: LedgerState
+    records: list[SignedRecord]
+
+    @property
+    def head(self) -> Head:
+        return Head(self.state.size, self.state.root)
+
+    @property
+    def raws(self) -> list[bytes]:
+        return [r.raw for r in self.records]
+
+
 @dataclass
-class Batch:
+class Batch(_Records):
     """Records verified against ``expected`` and the state they lead to."""
 
     expected: Head
@@ -70,30 +85,14 @@ class Batch:
     def new_root(self) -> bytes:
         return self.state.root
 
-    @property
-    def head(self) -> Head:
-        return Head(self.state.size, self.state.root)
-
-    @property
-    def raws(self) -> list[bytes]:
-        return [r.raw for r in self.records]
-
 
 @dataclass
-class Chain:
+class Chain(_Records):
     """What the server knows: the state of every acknowledged record."""
 
     state: LedgerState = field(default_factory=lambda: LedgerState(V.anchor, origin=V.origin))
     records: list[SignedRecord] = field(default_factory=list)
     rng: random.Random = field(default_factory=lambda: random.Random(7))
-
-    @property
-    def head(self) -> Head:
-        return Head(self.state.size, self.state.root)
-
-    @property
-    def raws(self) -> list[bytes]:
-        return [r.raw for r in self.records]
 
     def vectors(self) -> Batch:
         """The ten records of ledger-v1.json (only onto an empty ledger)."""

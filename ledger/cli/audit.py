@@ -465,12 +465,6 @@ def _source_args(p: argparse.ArgumentParser, *, anchor_required: bool) -> None:
     )
 
 
-def _nat(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not an unsigned integer")
-    return int(text)
-
-
 def register(sub: Any) -> None:
     p = sub.add_parser("audit", help="verify a whole ledger from genesis with only the anchor")
     _source_args(p, anchor_required=True)
@@ -478,7 +472,7 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=cmd_audit)
 
     p = sub.add_parser("show", help="one record, decoded for humans")
-    p.add_argument("seq", type=_nat, metavar="SEQ", help="the record's seq")
+    p.add_argument("seq", type=common.uint_arg, metavar="SEQ", help="the record's seq")
     _source_args(p, anchor_required=False)
     p.set_defaults(handler=cmd_show)
 
@@ -487,5 +481,5 @@ def register(sub: Any) -> None:
     p.add_argument("--name", metavar="NAME", help="only records about grants of this name")
     p.add_argument("--role", metavar="ROLE", help="only records about grants of this role")
     p.add_argument("--kind", metavar="KIND", help="genesis, grant, revoke or rotate")
-    p.add_argument("--limit", type=_nat, metavar="N", help="only the last N matching records")
+    p.add_argument("--limit", type=common.uint_arg, metavar="N", help="only the last N matching records")
     p.set_defaults(handler=cmd_log)

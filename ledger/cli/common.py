@@ -129,6 +129,13 @@ def needs_subcommand(parser: argparse.ArgumentParser, choices: str) -> None:
 # --- hex and secrets --------------------------------------------------------
 
 
+def uint_arg(text: str) -> int:
+    """An argparse ``type``: an unsigned decimal integer (ASCII digits only)."""
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an unsigned integer")
+    return int(text)
+
+
 def parse_hex(text: str | None, size: int, what: str) -> bytes:
     """``size`` bytes of hex, or a :class:`UsageError` naming ``what``."""
     if text is None:
@@ -631,6 +638,21 @@ def open_mirror(
     if anchor is None and fallback is not None and not (path / "state.bin").exists():
         anchor = fallback
     return Mirror.open(path, anchor), note
+
+
+def synced_mirror(
+    stack: contextlib.ExitStack[Any],
+    args: argparse.Namespace,
+    client: Client,
+    *,
+    fallback: bytes | None = None,
+) -> Mirror:
+    """The mirror of ``client``'s ledger (anchor from the arguments or the environment,
+    ``fallback`` as in :func:`open_mirror`), closed with ``stack``, synced and verified."""
+    mirror, note = open_mirror(args, client, default_anchor(args), fallback=fallback)
+    stack.enter_context(mirror)
+    sync_mirror(mirror, client, note)
+    return mirror
 
 
 def sync_mirror(mirror: Mirror, client: Client, note: str | None = None) -> SyncResult:

@@ -46,7 +46,6 @@ from .common import (
 
 Sub = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
-_WORD = re.compile(r"^\s*(\d{1,2})\.\s+([a-z]+)", re.MULTILINE)
 _CELL = re.compile(r"(\d{1,2})\.\s+([a-z]+)")
 
 
@@ -426,10 +425,7 @@ def cmd_rotate(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         client = _WatchedClient(args.server)
         stack.enter_context(client)
-        anchor = common.default_anchor(args)
-        mirror, note = common.open_mirror(args, client, anchor)
-        stack.enter_context(mirror)
-        common.sync_mirror(mirror, client, note)
+        mirror = common.synced_mirror(stack, args, client)
         anchor = mirror.anchor
         succ = _RotateSigner(args, stack)
         pending = mirror.state.pending_digest

@@ -63,10 +63,6 @@ def credential_json(state: LedgerState, g: GrantInfo, now: int) -> dict[str, Any
     return credential(state, g, now, None)
 
 
-def _is_active(state: LedgerState, g: GrantInfo) -> bool:
-    return not state.is_withdrawn(g.seq)
-
-
 # --- what a grant may say (refused before anything is signed) ------------------------
 
 #: the furthest ahead a validity bound may be: more is a millisecond timestamp, or a typo
@@ -148,7 +144,7 @@ def grant_builder(args: argparse.Namespace, signer: Signer, found: list[int] | N
                 found.append(retry.seq)
             return []
         if not warned:
-            same = [g for g in state.grants_named(name) if _is_active(state, g)]
+            same = [g for g in state.grants_named(name) if not state.is_withdrawn(g.seq)]
             if same:
                 say(
                     f"writ: warning: {len(same)} unrevoked grant(s) already named {name!r}"
@@ -236,7 +232,7 @@ def _resolve_name(state: LedgerState, name: str) -> int:
     named = state.grants_named(name)
     if not named:
         refuse("unknown-name", f"no grant is named {name!r}", EXIT_USAGE, name=name)
-    active = [g for g in named if _is_active(state, g)]
+    active = [g for g in named if not state.is_withdrawn(g.seq)]
     if not active:
         refuse(
             "already-revoked",
@@ -295,12 +291,7 @@ def _online(
     with contextlib.ExitStack() as stack:
         client = stack.enter_context(Client(args.server))
         signer = stack.enter_context(common.open_key(args))
-        anchor = common.default_anchor(args)
-        mirror, note = common.open_mirror(
-            args, client, anchor, fallback=None if revoker else signer.public_key
-        )
-        stack.enter_context(mirror)
-        common.sync_mirror(mirror, client, note)
+        mirror = common.synced_mirror(stack, args, client, fallback=None if revoker else signer.public_key)
         return common.push_intent(mirror, client, make(signer), sync_first=False, ask=not args.yes)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -502,11 +493,8 @@ def cmd_push(args: argparse.Namespace) -> dict[str, Any]:
     first = rec.decode_unverified(raws[0]).body if _decodes(raws[0]) else None
     with contextlib.ExitStack() as stack:
         client = stack.enter_context(Client(args.server))
-        anchor = common.default_anchor(args)
         fallback = first.root if isinstance(first, Genesis) else None
-        mirror, note = common.open_mirror(args, client, anchor, fallback=fallback)
-        stack.enter_context(mirror)
-        common.sync_mirror(mirror, client, note)
+        mirror = common.synced_mirror(stack, args, client, fallback=fallback)
         state = mirror.state
         start = first.seq if first is not None else state.size
         if (
@@ -560,10 +548,7 @@ def _decodes(raw: bytes) -> bool:
 def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         client = stack.enter_context(Client(args.server))
-        anchor = common.default_anchor(args)
-        mirror, note = common.open_mirror(args, client, anchor)
-        stack.enter_context(mirror)
-        common.sync_mirror(mirror, client, note)
+        mirror = common.synced_mirror(stack, args, client)
         state = mirror.state
         now = int(time.time())
         q = args.query
@@ -651,10 +636,7 @@ def _print_status(creds: list[dict[str, Any]]) -> None:
 def cmd_bundle_export(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         client = stack.enter_context(Client(args.server))
-        anchor = common.default_anchor(args)
-        mirror, note = common.open_mirror(args, client, anchor)
-        stack.enter_context(mirror)
-        common.sync_mirror(mirror, client, note)
+        mirror = common.synced_mirror(stack, args, client)
         if mirror.view is None:
             refuse("untrusted-checkpoint", "the ledger has no verified checkpoint yet (no log key granted)")
         start = args.start or 0
@@ -739,11 +721,8 @@ def cmd_sign(args: argparse.Namespace) -> dict[str, Any]:
             anchor = common.default_anchor(args)
             mirror = stack.enter_context(Mirror.open(Path(args.mirror), anchor, create=False))
         else:
-            anchor = common.default_anchor(args)
-            mirror, note = common.open_mirror(args, client, anchor)
-            stack.enter_context(mirror)
             assert client is not None
-            common.sync_mirror(mirror, client, note)
+            mirror = common.synced_mirror(stack, args, client)
         state = mirror.state.copy()
         batch: list[bytes] = []
         if os.path.exists(args.out):
@@ -824,13 +803,13 @@ def _add_grant_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--not-before",
-        type=_uint,
+        type=common.uint_arg,
         metavar="UNIX",
         help="valid from this UNIX time in seconds (0 or absent: at once)",
     )
     p.add_argument(
         "--not-after",
-        type=_uint,
+        type=common.uint_arg,
         metavar="UNIX",
         help="valid until this UNIX time in seconds, in the future (0 or absent: no expiry)",
     )
@@ -847,12 +826,6 @@ def _add_revoke_args(p: argparse.ArgumentParser) -> None:
         help="unspecified, key_compromise, lost, superseded, retired",
     )
     p.add_argument("--revoker-key", metavar="FILE", help="sign as the revoker whose key this file holds")
-
-
-def _uint(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not an unsigned integer")
-    return int(text)
 
 
 _ANCHOR_HELP = "the ledger's anchor (default: $WRIT_ANCHOR, FILE.pub.json)"
@@ -905,7 +878,9 @@ def register(sub: Any) -> None:
     common.needs_subcommand(p, "export")
     e = bs.add_parser("export", help="write a verified bundle (records + checkpoint)")
     _add_server(e)
-    e.add_argument("--start", type=_uint, default=0, metavar="N", help="the first record to include")
+    e.add_argument(
+        "--start", type=common.uint_arg, default=0, metavar="N", help="the first record to include"
+    )
     e.add_argument("--out", required=True, metavar="FILE", help="the bundle file to write")
     e.set_defaults(handler=cmd_bundle_export)
 

@@ -134,7 +134,13 @@ def parse_pkcs11_uri(uri: str) -> Pkcs11Uri:
 
     where = {";": "path", "&": "query"}
 
-    def parts(text: str, separator: str) -> Iterator[tuple[str, str]]:
+    seen: set[str] = set()
+
+    def parts(
+        text: str, separator: str, chars: frozenset[str], known: frozenset[str]
+    ) -> Iterator[tuple[str, bytes]]:
+        """The (name, decoded value) of each known attribute of ``text``; a vendor
+        (``x-``) attribute goes to ``other``; repeated or unknown ones are refused."""
         if not text:
             return
         for position, item in enumerate(text.split(separator), start=1):
@@ -147,19 +153,19 @@ def parse_pkcs11_uri(uri: str) -> Pkcs11Uri:
                 raise UsageError(
                     f"part {position} of the PKCS#11 URI {where[separator]} has a malformed name"
                 )
-            yield name, raw
+            if name in seen:
+                raise UsageError(f"PKCS#11 URI attribute {name} is repeated")
+            seen.add(name)
+            value = _pct_decode(raw, chars, name)
+            if name.startswith("x-"):
+                other.append((name, _text(value, name)))
+            elif name not in known:
+                in_query = " query" if separator == "&" else ""
+                raise UsageError(f"unknown PKCS#11 URI{in_query} attribute {name}")
+            else:
+                yield name, value
 
-    seen: set[str] = set()
-    for name, raw in parts(path, ";"):
-        if name in seen:
-            raise UsageError(f"PKCS#11 URI attribute {name} is repeated")
-        seen.add(name)
-        value = _pct_decode(raw, _PATH_CHARS, name)
-        if name.startswith("x-"):
-            other.append((name, _text(value, name)))
-            continue
-        if name not in _PATH_ATTRS:
-            raise UsageError(f"unknown PKCS#11 URI attribute {name}")
+    for name, value in parts(path, ";", _PATH_CHARS, _PATH_ATTRS):
         if name == "id":
             if not value:
                 raise UsageError("PKCS#11 URI attribute id is empty")
@@ -178,16 +184,7 @@ def parse_pkcs11_uri(uri: str) -> Pkcs11Uri:
             values[name] = _text(value, name)
         else:  # library-*, slot-description, slot-manufacturer: accepted, not used for matching
             other.append((name, _text(value, name)))
-    for name, raw in parts(query, "&"):
-        if name in seen:
-            raise UsageError(f"PKCS#11 URI attribute {name} is repeated")
-        seen.add(name)
-        value = _pct_decode(raw, _QUERY_CHARS, name)
-        if name.startswith("x-"):
-            other.append((name, _text(value, name)))
-            continue
-        if name not in _QUERY_ATTRS:
-            raise UsageError(f"unknown PKCS#11 URI query attribute {name}")
+    for name, value in parts(query, "&", _QUERY_CHARS, _QUERY_ATTRS):
         if name == "pin-source":
             raise UsageError("pin-source is not supported in a PKCS#11 URI: pass the PIN with --pin-env")
         if name == "module-name":

@@ -52,6 +52,20 @@ def check_head(expected: object) -> Head:
     return expected
 
 
+def check_note_args(size: object, note: object) -> None:
+    """``put_checkpoint``'s arguments: a size and the note's text."""
+    check_seq("size", size)
+    if type(note) is not str:
+        raise StorageError("a checkpoint note is text")
+
+
+def check_batch(batch: object) -> int:
+    """``scan``'s batch size: a positive integer."""
+    if type(batch) is not int or batch < 1:
+        raise StorageError("batch must be a positive integer")
+    return batch
+
+
 def check_identity(origin: str, anchor: bytes, log_public_key: bytes) -> None:
     """``init``'s arguments: a valid origin, two 32-byte keys (InvalidField otherwise)."""
     check_origin(origin)

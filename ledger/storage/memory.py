@@ -9,11 +9,12 @@ from collections.abc import AsyncIterator, Sequence
 from ..errors import LedgerExists, LedgerMissing, StorageError
 from ..records import SignedRecord
 from .checks import (
+    check_batch,
     check_checkpoint,
     check_identity,
+    check_note_args,
     check_range,
     check_receipt,
-    check_seq,
     head_conflict,
     missing_records,
     prepare,
@@ -115,8 +116,7 @@ class MemoryStorage:
         return [raw for raw, _ in self._range(start, end)]
 
     async def scan(self, batch: int = 5000) -> AsyncIterator[list[tuple[int, bytes, bytes]]]:
-        if type(batch) is not int or batch < 1:
-            raise StorageError("batch must be a positive integer")
+        check_batch(batch)
         self._open()
         seqs = sorted(self._records)
         for i in range(0, len(seqs), batch):
@@ -136,9 +136,7 @@ class MemoryStorage:
         return [self._receipts[k] for k in sorted(self._receipts)]
 
     async def put_checkpoint(self, size: int, note: str) -> None:
-        check_seq("size", size)
-        if type(note) is not str:
-            raise StorageError("a checkpoint note is text")
+        check_note_args(size, note)
         check_checkpoint(size, self._current(), self._checkpoint[0] if self._checkpoint else None)
         self._checkpoint = (size, note)
 

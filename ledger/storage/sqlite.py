@@ -33,11 +33,12 @@ import aiosqlite
 from ..errors import LedgerExists, LedgerMissing, StorageError, WritError
 from ..records import SignedRecord
 from .checks import (
+    check_batch,
     check_checkpoint,
     check_identity,
+    check_note_args,
     check_range,
     check_receipt,
-    check_seq,
     head_conflict,
     missing_records,
     prepare,
@@ -341,8 +342,7 @@ class SqliteStorage:
         return [bytes(r[1]) for r in rows]
 
     async def scan(self, batch: int = 5000) -> AsyncIterator[list[tuple[int, bytes, bytes]]]:
-        if type(batch) is not int or batch < 1:
-            raise StorageError("batch must be a positive integer")
+        check_batch(batch)
         after = -1
         while True:
             async with self._lock:
@@ -392,9 +392,7 @@ class SqliteStorage:
         return [_receipt(r) for r in rows]
 
     async def put_checkpoint(self, size: int, note: str) -> None:
-        check_seq("size", size)
-        if type(note) is not str:
-            raise StorageError("a checkpoint note is text")
+        check_note_args(size, note)
         async with self._transaction("put_checkpoint") as db:
             head = await self._current()
             rows = await self._rows("SELECT size FROM checkpoint WHERE id = 0")

@@ -47,6 +47,15 @@ Stable API (other test modules use it):
     :mod:`device_sim.server_process` (shipped: ``writ demo`` uses it too), which
     also provides ``writ_command()``, ``run_writ(*args)`` and ``free_port()``,
     re-exported here.
+
+``served_records(url, start=0) -> list[bytes]``
+    Every record a real server serves from ``start`` on (``GET /v1/records``,
+    page by page, through :func:`reliability.common.fetch_records`).
+
+``backup_data_dir(data_dir, dest) -> dest``
+    A consistent online copy of a server's data directory (SQLite's backup
+    API for ``ledger.db``, and ``server.json``) into a new directory ``dest``:
+    what the backup script in docs/operations.md makes.
 """
 
 from __future__ import annotations
@@ -54,7 +63,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import shutil
 import signal
+import sqlite3
 import subprocess
 import tempfile
 import time as _time
@@ -369,3 +380,24 @@ def running_server(tmp_path: Path, anchor: bytes, origin: str, **flags: Any) -> 
         yield srv
     finally:
         stop_server(srv)
+
+
+def backup_data_dir(data_dir: Path, dest: Path) -> Path:
+    """A consistent copy of ``data_dir``'s ledger and identity in the new directory ``dest``."""
+    dest.mkdir()
+    src, dst = sqlite3.connect(data_dir / "ledger.db"), sqlite3.connect(dest / "ledger.db")
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+    shutil.copy(data_dir / "server.json", dest / "server.json")
+    return dest
+
+
+def served_records(url: str, start: int = 0) -> list[bytes]:
+    """Every record the server at ``url`` serves from ``start`` on."""
+    from reliability.common import fetch_records
+
+    with httpx.Client(timeout=30) as client:
+        return fetch_records(client, url, start)
