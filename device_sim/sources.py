@@ -36,7 +36,7 @@ from typing import Any, NamedTuple, Protocol
 
 import httpx
 
-from ledger import messages, tiles, view
+from ledger import compact, messages, tiles, view
 from ledger.errors import (
     BadMessage,
     BadNote,
@@ -538,22 +538,45 @@ def decode_event_json(
         raise BadMessage(f"an event payload is not JSON ({type(exc).__name__})") from None
 
 
+def _b64_records(recs: Any) -> list[bytes]:
+    """A JSON list of at most MAX_BUNDLE_RECORDS base64 strings, decoded (TypeError, binascii.Error)."""
+    if type(recs) is not list or len(recs) > messages.MAX_BUNDLE_RECORDS:
+        raise TypeError
+    if not all(type(r) is str for r in recs):
+        raise TypeError
+    return [base64.b64decode(r, validate=True) for r in recs]
+
+
 def _records_event(data: list[str]) -> tuple[int, list[bytes]]:
     """``{"start": S, "records": [base64, ...]}``, or BadMessage."""
     obj = decode_event_json(data)
     try:
-        start, recs = obj["start"], obj["records"]
-        if type(start) is not int or start < 0 or type(recs) is not list:
+        start = obj["start"]
+        if type(start) is not int or start < 0:
             raise TypeError
-        if len(recs) > messages.MAX_BUNDLE_RECORDS or not all(type(r) is str for r in recs):
-            raise TypeError
-        return start, [base64.b64decode(r, validate=True) for r in recs]
+        return start, _b64_records(obj["records"])
     except (ValueError, KeyError, TypeError, binascii.Error):
         raise BadMessage('a records event is not {"start": uint, "records": [base64, ...]}') from None
 
 
+_SIZE = re.compile(r"[0-9]{1,20}")
+
+
+def _compact_event(ev: _Event, prev: str | None) -> tuple[tuple[int, list[bytes]], str]:
+    """A compact event (``?format=compact``, :mod:`ledger.compact`) after one that
+    carried the note ``prev``: ((start, records), note), or BadMessage."""
+    if ev.id is None or _SIZE.fullmatch(ev.id) is None:
+        raise BadMessage("a compact event's id is not a tree size")
+    size = int(ev.id)
+    recs, note = compact.decode(prev, size, decode_event_json(ev.data))
+    if len(recs) > size:
+        raise BadMessage(f"a compact event of size {size} carries {len(recs)} records")
+    return (size - len(recs), recs), note
+
+
 class SseSource:
-    """Push: ``/v1/events?records=1``, reconnecting with jittered backoff.
+    """Push: ``/v1/events?format=compact`` (or ``?records=1`` with ``compact=False``),
+    reconnecting with jittered backoff.
 
     :meth:`updates` yields one :class:`Update` per checkpoint event, computed
     for the device's size at that moment (``have()``), which is also sent as
@@ -564,7 +587,10 @@ class SseSource:
     at ``have``) when one is given, so an unverified size never drives the
     download. Any event that fails to decode is hostile input: the
     connection is dropped, ``on_error`` told, and the client reconnects with
-    backoff; nothing an event holds ends the loop.
+    backoff; nothing an event holds ends the loop. Both event formats are
+    read whichever was asked for (a server without the compact format sends
+    the standard one): a compact event is the records event and the
+    checkpoint event in one.
     """
 
     def __init__(
@@ -574,6 +600,7 @@ class SseSource:
         *,
         tiles_source: HttpSource | None = None,
         records: bool = True,
+        compact: bool = True,
         timeout: float = DEFAULT_TIMEOUT,
         idle_timeout: float = 45.0,
         backoff: tuple[float, float] = (0.5, 30.0),
@@ -587,6 +614,7 @@ class SseSource:
             tiles_source if tiles_source is not None else HttpSource(client, base_url, timeout=timeout)
         )
         self.records = records
+        self.compact = compact
         self.timeout = timeout
         self.idle_timeout = idle_timeout
         self.backoff = backoff
@@ -616,7 +644,8 @@ class SseSource:
             delay = min(delay * 2, self.backoff[1])
 
     async def _connect(self, have: Callable[[], int]) -> AsyncIterator[Update]:
-        url = _url(self.base_url, "v1/events") + ("?records=1" if self.records else "")
+        query = "?format=compact" if self.compact else "?records=1" if self.records else ""
+        url = _url(self.base_url, "v1/events") + query
         headers = {**IDENTITY, "Accept": "text/event-stream", "Last-Event-ID": str(have())}
         t = httpx.Timeout(self.timeout, read=self.idle_timeout)
         self.connections += 1
@@ -627,6 +656,7 @@ class SseSource:
                         f"GET {url} answered HTTP {resp.status_code}", status=resp.status_code
                     )
                 pending: tuple[int, list[bytes]] | None = None
+                prev: str | None = None  # the note of this connection's last compact event
                 async for ev in _sse_events(resp, self.max_event):
                     self.bytes_received += sum(len(d) + 6 for d in ev.data)
                     if ev.event == "records":  # an undecodable one drops the connection (BadMessage)
@@ -634,6 +664,10 @@ class SseSource:
                     elif ev.event == "checkpoint":
                         note = "\n".join(ev.data) + "\n"
                         yield await self._update(have(), note, pending)
+                        pending = None
+                    elif ev.event == "message":  # compact: records and checkpoint in one event
+                        recs, prev = _compact_event(ev, prev)
+                        yield await self._update(have(), prev, recs if self.records else None)
                         pending = None
         except httpx.InvalidURL:
             raise UsageError(f"not a valid URL: {url!r}") from None
