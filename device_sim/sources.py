@@ -4,9 +4,11 @@ Every source yields :class:`Update` ``(start, records, note)`` values that go,
 unchanged, to :meth:`device_sim.device.Device.apply_update`: a source only
 fetches and frames bytes, it never decides what is valid.
 
-- :class:`HttpSource`: ``GET /checkpoint``, then the missing records through
-  tlog-tiles entry bundles (``/tile/entries/<N>[.p/<W>]``, full or partial by
-  the checkpoint's size, so any HTTP cache can serve them).
+- :class:`HttpSource`: ``GET /checkpoint``, then the missing records: a gap
+  smaller than a tile from ``GET /v1/records?start=S&limit=L`` (just what is
+  new), a larger one (catch-up) through tlog-tiles entry bundles
+  (``/tile/entries/<N>[.p/<W>]``, full or partial by the checkpoint's size,
+  so any HTTP cache can serve them).
 - :class:`SseSource`: ``GET /v1/events?records=1`` (Server-Sent Events): each
   checkpoint event, with the records the device lacks when the preceding
   ``records`` event carries them, otherwise fetched as tiles.
@@ -36,7 +38,7 @@ from typing import Any, NamedTuple, Protocol
 
 import httpx
 
-from ledger import compact, messages, tiles, view
+from ledger import compact, encoding, messages, tiles, view
 from ledger.errors import (
     BadMessage,
     BadNote,
@@ -77,6 +79,8 @@ MAX_CHECKPOINT = 64 * 1024
 #: a full entry bundle: 256 records of at most 600 bytes, each with a 2-byte length.
 MAX_ENTRY_BUNDLE = tiles.TILE_WIDTH * (2 + 600)
 MAX_SSE_EVENT = 2 * 1024 * 1024
+#: one record in a ``GET /v1/records`` answer: the record and its MessagePack ``bin`` header.
+_MAX_RECORD_ITEM = 3 + encoding.MAX_RECORD
 MAX_BUNDLE_FILE = messages.MAX_BUNDLE_RECORDS * 700 + 65536
 MAX_REPLY = 64 * 1024
 
@@ -261,6 +265,8 @@ class HttpSource:
         self.last_bad: bytes | None = None
         #: the last record stream ended early: the server had no such tile (404).
         self.ran_out = False
+        #: small gaps are read from ``GET /v1/records`` (until the server answers 404).
+        self.records_api = True
 
     async def _get(self, path: str, limit: int) -> bytes:
         body = await fetch_bytes(self.client, _url(self.base_url, path), limit=limit, timeout=self.timeout)
@@ -294,6 +300,24 @@ class HttpSource:
             return self._decode(full, await self._get(full, MAX_ENTRY_BUNDLE), tiles.TILE_WIDTH)[:width]
         return self._decode(tiles.entries_path(index, width), data, width)
 
+    async def _records_page(self, start: int, count: int) -> list[bytes] | None:
+        """Records ``start .. start+count-1`` from ``GET /v1/records`` (fewer: the
+        server has no more), or None when the server does not serve that path
+        (a plain tlog-tiles server: remembered, tiles from then on)."""
+        path = f"v1/records?start={start}&limit={count}"
+        try:
+            data = await self._get(path, count * _MAX_RECORD_ITEM + 5)
+        except HTTPStatusError as exc:
+            if exc.detail.get("status") not in (404, 405):
+                raise
+            self.records_api = False
+            return None
+        try:
+            return encoding.unpack_records(data, max_count=count, error=BadMessage)
+        except BadMessage as exc:
+            self.last_bad = data
+            raise BadMessage(f"/{path}: {exc.message}", path=path) from None
+
     async def _chunks(
         self, start: int, end: int, tree_size: int, window: Callable[[], int]
     ) -> AsyncGenerator[list[bytes], None]:
@@ -308,6 +332,13 @@ class HttpSource:
         w = tiles.TILE_WIDTH
         if not 0 <= start < end <= tree_size:
             return
+        if end - start < w and self.records_api:  # a small gap: just the new records
+            page = await self._records_page(start, end - start)
+            if page is not None:
+                self.ran_out = len(page) < end - start
+                if page:
+                    yield page
+                return
         index, last = start // w, (end - 1) // w
         flight: deque[tuple[int, asyncio.Task[list[bytes]]]] = deque()
         try:
