@@ -521,8 +521,6 @@ async def test_sse_compact_format_one_event_per_checkpoint_encoded_once(
     """``?format=compact``: one unnamed event per checkpoint, ``id: <size>``; the
     first a stream gets carries the note verbatim, later ones only its delta;
     streams in sync share one encoding (encoded once, not once per client)."""
-    from api.routes import events
-
     client, app = loaded
     calls: list[int] = []
     real = compact.encode
@@ -531,7 +529,7 @@ async def test_sse_compact_format_one_event_per_checkpoint_encoded_once(
         calls.append(size)
         return real(prev, note, size, recs)
 
-    monkeypatch.setattr(events.compact, "encode", counting)
+    monkeypatch.setattr(compact, "encode", counting)  # what api.routes.events calls
     m = next_mirror()
     grant = m.grant(os.urandom(32), "operator", "tablet-07")
     revoke = m.revoke(records.parse(grant).seq, reason=1)
