@@ -11,6 +11,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -600,21 +601,38 @@ def test_state_snapshot_is_canonical_for_equal_histories() -> None:
 # --- against the real server ------------------------------------------------------
 
 
-async def test_sources_against_the_real_server(tmp_path: Path) -> None:
-    """HttpSource, SseSource and receipts against api.app (in process)."""
+async def _real_ledger(client: Any, root: SeedSigner) -> tuple[Device, Any, int]:
+    """A device of ``root`` and a mirror holding the genesis and the server's log grant."""
     import time as _time
 
+    from tests.helpers.server import Mirror
+
+    log_key = bytes.fromhex((await client.get("/v1/ledger")).json()["log_public_key"])
+    now = int(_time.time())
+    dev = Device.create(root.public_key, ORIGIN, now=now, keep_roles={"operator"})
+    m = Mirror(root, ORIGIN)
+    m.genesis()
+    m.grant(log_key, "log", "log")
+    return dev, m, now
+
+
+async def _post_records(client: Any, raws: list[bytes]) -> None:
     from ledger import encoding
-    from tests.helpers.server import BASE_URL, Mirror, inprocess_server
+
+    r = await client.post(
+        "/v1/records", content=encoding.pack_records(raws), headers={"content-type": "application/msgpack"}
+    )
+    assert r.status_code == 200, r.text
+
+
+async def test_sources_against_the_real_server(tmp_path: Path) -> None:
+    """HttpSource, SseSource and receipts against api.app (in process)."""
+    from ledger import encoding
+    from tests.helpers.server import BASE_URL, inprocess_server
 
     root = signer("root")
     async with inprocess_server(tmp_path, root.public_key, ORIGIN) as (client, _app):
-        log_key = bytes.fromhex((await client.get("/v1/ledger")).json()["log_public_key"])
-        now = int(_time.time())
-        dev = Device.create(root.public_key, ORIGIN, now=now, keep_roles={"operator"})
-        m = Mirror(root, ORIGIN)
-        m.genesis()
-        m.grant(log_key, "log", "log")
+        dev, m, now = await _real_ledger(client, root)
         grant = m.grant(dev.public_key, "device", "plc-1")
         for i in range(300):
             m.grant(signer(f"op-{i}").public_key, "operator", f"op-{i}")
@@ -687,37 +705,21 @@ async def test_polling_device_in_sync_fetches_only_the_new_record(tmp_path: Path
     """A device in sync that polls downloads the checkpoint and the one new
     record (``GET /v1/records``), not the partial entry bundle of every record
     of its tile (24.5 KB in the sizes benchmark); catch-up still reads tiles."""
-    import time as _time
-
-    from ledger import encoding
-    from tests.helpers.server import BASE_URL, Mirror, inprocess_server
+    from tests.helpers.server import BASE_URL, inprocess_server
 
     root = signer("root")
     async with inprocess_server(tmp_path, root.public_key, ORIGIN) as (client, _app):
-        log_key = bytes.fromhex((await client.get("/v1/ledger")).json()["log_public_key"])
-        now = int(_time.time())
-        dev = Device.create(root.public_key, ORIGIN, now=now, keep_roles={"operator"})
-        m = Mirror(root, ORIGIN)
-        m.genesis()
-        m.grant(log_key, "log", "log")
+        dev, m, now = await _real_ledger(client, root)
         for i in range(150):
             m.grant(signer(f"op-{i}").public_key, "operator", f"op-{i}")
 
-        async def post(raws: list[bytes]) -> None:
-            r = await client.post(
-                "/v1/records",
-                content=encoding.pack_records(raws),
-                headers={"content-type": "application/msgpack"},
-            )
-            assert r.status_code == 200, r.text
-
-        await post(m.records)
+        await _post_records(client, m.records)
         src = HttpSource(client, BASE_URL)
         await source_sync(dev, src, now)  # catch-up: tiles
         assert dev.size == m.state.size and src.bytes_received > 150 * 100
         for target in (5, 6):
             m.revoke(target)
-            await post(m.records[-1:])
+            await _post_records(client, m.records[-1:])
             src.bytes_received = 0
             res = await source_sync(dev, src, now)
             assert res.size == m.state.size and not res.stale
@@ -726,6 +728,6 @@ async def test_polling_device_in_sync_fetches_only_the_new_record(tmp_path: Path
         tiles_only = HttpSource(client, BASE_URL)
         tiles_only.records_api = False
         m.revoke(7)
-        await post(m.records[-1:])
+        await _post_records(client, m.records[-1:])
         await source_sync(dev, tiles_only, now)
         assert tiles_only.bytes_received > 20 * src.bytes_received
