@@ -9,9 +9,10 @@ fetches and frames bytes, it never decides what is valid.
   new), a larger one (catch-up) through tlog-tiles entry bundles
   (``/tile/entries/<N>[.p/<W>]``, full or partial by the checkpoint's size,
   so any HTTP cache can serve them).
-- :class:`SseSource`: ``GET /v1/events?records=1`` (Server-Sent Events): each
-  checkpoint event, with the records the device lacks when the preceding
-  ``records`` event carries them, otherwise fetched as tiles.
+- :class:`SseSource`: ``GET /v1/events?format=compact`` (Server-Sent Events,
+  one event per checkpoint carrying the records the device lacks; the
+  standard ``?records=1`` events are read too), the records fetched as above
+  when an event does not carry them.
 - :class:`BundleSource`: a PROTOCOL section 7 sync bundle file.
 
 A hostile server gets nothing for free: every response is read with a byte
