@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ledger import compact, notes
 from ledger.errors import BadMessage, UntrustedCheckpoint
@@ -60,3 +62,22 @@ def test_a_delta_applied_to_the_wrong_size_yields_a_note_that_does_not_verify() 
 def test_malformed_compact_data_is_a_bad_message(prev: str | None, data: object) -> None:
     with pytest.raises(BadMessage):
         compact.decode(prev, 3, data)
+
+
+_W = _world(6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    old=st.integers(1, _W.size),
+    new=st.integers(1, _W.size),
+    carried=st.integers(0, 6),
+    whole=st.booleans(),
+)
+def test_any_event_decodes_to_what_was_encoded(old: int, new: int, carried: int, whole: bool) -> None:
+    """Whatever the previous note (or none) and however many records end at the size."""
+    prev = None if whole else _W.checkpoint(TS, old)
+    note = _W.checkpoint(TS + 1, new)
+    recs = _W.records[max(0, new - carried) : new]
+    data = json.loads(compact.encode(prev, note, new, recs))
+    assert compact.decode(prev, new, data) == (recs, note)
