@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 
 #: encoded ``records`` events kept for reuse: most streams ask for the same range.
 RECORDS_CACHE = 64
+#: encodings kept for the latest checkpoint: one per format, and for the compact
+#: one per start the streams catch up from (the streams in sync share one).
+ENCODINGS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +35,8 @@ class Broadcaster:
         self._changed = asyncio.Event()
         self.closed = False
         self.clients = 0
-        self._encoded: tuple[CheckpointEvent, bytes] | None = None
+        self._encoded_for: CheckpointEvent | None = None
+        self._encodings: OrderedDict[Hashable, asyncio.Future[bytes]] = OrderedDict()
         self.records_cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
 
     def publish(self, event: CheckpointEvent) -> None:
@@ -40,13 +44,23 @@ class Broadcaster:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    def encoded(self, event: CheckpointEvent, encode: Callable[[CheckpointEvent], bytes]) -> bytes:
-        """``encode(event)``, computed once per event for all the streams."""
-        cached = self._encoded
-        if cached is None or cached[0] is not event:
-            cached = (event, encode(event))
-            self._encoded = cached
-        return cached[1]
+    async def encoded(
+        self, event: CheckpointEvent, key: Hashable, encode: Callable[[], Awaitable[bytes]]
+    ) -> bytes:
+        """``encode()``: ``event`` in the encoding ``key`` (a format, and what
+        it depends on besides the event), computed once for all the streams:
+        concurrent streams wait for the first one's result. Only the latest
+        event's encodings are kept."""
+        if self._encoded_for is not event:
+            self._encoded_for, self._encodings = event, OrderedDict()
+        fut = self._encodings.get(key)
+        if fut is None or (fut.done() and (fut.cancelled() or fut.exception() is not None)):
+            fut = asyncio.ensure_future(encode())
+            self._encodings[key] = fut
+            while len(self._encodings) > ENCODINGS:
+                self._encodings.popitem(last=False)
+        # shielded: a stream that goes away does not cancel the others' encoding
+        return await asyncio.shield(fut)
 
     def cached_records(self, key: tuple[int, int]) -> bytes | None:
         return self.records_cache.get(key)

@@ -301,6 +301,14 @@ _PATHS: dict[str, Any] = {
                     "1: also send the missing records",
                     schema={"type": "string", "enum": ["0", "1"]},
                 ),
+                _q(
+                    "format",
+                    "compact (a Writ extension): one unnamed event per checkpoint, id the tree size, "
+                    'data ["<base85 entry bundle>", "<note>"] or, after the first, "<base85 blob>" '
+                    "(the root and signature payloads that changed since the stream's previous note, "
+                    "then the records); the records are those ending at the size, up to 256",
+                    schema={"type": "string", "enum": ["standard", "compact"], "default": "standard"},
+                ),
             ],
             "responses": {
                 "200": {

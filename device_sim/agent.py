@@ -4,7 +4,7 @@ It keeps one device directory current with the ledger so that anything
 reading the device's state (``device check``, ``device authorized-keys``
 for sshd) judges credentials against the newest verified view:
 
-- it follows ``/v1/events?records=1`` (Server-Sent Events), resuming with
+- it follows ``/v1/events?format=compact`` (Server-Sent Events), resuming with
   ``Last-Event-ID`` = the device's size, so the server's catch-up covers
   exactly the gap; each event's records and checkpoint are applied through
   :meth:`~device_sim.device.Device.apply` (verify, then commit atomically);

@@ -4,12 +4,15 @@ Every source yields :class:`Update` ``(start, records, note)`` values that go,
 unchanged, to :meth:`device_sim.device.Device.apply_update`: a source only
 fetches and frames bytes, it never decides what is valid.
 
-- :class:`HttpSource`: ``GET /checkpoint``, then the missing records through
-  tlog-tiles entry bundles (``/tile/entries/<N>[.p/<W>]``, full or partial by
-  the checkpoint's size, so any HTTP cache can serve them).
-- :class:`SseSource`: ``GET /v1/events?records=1`` (Server-Sent Events): each
-  checkpoint event, with the records the device lacks when the preceding
-  ``records`` event carries them, otherwise fetched as tiles.
+- :class:`HttpSource`: ``GET /checkpoint``, then the missing records: a gap
+  smaller than a tile from ``GET /v1/records?start=S&limit=L`` (just what is
+  new), a larger one (catch-up) through tlog-tiles entry bundles
+  (``/tile/entries/<N>[.p/<W>]``, full or partial by the checkpoint's size,
+  so any HTTP cache can serve them).
+- :class:`SseSource`: ``GET /v1/events?format=compact`` (Server-Sent Events,
+  one event per checkpoint carrying the records the device lacks; the
+  standard ``?records=1`` events are read too), the records fetched as above
+  when an event does not carry them.
 - :class:`BundleSource`: a PROTOCOL section 7 sync bundle file.
 
 A hostile server gets nothing for free: every response is read with a byte
@@ -36,7 +39,7 @@ from typing import Any, NamedTuple, Protocol
 
 import httpx
 
-from ledger import messages, tiles, view
+from ledger import compact, encoding, messages, tiles, view
 from ledger.errors import (
     BadMessage,
     BadNote,
@@ -77,6 +80,8 @@ MAX_CHECKPOINT = 64 * 1024
 #: a full entry bundle: 256 records of at most 600 bytes, each with a 2-byte length.
 MAX_ENTRY_BUNDLE = tiles.TILE_WIDTH * (2 + 600)
 MAX_SSE_EVENT = 2 * 1024 * 1024
+#: one record in a ``GET /v1/records`` answer: the record and its MessagePack ``bin`` header.
+_MAX_RECORD_ITEM = 3 + encoding.MAX_RECORD
 MAX_BUNDLE_FILE = messages.MAX_BUNDLE_RECORDS * 700 + 65536
 MAX_REPLY = 64 * 1024
 
@@ -261,6 +266,8 @@ class HttpSource:
         self.last_bad: bytes | None = None
         #: the last record stream ended early: the server had no such tile (404).
         self.ran_out = False
+        #: small gaps are read from ``GET /v1/records`` (until the server answers 404).
+        self.records_api = True
 
     async def _get(self, path: str, limit: int) -> bytes:
         body = await fetch_bytes(self.client, _url(self.base_url, path), limit=limit, timeout=self.timeout)
@@ -294,6 +301,24 @@ class HttpSource:
             return self._decode(full, await self._get(full, MAX_ENTRY_BUNDLE), tiles.TILE_WIDTH)[:width]
         return self._decode(tiles.entries_path(index, width), data, width)
 
+    async def _records_page(self, start: int, count: int) -> list[bytes] | None:
+        """Records ``start .. start+count-1`` from ``GET /v1/records`` (fewer: the
+        server has no more), or None when the server does not serve that path
+        (a plain tlog-tiles server: remembered, tiles from then on)."""
+        path = f"v1/records?start={start}&limit={count}"
+        try:
+            data = await self._get(path, count * _MAX_RECORD_ITEM + 5)
+        except HTTPStatusError as exc:
+            if exc.detail.get("status") not in (404, 405):
+                raise
+            self.records_api = False
+            return None
+        try:
+            return encoding.unpack_records(data, max_count=count, error=BadMessage)
+        except BadMessage as exc:
+            self.last_bad = data
+            raise BadMessage(f"/{path}: {exc.message}", path=path) from None
+
     async def _chunks(
         self, start: int, end: int, tree_size: int, window: Callable[[], int]
     ) -> AsyncGenerator[list[bytes], None]:
@@ -308,6 +333,13 @@ class HttpSource:
         w = tiles.TILE_WIDTH
         if not 0 <= start < end <= tree_size:
             return
+        if end - start < w and self.records_api:  # a small gap: just the new records
+            page = await self._records_page(start, end - start)
+            if page is not None:
+                self.ran_out = len(page) < end - start
+                if page:
+                    yield page
+                return
         index, last = start // w, (end - 1) // w
         flight: deque[tuple[int, asyncio.Task[list[bytes]]]] = deque()
         try:
@@ -538,22 +570,45 @@ def decode_event_json(
         raise BadMessage(f"an event payload is not JSON ({type(exc).__name__})") from None
 
 
+def _b64_records(recs: Any) -> list[bytes]:
+    """A JSON list of at most MAX_BUNDLE_RECORDS base64 strings, decoded (TypeError, binascii.Error)."""
+    if type(recs) is not list or len(recs) > messages.MAX_BUNDLE_RECORDS:
+        raise TypeError
+    if not all(type(r) is str for r in recs):
+        raise TypeError
+    return [base64.b64decode(r, validate=True) for r in recs]
+
+
 def _records_event(data: list[str]) -> tuple[int, list[bytes]]:
     """``{"start": S, "records": [base64, ...]}``, or BadMessage."""
     obj = decode_event_json(data)
     try:
-        start, recs = obj["start"], obj["records"]
-        if type(start) is not int or start < 0 or type(recs) is not list:
+        start = obj["start"]
+        if type(start) is not int or start < 0:
             raise TypeError
-        if len(recs) > messages.MAX_BUNDLE_RECORDS or not all(type(r) is str for r in recs):
-            raise TypeError
-        return start, [base64.b64decode(r, validate=True) for r in recs]
+        return start, _b64_records(obj["records"])
     except (ValueError, KeyError, TypeError, binascii.Error):
         raise BadMessage('a records event is not {"start": uint, "records": [base64, ...]}') from None
 
 
+_SIZE = re.compile(r"[0-9]{1,20}")
+
+
+def _compact_event(ev: _Event, prev: str | None) -> tuple[tuple[int, list[bytes]], str]:
+    """A compact event (``?format=compact``, :mod:`ledger.compact`) after one that
+    carried the note ``prev``: ((start, records), note), or BadMessage."""
+    if ev.id is None or _SIZE.fullmatch(ev.id) is None:
+        raise BadMessage("a compact event's id is not a tree size")
+    size = int(ev.id)
+    recs, note = compact.decode(prev, size, decode_event_json(ev.data))
+    if len(recs) > size:
+        raise BadMessage(f"a compact event of size {size} carries {len(recs)} records")
+    return (size - len(recs), recs), note
+
+
 class SseSource:
-    """Push: ``/v1/events?records=1``, reconnecting with jittered backoff.
+    """Push: ``/v1/events?format=compact`` (or ``?records=1`` with ``compact=False``),
+    reconnecting with jittered backoff.
 
     :meth:`updates` yields one :class:`Update` per checkpoint event, computed
     for the device's size at that moment (``have()``), which is also sent as
@@ -564,7 +619,10 @@ class SseSource:
     at ``have``) when one is given, so an unverified size never drives the
     download. Any event that fails to decode is hostile input: the
     connection is dropped, ``on_error`` told, and the client reconnects with
-    backoff; nothing an event holds ends the loop.
+    backoff; nothing an event holds ends the loop. Both event formats are
+    read whichever was asked for (a server without the compact format sends
+    the standard one): a compact event is the records event and the
+    checkpoint event in one.
     """
 
     def __init__(
@@ -574,6 +632,7 @@ class SseSource:
         *,
         tiles_source: HttpSource | None = None,
         records: bool = True,
+        compact: bool = True,
         timeout: float = DEFAULT_TIMEOUT,
         idle_timeout: float = 45.0,
         backoff: tuple[float, float] = (0.5, 30.0),
@@ -587,6 +646,7 @@ class SseSource:
             tiles_source if tiles_source is not None else HttpSource(client, base_url, timeout=timeout)
         )
         self.records = records
+        self.compact = compact
         self.timeout = timeout
         self.idle_timeout = idle_timeout
         self.backoff = backoff
@@ -616,7 +676,8 @@ class SseSource:
             delay = min(delay * 2, self.backoff[1])
 
     async def _connect(self, have: Callable[[], int]) -> AsyncIterator[Update]:
-        url = _url(self.base_url, "v1/events") + ("?records=1" if self.records else "")
+        query = "?format=compact" if self.compact else "?records=1" if self.records else ""
+        url = _url(self.base_url, "v1/events") + query
         headers = {**IDENTITY, "Accept": "text/event-stream", "Last-Event-ID": str(have())}
         t = httpx.Timeout(self.timeout, read=self.idle_timeout)
         self.connections += 1
@@ -627,6 +688,7 @@ class SseSource:
                         f"GET {url} answered HTTP {resp.status_code}", status=resp.status_code
                     )
                 pending: tuple[int, list[bytes]] | None = None
+                prev: str | None = None  # the note of this connection's last compact event
                 async for ev in _sse_events(resp, self.max_event):
                     self.bytes_received += sum(len(d) + 6 for d in ev.data)
                     if ev.event == "records":  # an undecodable one drops the connection (BadMessage)
@@ -634,6 +696,10 @@ class SseSource:
                     elif ev.event == "checkpoint":
                         note = "\n".join(ev.data) + "\n"
                         yield await self._update(have(), note, pending)
+                        pending = None
+                    elif ev.event == "message":  # compact: records and checkpoint in one event
+                        recs, prev = _compact_event(ev, prev)
+                        yield await self._update(have(), prev, recs if self.records else None)
                         pending = None
         except httpx.InvalidURL:
             raise UsageError(f"not a valid URL: {url!r}") from None

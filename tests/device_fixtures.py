@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from ledger import messages, notes, records, tiles
+from ledger import compact, messages, notes, records, tiles
 from ledger.crypto import SeedSigner, sha256
 from ledger.errors import WritError
 from ledger.records import Genesis, Grant, Revoke
@@ -169,6 +169,8 @@ class FakeLog:
     status: int | None = None
     drop_partial: bool = False
     events_records: bool = True
+    #: events in the compact format (``?format=compact``, :mod:`ledger.compact`) whatever was asked
+    events_compact: bool = False
     events_per_connection: int | None = None
     receipts: list[messages.Receipt] = field(default_factory=list)
     device_keys: dict[int, bytes] = field(default_factory=dict)
@@ -256,16 +258,23 @@ class FakeLog:
         last_id = headers.get("last-event-id")
         last = int(last_id) if last_id is not None and last_id.isdigit() else None
         sent = 0
+        prev: str | None = None
         while not self.closing:
             version = self._version
             size = len(self.records)
-            if self.events_records and last is not None and size > last:
-                recs = [base64.b64encode(r).decode() for r in self.records[last:size]]
-                yield (
-                    "event: records\ndata: " + json.dumps({"start": last, "records": recs}) + "\n\n"
-                ).encode()
-            lines = "".join(f"data: {line}\n" for line in self.note.rstrip("\n").split("\n"))
-            yield f": hb\nid: {size}\nevent: checkpoint\n{lines}\n".encode()
+            if self.events_compact:
+                fits = self.events_records and last is not None and 0 < size - last <= compact.MAX_RECORDS
+                data = compact.encode(prev, self.note, size, self.records[last:size] if fits else [])
+                yield f"id: {size}\ndata: {data}\n\n".encode()
+                prev = self.note
+            else:
+                if self.events_records and last is not None and size > last:
+                    recs = [base64.b64encode(r).decode() for r in self.records[last:size]]
+                    yield (
+                        "event: records\ndata: " + json.dumps({"start": last, "records": recs}) + "\n\n"
+                    ).encode()
+                lines = "".join(f"data: {line}\n" for line in self.note.rstrip("\n").split("\n"))
+                yield f": hb\nid: {size}\nevent: checkpoint\n{lines}\n".encode()
             last = size
             sent += 1
             if self.events_per_connection is not None and sent >= self.events_per_connection:

@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 
 from api.config import Limits
 from api.service import LedgerService
-from ledger import crypto, encoding, messages, notes, records, tiles, tree
+from ledger import compact, crypto, encoding, messages, notes, records, tiles, tree
 from ledger.crypto import SeedSigner
 from ledger.errors import BadKeyFile, CorruptLedger, StorageError
 from ledger.records import Grant
@@ -584,6 +584,81 @@ async def test_sse_catch_up_from_last_event_id(loaded: tuple[httpx.AsyncClient, 
         assert (ev.event, ev.id) == ("checkpoint", "10")  # nothing to catch up
     async with sse_stream(app, "/v1/events") as stream:  # no records without records=1
         assert (await stream.next_event()).event == "checkpoint"
+
+
+async def test_sse_compact_format_one_event_per_checkpoint_encoded_once(
+    loaded: tuple[httpx.AsyncClient, Starlette], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``?format=compact``: one unnamed event per checkpoint, ``id: <size>``; the
+    first a stream gets carries the note verbatim, later ones only its delta;
+    streams in sync share one encoding (encoded once, not once per client)."""
+    client, app = loaded
+    calls: list[int] = []
+    real = compact.encode
+
+    def counting(prev: str | None, note: str, size: int, recs: Sequence[bytes]) -> str:
+        calls.append(size)
+        return real(prev, note, size, recs)
+
+    monkeypatch.setattr(compact, "encode", counting)  # what api.routes.events calls
+    m = next_mirror()
+    grant = m.grant(os.urandom(32), "operator", "tablet-07")
+    revoke = m.revoke(records.parse(grant).seq, reason=1)
+    headers = {"Last-Event-ID": "10"}
+    async with (
+        sse_stream(app, "/v1/events?format=compact", headers) as a,
+        sse_stream(app, "/v1/events?format=compact", headers) as b,
+    ):
+        served = (await client.get("/checkpoint")).text
+        firsts = [await a.next_event(), await b.next_event()]
+        for ev in firsts:
+            assert (ev.event, ev.id) == (None, "10")
+            assert compact.decode(None, 10, json.loads(ev.data)) == ([], served)
+        assert firsts[0] == firsts[1] and calls == [10]
+        assert (await post(client, [grant])).status_code == 200
+        evs = [await a.next_event(), await b.next_event()]
+        assert evs[0] == evs[1] and evs[0].id == "11"
+        assert type(json.loads(evs[0].data)) is str  # the delta form
+        new = (await client.get("/checkpoint")).text
+        assert compact.decode(served, 11, json.loads(evs[0].data)) == ([grant], new)
+        notes.verify_checkpoint(new, V.origin, [service(app).signer.public_key])
+        assert (await post(client, [revoke])).status_code == 200
+        ev = await a.next_event()
+        assert compact.decode(new, 12, json.loads(ev.data))[0] == [revoke]
+        assert calls == [10, 11, 12]  # two streams, three checkpoints, three encodings
+    async with sse_stream(app, "/v1/events?format=compact", {"Last-Event-ID": "9"}) as c:
+        ev = await c.next_event()  # catch-up: its own encoding, the full form
+        recs, note = compact.decode(None, 12, json.loads(ev.data))
+        assert recs == [*V.records[9:], grant, revoke] and note == (await client.get("/checkpoint")).text
+    r = await client.get("/v1/events?format=tiny")
+    assert_problem(r, "bad-request", 400)
+
+
+async def test_sse_compact_event_of_one_revocation_is_under_400_bytes(
+    loaded: tuple[httpx.AsyncClient, Starlette],
+) -> None:
+    """A device in sync receives one revocation in one compact event of at most
+    400 bytes on the wire (chunked transfer framing included, no witnesses),
+    against some 600 for the standard records + checkpoint events."""
+    client, app = loaded
+    m = next_mirror()
+    grant = m.grant(os.urandom(32), "operator", "tablet-07")
+    assert (await post(client, [grant])).status_code == 200
+    revoke = m.revoke(records.parse(grant).seq, reason=1)
+    async with (
+        sse_stream(app, "/v1/events?format=compact", {"Last-Event-ID": "11"}) as cpt,
+        sse_stream(app, "/v1/events?records=1", {"Last-Event-ID": "11"}) as std,
+    ):
+        await cpt.next_event()
+        await std.next_event()
+        assert (await post(client, [revoke])).status_code == 200
+        ev = await cpt.next_event()
+        event = f"id: {ev.id}\ndata: {ev.data}\n\n".encode()
+        wire = len(event) + len(f"{len(event):x}\r\n\r\n")
+        rec, cp = await std.next_event(), await std.next_event()
+    lines = "".join(f"data: {line}\n" for line in cp.data.split("\n"))
+    old = len(f"event: records\ndata: {rec.data}\n\nid: {cp.id}\nevent: checkpoint\n{lines}\n".encode())
+    assert wire <= 400 < old, (wire, old)
 
 
 async def test_sse_heartbeat_resign_and_connection_cap(tmp_path: Path) -> None:

@@ -40,6 +40,10 @@ def test_quick_sizes_suite_writes_the_report(tmp_path: Path) -> None:
     assert 64 < figs["sizes.revoke_record"]["median"] < 600
     assert figs["sizes.revoke_record"]["comparable"]["value"] > 0  # a CRL entry, measured
     assert figs["sizes.download_sse"]["median"] > figs["sizes.revoke_record"]["median"]
+    # the compact SSE format: one revocation to a device in sync in at most 400 wire bytes
+    assert figs["sizes.revoke_record"]["median"] < figs["sizes.download_sse_compact"]["median"] <= 400
+    # polling in sync fetches the checkpoint and the new record, not the partial entry bundle
+    assert figs["sizes.download_poll"]["median"] < 1000 < figs["sizes.download_tiles"]["median"]
     assert figs["sizes.grant_record"]["comparable"]["value"] > 0  # an X.509 leaf, measured
     md = (tmp_path / "BENCHMARKS.md").read_text()
     assert "## Sizes on the wire and at rest" in md

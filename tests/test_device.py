@@ -11,11 +11,13 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from device_sim.device import MAX_EVIDENCE, Device
 from device_sim.sources import BundleSource, HttpSource, SseSource, Update
+from device_sim.sources import sync as source_sync
 from ledger import messages, records
 from ledger.crypto import SeedSigner
 from ledger.errors import (
@@ -599,21 +601,38 @@ def test_state_snapshot_is_canonical_for_equal_histories() -> None:
 # --- against the real server ------------------------------------------------------
 
 
-async def test_sources_against_the_real_server(tmp_path: Path) -> None:
-    """HttpSource, SseSource and receipts against api.app (in process)."""
+async def _real_ledger(client: Any, root: SeedSigner) -> tuple[Device, Any, int]:
+    """A device of ``root`` and a mirror holding the genesis and the server's log grant."""
     import time as _time
 
+    from tests.helpers.server import Mirror
+
+    log_key = bytes.fromhex((await client.get("/v1/ledger")).json()["log_public_key"])
+    now = int(_time.time())
+    dev = Device.create(root.public_key, ORIGIN, now=now, keep_roles={"operator"})
+    m = Mirror(root, ORIGIN)
+    m.genesis()
+    m.grant(log_key, "log", "log")
+    return dev, m, now
+
+
+async def _post_records(client: Any, raws: list[bytes]) -> None:
     from ledger import encoding
-    from tests.helpers.server import BASE_URL, Mirror, inprocess_server
+
+    r = await client.post(
+        "/v1/records", content=encoding.pack_records(raws), headers={"content-type": "application/msgpack"}
+    )
+    assert r.status_code == 200, r.text
+
+
+async def test_sources_against_the_real_server(tmp_path: Path) -> None:
+    """HttpSource, SseSource and receipts against api.app (in process)."""
+    from ledger import encoding
+    from tests.helpers.server import BASE_URL, inprocess_server
 
     root = signer("root")
     async with inprocess_server(tmp_path, root.public_key, ORIGIN) as (client, _app):
-        log_key = bytes.fromhex((await client.get("/v1/ledger")).json()["log_public_key"])
-        now = int(_time.time())
-        dev = Device.create(root.public_key, ORIGIN, now=now, keep_roles={"operator"})
-        m = Mirror(root, ORIGIN)
-        m.genesis()
-        m.grant(log_key, "log", "log")
+        dev, m, now = await _real_ledger(client, root)
         grant = m.grant(dev.public_key, "device", "plc-1")
         for i in range(300):
             m.grant(signer(f"op-{i}").public_key, "operator", f"op-{i}")
@@ -645,3 +664,70 @@ async def test_sources_against_the_real_server(tmp_path: Path) -> None:
         dev.apply(await src.fetch(dev.size), now)
         v = dev.check(messages.make_auth(tablet_grant, tablet, dev.public_key, dev.challenge(), now), now)
         assert (v.accepted, v.reason) == (False, "revoked")
+
+
+async def test_sse_compact_events_carry_records_and_note_deltas() -> None:
+    """``?format=compact``: each event brings the new records and the note (the
+    full note first, then deltas); nothing is fetched besides the stream, and a
+    server that sends no records gets the gap fetched (records, then tiles)."""
+    w = World()
+    log = FakeLog(events_compact=True)
+    log.publish(w, TS)
+    dev = new_device(w)
+    sizes: list[int] = []
+    async with log.client() as client:
+        sse = SseSource(client, "http://log.test", backoff=(0.01, 0.05))
+        gen = sse.updates(lambda: dev.size)
+        try:
+            sizes.append(dev.apply(await asyncio.wait_for(anext(gen), 5), NOW).size)
+            for i in range(2):
+                log.requests.clear()
+                w.grant(signer(f"c{i}").public_key, "operator", f"c{i}")
+                log.publish(w, TS + 1 + i)
+                up = await asyncio.wait_for(anext(gen), 5)
+                assert up.records == w.records[-1:] and up.note == log.note
+                sizes.append(dev.apply(up, NOW).size)
+                assert log.requests == []  # the stream alone
+            log.events_records = False  # no records in the events: the gap is fetched
+            w.revoke(dev.size - 1)
+            log.publish(w, TS + 5)
+            sizes.append(dev.apply(await asyncio.wait_for(anext(gen), 5), NOW).size)
+            assert "/v1/records" in log.requests and any(p.startswith("/tile/entries") for p in log.requests)
+        finally:
+            log.closing = True
+            log.notify()
+            await gen.aclose()
+    assert sse.connections == 1
+    assert sizes == [w.size - 3, w.size - 2, w.size - 1, w.size]
+
+
+async def test_polling_device_in_sync_fetches_only_the_new_record(tmp_path: Path) -> None:
+    """A device in sync that polls downloads the checkpoint and the one new
+    record (``GET /v1/records``), not the partial entry bundle of every record
+    of its tile (24.5 KB in the sizes benchmark); catch-up still reads tiles."""
+    from tests.helpers.server import BASE_URL, inprocess_server
+
+    root = signer("root")
+    async with inprocess_server(tmp_path, root.public_key, ORIGIN) as (client, _app):
+        dev, m, now = await _real_ledger(client, root)
+        for i in range(150):
+            m.grant(signer(f"op-{i}").public_key, "operator", f"op-{i}")
+
+        await _post_records(client, m.records)
+        src = HttpSource(client, BASE_URL)
+        await source_sync(dev, src, now)  # catch-up: tiles
+        assert dev.size == m.state.size and src.bytes_received > 150 * 100
+        for target in (5, 6):
+            m.revoke(target)
+            await _post_records(client, m.records[-1:])
+            src.bytes_received = 0
+            res = await source_sync(dev, src, now)
+            assert res.size == m.state.size and not res.stale
+            checkpoint = len((await client.get("/checkpoint")).content)
+            assert src.bytes_received <= checkpoint + len(m.records[-1]) + 8 < 1000
+        tiles_only = HttpSource(client, BASE_URL)
+        tiles_only.records_api = False
+        m.revoke(7)
+        await _post_records(client, m.records[-1:])
+        await source_sync(dev, tiles_only, now)
+        assert tiles_only.bytes_received > 20 * src.bytes_received

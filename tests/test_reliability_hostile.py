@@ -24,6 +24,7 @@ The device processes are independent, so the module runs them all at once
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import resource
@@ -42,7 +43,7 @@ import httpx
 import pytest
 
 from device_sim.sources import MAX_CHECKPOINT, MAX_ENTRY_BUNDLE, MAX_SSE_EVENT, SseSource
-from ledger import messages, tiles
+from ledger import compact, messages, tiles
 from ledger.errors import TransportError
 from reliability.hostile import (
     GZIP_HEAD,
@@ -698,4 +699,56 @@ async def test_malformed_events_drop_the_connection_and_the_client_recovers(payl
                 await gen.aclose()
     assert up.note == w.checkpoint(TS)
     assert errors and errors[0].__class__.__name__ in ("BadMessage", "ResponseTooLarge"), errors
+    assert sse.connections >= 2
+
+
+def _compact_event(ident: str, data: str) -> bytes:
+    return f"id: {ident}\ndata: {data}\n\n".encode("utf-8", "surrogateescape")
+
+
+_B85_BUNDLE = base64.b85encode(b"\x00\x03abc").decode()
+
+
+@pytest.mark.parametrize(
+    ("ident", "payload"),
+    [
+        ("0", deep_json(200_000)),
+        ("3", json.dumps(base64.b85encode(bytes(200)).decode())),
+        ("3", '["...", "x"]'),
+        ("3", json.dumps([base64.b85encode(b"\x00\x10ab").decode(), "x"])),
+        ("0", json.dumps([_B85_BUNDLE, "x"])),
+        ("-1", json.dumps(["", "x"])),
+        ("3", '{"records": [], "note": "x"}'),
+    ],
+    ids=[
+        "deep-nesting",
+        "delta-without-a-previous-note",
+        "not-base85",
+        "truncated-bundle",
+        "more-records-than-the-size",
+        "id-not-a-size",
+        "wrong-shape",
+    ],
+)
+async def test_malformed_compact_events_drop_the_connection_and_the_client_recovers(
+    ident: str, payload: str
+) -> None:
+    """The compact format goes through the same bounded decoder: any event
+    that does not decode drops the connection, is reported, and the next
+    connection delivers, over a real socket."""
+    w = World()
+    note = w.checkpoint(TS)
+    good = _compact_event(str(w.size), compact.encode(None, note, w.size, []))
+    behaviour = event_stream([_compact_event(ident, payload), good], [good])
+    errors: list[Exception] = []
+    with RawServer(behaviour) as srv:
+        async with httpx.AsyncClient() as client:
+            sse = SseSource(client, srv.url, backoff=(0.01, 0.02), on_error=errors.append)
+            gen = sse.updates(lambda: w.size)
+            try:
+                up = await asyncio.wait_for(anext(gen), 20)
+            finally:
+                await gen.aclose()
+    assert up.note == note
+    assert errors and errors[0].__class__.__name__ == "BadMessage", errors
     assert sse.connections >= 2

@@ -15,6 +15,15 @@ heartbeat interval. Over the connection cap, or over the per-address cap
 (``Limits.max_sse_per_address``, counted per client address: the forwarded one
 behind a trusted proxy; the trusted proxies' own addresses are not capped),
 ``503 overloaded``: one client cannot hold every slot.
+
+With ``?format=compact`` (a Writ extension, docs/protocol.md section "HTTP";
+the codec is :mod:`ledger.compact`) each checkpoint is one unnamed event,
+``id: <size>`` and one ``data:`` line: the records from the client's last
+known size (up to one entry bundle, else none: the client reads tiles) and
+the note, or only what changed since the note the stream sent before. Every
+format is encoded once per checkpoint for all the streams (the compact one
+once per start and previous note: once for all the streams in sync), not
+once per client.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from ledger import compact
 from ledger.errors import HttpProblem
 
 from ..broadcast import Broadcaster, CheckpointEvent
@@ -45,22 +55,63 @@ def checkpoint_event(ev: CheckpointEvent) -> bytes:
     return ("\n".join(out) + "\n\n").encode("utf-8")
 
 
+#: the ``format`` values of ``GET /v1/events``.
+FORMATS = ("standard", "compact")
+
+
+def _sendable(start: int | None, end: int, cap: int) -> int | None:
+    """``start`` if records ``[start, end)`` go in an event (1 to ``cap`` of them), else None."""
+    return start if start is not None and 0 <= start < end and end - start <= cap else None
+
+
+async def _records(svc: LedgerService, start: int | None, end: int, cap: int) -> list[bytes] | None:
+    """Records ``[start, end)``, or None: nothing to send, too many, or not all readable."""
+    start = _sendable(start, end, cap)
+    if start is None:
+        return None
+    raws = await svc.read_records(start, end)
+    return raws if len(raws) == end - start else None
+
+
+async def compact_event(
+    svc: LedgerService, hub: Broadcaster, ev: CheckpointEvent, start: int | None, prev: CheckpointEvent | None
+) -> bytes:
+    """The compact event of ``ev`` for a stream that knows ``start`` records and
+    was last sent ``prev``: encoded once for all the streams in that position."""
+    cap = compact.MAX_RECORDS
+
+    async def encode() -> bytes:
+        recs = await _records(svc, start, ev.size, cap)
+        data = compact.encode(prev.note if prev is not None else None, ev.note, ev.size, recs or [])
+        return f"id: {ev.size}\ndata: {data}\n\n".encode()
+
+    key = ("compact", _sendable(start, ev.size, cap), prev.note if prev is not None else None)
+    return await hub.encoded(ev, key, encode)
+
+
 async def records_event(svc: LedgerService, hub: Broadcaster, start: int, end: int, cap: int) -> bytes | None:
-    if end <= start or end - start > cap:
+    if _sendable(start, end, cap) is None:
         return None
     cached = hub.cached_records((start, end))
     if cached is not None:
         return cached
-    raws = await svc.read_records(start, end)
-    if len(raws) != end - start:
+    raws = await _records(svc, start, end, cap)
+    if raws is None:
         return None
-    data = json.dumps(
-        {"start": start, "records": [base64.b64encode(r).decode("ascii") for r in raws]},
-        separators=(",", ":"),
-    )
+    recs = [base64.b64encode(r).decode("ascii") for r in raws]
+    data = json.dumps({"start": start, "records": recs}, separators=(",", ":"))
     out = f"event: records\ndata: {data}\n\n".encode()
     hub.cache_records((start, end), out)
     return out
+
+
+async def standard_event(hub: Broadcaster, ev: CheckpointEvent) -> bytes:
+    """The standard checkpoint event of ``ev``, encoded once."""
+
+    async def encode() -> bytes:
+        return checkpoint_event(ev)
+
+    return await hub.encoded(ev, "standard", encode)
 
 
 def _since(request: Request) -> int | None:
@@ -100,6 +151,9 @@ async def get_events(request: Request) -> Response:
     if flag not in (None, "0", "1", "true", "false"):
         raise bad_request("records is 0 or 1")
     want_records = flag in ("1", "true")
+    fmt = c.query_str(request, "format") or "standard"
+    if fmt not in FORMATS:
+        raise bad_request("format is standard or compact")
     hub = svc.broadcaster
     assert hub is not None
     if hub.closed:
@@ -132,18 +186,23 @@ async def get_events(request: Request) -> Response:
 
     async def stream() -> AsyncIterator[bytes]:
         known = since
+        sent: CheckpointEvent | None = None  # the last event this stream sent (compact deltas)
         yield b"retry: 2000\n\n"
         while True:
             changed = hub.changed  # taken before reading latest: no publication is missed
             if hub.closed:
                 break
             ev = hub.latest
-            if want_records and known is not None and ev.size > known:
+            if fmt == "compact":
+                yield await compact_event(svc, hub, ev, known, sent)
+                known, sent = ev.size, ev
+            elif want_records and known is not None and ev.size > known:
                 rec = await records_event(svc, hub, known, ev.size, lim.max_page)
                 if rec is not None:
                     yield rec
-            yield hub.encoded(ev, checkpoint_event)
-            known = ev.size
+            if fmt == "standard":
+                yield await standard_event(hub, ev)
+                known = ev.size
             while True:
                 try:
                     await asyncio.wait_for(changed.wait(), lim.sse_heartbeat)
