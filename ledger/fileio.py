@@ -16,6 +16,10 @@ one of them gets the same guarantees:
 - :func:`read_capped` reads at most ``limit`` bytes: a file is never trusted
   to be small.
 
+:func:`raise_open_files_limit` lives here too: the one place that raises the
+process's open-files limit (a server holding an event stream per socket, a
+fleet, a benchmark or a load run holding thousands of connections).
+
 Failures raise the :class:`~ledger.errors.WritError` subclass the caller
 names (``error``), with the path and the OS's reason, never the content.
 """
@@ -29,7 +33,7 @@ from pathlib import Path
 
 from .errors import UsageError, WritError
 
-__all__ = ["create_private", "fsync_dir", "read_capped", "write_atomic"]
+__all__ = ["create_private", "fsync_dir", "raise_open_files_limit", "read_capped", "write_atomic"]
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
@@ -145,3 +149,24 @@ def read_capped(
     if len(data) > limit:
         raise error(f"the {name} {os.fspath(path)} is larger than {limit} bytes")
     return data
+
+
+def raise_open_files_limit(want: int | None = None) -> int:
+    """Raise this process's soft open-files limit (``RLIMIT_NOFILE``) towards
+    ``want``, or to the hard limit when ``want`` is None (2**20 where the hard
+    limit is infinite); never above the hard limit and never lowering it.
+    Returns the soft limit now in force, -1 where it cannot be read."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if want is None:
+            want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        elif hard != resource.RLIM_INFINITY:
+            want = min(want, hard)
+        if soft == resource.RLIM_INFINITY or soft >= want:
+            return int(soft)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        return int(want)
+    except (ImportError, ValueError, OSError):
+        return -1
