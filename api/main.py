@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from device_sim import demo
-from ledger.cli import audit, keys, receipts, records
+from ledger.cli import audit, keys, offline, receipts, records, status
 from ledger.cli import main as cli
 
 from . import cli as server
@@ -30,7 +30,9 @@ __all__ = ["GROUPS", "build_parser", "main", "run"]
 #: more import above and one more entry here.
 GROUPS: tuple[cli.Registrar, ...] = (
     keys.register,  # root init / recover, key init, rotate
-    records.register,  # genesis, grant, revoke, push, sign, bundle, mirror, status
+    records.register,  # genesis, grant, revoke, push
+    status.register,  # status
+    offline.register,  # bundle export, mirror import / status, sign
     audit.register,  # audit, show, log
     receipts.register,  # receipts import
     server.register,  # server init, serve

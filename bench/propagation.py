@@ -211,7 +211,7 @@ def run(cfg: Config) -> Result:
                 "Seconds after the server acknowledged the revoke. bytes/device: what the propagation cost "
                 "each device on the wire (a relay's bytes count once per device it feeds). The "
                 "fleet runs in one "
-                "process on the same 2 cores as the server; see device_sim/fleet.py for the bootstrap "
+                "process on the same 2 cores as the server; see device_sim/fleet/ for the bootstrap "
                 "('template') and push ('relays') models."
             ),
         )

@@ -381,7 +381,7 @@ def run_demo(
     seed: int | None = None,
 ) -> dict[str, Any]:
     """The whole demo (see the module docstring); the JSON the command prints."""
-    from .fleet import raise_open_files_limit
+    from ledger.fileio import raise_open_files_limit
 
     d = directory.absolute()
     reused = _prepare_dir(d, fresh)

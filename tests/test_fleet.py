@@ -1,4 +1,4 @@
-"""The simulated fleet (device_sim/fleet.py) against the real server and a hostile one.
+"""The simulated fleet (the device_sim.fleet package) against the real server and a hostile one.
 
 Scenarios, small N: the lost tablet over SSE (relay and one-socket-per-device
 models) and by polling; devices offline during the revoke and late starters
