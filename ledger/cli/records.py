@@ -536,7 +536,7 @@ def cmd_push(args: argparse.Namespace) -> dict[str, Any]:
                     " (nothing was appended)",
                 )
             raise
-        common._after_push(mirror, client)
+        common.writer_for(mirror, client).after_push()
         return {
             "seq": _last_seq(raws),
             "appended": answer.get("appended", len(raws)),
