@@ -315,7 +315,12 @@ class Client(BaseClient):
         for attempt in range(retries + 1):
             try:
                 with self._http.stream(
-                    method, self.url(path), params=params, content=content, headers=self.headers(headers)
+                    method,
+                    self.url(path),
+                    params=params,
+                    content=content,
+                    headers=self.headers(headers),
+                    follow_redirects=False,
                 ) as r:
                     reader = self.reader(r.headers, cap, f"the server's answer to {what}")
                     if r.is_stream_consumed:  # an in-memory transport (tests): the bytes are here already
