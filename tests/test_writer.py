@@ -129,7 +129,7 @@ def test_a_push_signs_on_the_synced_state_and_confirms_the_new_head() -> None:
 
 
 def test_a_stale_head_resyncs_and_resigns_once() -> None:
-    server, ledger, writer, said = world()
+    server, _, writer, said = world()
     server.before.append(lambda: server.append([grant(server.state, bytes([9]) * 32, "intruder")]))
     build, seen = one_grant("mine")
     pushed = writer.push(build)
@@ -150,7 +150,7 @@ def test_a_head_that_keeps_moving_is_refused_after_one_resign() -> None:
 
 
 def test_an_answer_lost_after_the_append_is_checked_back_not_resent() -> None:
-    server, ledger, writer, said = world()
+    server, _, writer, said = world()
     server.lose_answer = True
     pushed = writer.push(one_grant("once")[0])
     assert server.posts == 1 and len(server.raws) == 2  # not sent twice
