@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
-from .errors import RecordRejected, StaleHead, TransportError, WritError
+from .errors import Fork, RecordRejected, StaleHead, TransportError, WritError
 from .state import LedgerState
 
 __all__ = ["Builder", "LedgerClient", "Pushed", "VerifiedLedger", "Writer", "check_on_copy", "now_for"]
@@ -127,7 +127,11 @@ class Writer:
     the records are known to be appended (the CLI stops honouring Ctrl-C);
     ``say(text)`` gets the explanations; ``refuse(exc)`` gets a refusal of our
     own doing (a record the rules refuse, a head that keeps moving) and must
-    raise (default: raises ``exc``)."""
+    raise (default: raises ``exc``). ``strict``: a server whose new head is
+    not the one computed from our records, or that the ledger cannot verify
+    after the push, raises (:class:`~ledger.errors.Fork`, or what the sync
+    raised) instead of a warning: for programs that go on to build on that
+    head (the fleet); the CLI, whose records did land, warns."""
 
     def __init__(
         self,
@@ -139,6 +143,7 @@ class Writer:
         landed: Callable[[], None] | None = None,
         say: Callable[[str], None] = _quiet,
         refuse: Callable[[WritError], NoReturn] = _raise,
+        strict: bool = False,
     ) -> None:
         self.ledger = ledger
         self.client = client
@@ -147,6 +152,7 @@ class Writer:
         self.landed = landed if landed is not None else (lambda: None)
         self.say = say
         self.refuse = refuse
+        self.strict = strict
 
     def _default_sync(self) -> object:
         sync: Callable[[Any], object] = getattr(self.ledger, "sync")  # noqa: B009 (a Mirror's)
@@ -196,6 +202,8 @@ class Writer:
                 raise
             size, root = answer.get("size"), answer.get("root")
             if size == new.size and isinstance(root, str) and root != new.root.hex():
+                if self.strict:
+                    raise Fork("the server's head after our records is not the one computed from them")
                 self.say("writ: warning: the server's new root is not the one computed for these records")
             self.after_push()
             return Pushed(raws, new, answer, attempt == 1, posted, acked)
@@ -219,6 +227,8 @@ class Writer:
         try:
             self._default_sync()
         except WritError as exc:
+            if self.strict:
+                raise
             self.say(
                 "writ: warning: the record was appended, but the mirror could not verify the new head:"
                 f" {exc.message}"

@@ -11,7 +11,7 @@ import pytest
 
 from ledger import records
 from ledger.crypto import SeedSigner
-from ledger.errors import BadSignature, InvalidField, StaleHead, TransportError, WritError
+from ledger.errors import BadSignature, Fork, InvalidField, StaleHead, TransportError, WritError
 from ledger.state import LedgerState
 from ledger.writer import Builder, Writer
 
@@ -221,3 +221,20 @@ def test_confirm_may_refuse_before_anything_is_sent() -> None:
     with pytest.raises(InvalidField):
         writer.push(one_grant("asked")[0])
     assert server.posts == 0
+
+
+def test_a_strict_writer_refuses_a_head_other_than_the_one_computed() -> None:
+    """A server that answers another root for our records: the CLI warns (the records
+    landed), a strict writer (the fleet, which builds on that head) raises."""
+    server, ledger, _, said = world()
+    real = server.post_records
+
+    def lying(raws: list[bytes]) -> dict[str, Any]:
+        answer = real(raws)
+        return {**answer, "root": "00" * 32}
+
+    server.post_records = lying  # type: ignore[method-assign]
+    Writer(ledger, server, say=said.append).push(one_grant("warned")[0])
+    assert any("not the one computed" in s for s in said)
+    with pytest.raises(Fork):
+        Writer(ledger, server, strict=True).push(one_grant("refused", bytes([8]) * 32)[0])
