@@ -175,14 +175,12 @@ def cmd_check(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _post_receipt(url: str, body: bytes, timeout: float) -> tuple[int, Any]:
-    import httpx
+    from ledger.client import AsyncClient
 
-    from .sources import post_bytes
+    from .sources import MAX_REPLY
 
-    async with httpx.AsyncClient() as client:
-        return await post_bytes(
-            client, url.rstrip("/") + "/v1/receipts", body, "application/msgpack", timeout=timeout
-        )
+    async with AsyncClient(url.rstrip("/"), timeout=timeout) as http:
+        return await http.post("v1/receipts", body, "application/msgpack", cap=MAX_REPLY)
 
 
 def cmd_receipt(args: argparse.Namespace) -> dict[str, Any]:

@@ -221,14 +221,13 @@ def credentials_json(doc: Any, subject: bytes) -> list[Candidate]:
 
 async def fetch_grants(server: str, subject: bytes, *, timeout: float) -> list[Candidate]:
     """The holder's grants as the server lists them (``GET /v1/credentials?subject=``)."""
-    import httpx
+    from ledger.client import AsyncClient
 
-    from .sources import fetch_bytes
-
-    url = server.rstrip("/") + f"/v1/credentials?subject={subject.hex()}"
-    async with httpx.AsyncClient() as client:
-        body = await fetch_bytes(
-            client, url, limit=MAX_CREDENTIALS_REPLY, timeout=timeout, headers={"Accept": "application/json"}
+    async with AsyncClient(server.rstrip("/"), timeout=timeout) as http:
+        body = await http.get(
+            f"v1/credentials?subject={subject.hex()}",
+            cap=MAX_CREDENTIALS_REPLY,
+            headers={"Accept": "application/json"},
         )
     try:
         doc = json.loads(body)

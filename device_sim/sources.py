@@ -15,11 +15,14 @@ fetches and frames bytes, it never decides what is valid.
   when an event does not carry them.
 - :class:`BundleSource`: a PROTOCOL section 7 sync bundle file.
 
-A hostile server gets nothing for free: every response is read with a byte
-cap (:class:`~ledger.errors.ResponseTooLarge`) and a total deadline per
-request (a slow-loris server raises :class:`~ledger.errors.TransportError`
-instead of hanging the device); HTTP errors raise
-:class:`~ledger.errors.HTTPStatusError`; malformed data raises the
+Every request goes through the one fetch layer, the async face of
+:mod:`ledger.client`, so a hostile server gets nothing for free: every
+response is read with a byte cap (:class:`~ledger.errors.ResponseTooLarge`)
+and a total deadline per request (a slow-loris server raises
+:class:`~ledger.errors.TransportError` instead of hanging the device),
+redirects are refused, and an error answer raises what the one problem+json
+table says (:func:`ledger.client.problem_error`: an HTTP-level refusal is
+:class:`~ledger.errors.HTTPStatusError`); malformed data raises the
 verification error of the format (``bad-note``, ``bad-message``).
 """
 
@@ -40,6 +43,7 @@ from typing import Any, NamedTuple, Protocol
 import httpx
 
 from ledger import compact, encoding, messages, tiles, view
+from ledger.client import AsyncClient
 from ledger.errors import (
     BadMessage,
     BadNote,
@@ -51,7 +55,6 @@ from ledger.errors import (
     WritError,
 )
 from ledger.records import parse as parse_record
-from ledger.transport import IDENTITY, BoundedBody
 from ledger.view import Evidence
 
 from .device import Device, PendingUpdate, SyncResult
@@ -144,57 +147,6 @@ def _in_place(raw: bytes, seq: int) -> bool:
         return False
 
 
-def _url(base_url: str, path: str) -> str:
-    return base_url.rstrip("/") + "/" + path.lstrip("/")
-
-
-async def _read_limited(resp: httpx.Response, limit: int, what: str) -> bytes:
-    length = resp.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise ResponseTooLarge(f"{what} announces {length} bytes, more than the {limit} allowed", limit=limit)
-    body = BoundedBody(resp.headers.get("content-encoding"), limit, what)
-    if resp.is_stream_consumed:  # an in-memory response (a test or in-process transport): already read
-        return body.decoded(resp.content)
-    async for chunk in resp.aiter_raw():
-        body.feed(chunk)
-    return body.finish()
-
-
-def _problem_type(body: bytes) -> str | None:
-    try:
-        obj = json.loads(body[:MAX_REPLY])
-    except ValueError:
-        return None
-    t = obj.get("type") if isinstance(obj, dict) else None
-    return t.rsplit(":", 1)[-1] if isinstance(t, str) and t else None
-
-
-async def _request(
-    client: httpx.AsyncClient,
-    method: str,
-    url: str,
-    *,
-    limit: int,
-    timeout: float,
-    headers: dict[str, str] | None = None,
-    content: bytes | None = None,
-) -> tuple[int, bytes]:
-    """One request with a total deadline and a byte cap; (status, body).
-    Transport failures raise TransportError (ResponseTooLarge for the cap)."""
-    try:
-        async with asyncio.timeout(timeout):
-            headers = {**IDENTITY, **(headers or {})}
-            async with client.stream(method, url, headers=headers, content=content, timeout=timeout) as resp:
-                body = await _read_limited(resp, limit, f"{method} {url}")
-                return resp.status_code, body
-    except TimeoutError:
-        raise TransportError(f"{method} {url} did not finish within {timeout:g} s", url=url) from None
-    except httpx.InvalidURL:
-        raise UsageError(f"not a valid URL: {url!r}") from None
-    except httpx.HTTPError as exc:
-        raise TransportError(f"{method} {url} failed: {type(exc).__name__}", url=url) from None
-
-
 async def fetch_bytes(
     client: httpx.AsyncClient,
     url: str,
@@ -203,13 +155,9 @@ async def fetch_bytes(
     timeout: float = DEFAULT_TIMEOUT,
     headers: dict[str, str] | None = None,
 ) -> bytes:
-    """GET ``url``: the body of a 200 answer, at most ``limit`` bytes, within ``timeout`` seconds."""
-    status, body = await _request(client, "GET", url, limit=limit, timeout=timeout, headers=headers)
-    if status != 200:
-        raise HTTPStatusError(
-            f"GET {url} answered HTTP {status}", status=status, url=url, problem=_problem_type(body)
-        )
-    return body
+    """GET ``url``: the body of a 2xx answer, at most ``limit`` bytes, within ``timeout`` seconds
+    (:meth:`ledger.client.AsyncClient.get` over ``client``)."""
+    return await AsyncClient(http=client, timeout=timeout).get(url, cap=limit, headers=headers)
 
 
 async def post_bytes(
@@ -220,20 +168,9 @@ async def post_bytes(
     *,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> tuple[int, Any]:
-    """POST ``content``: (status, decoded JSON answer or None)."""
-    status, body = await _request(
-        client,
-        "POST",
-        url,
-        limit=MAX_REPLY,
-        timeout=timeout,
-        headers={"Content-Type": content_type, "Accept": "application/json"},
-        content=content,
-    )
-    try:
-        return status, json.loads(body)
-    except ValueError:
-        return status, None
+    """POST ``content``: (status, decoded JSON answer or None)
+    (:meth:`ledger.client.AsyncClient.post` over ``client``)."""
+    return await AsyncClient(http=client, timeout=timeout).post(url, content, content_type, cap=MAX_REPLY)
 
 
 def _decode_note(data: bytes) -> str:
@@ -257,6 +194,7 @@ class HttpSource:
     ) -> None:
         self.client = client
         self.base_url = base_url
+        self.http = AsyncClient(base_url, http=client, timeout=timeout)
         self.timeout = timeout
         self.max_checkpoint = max_checkpoint
         self.parallel = max(1, parallel)
@@ -270,7 +208,7 @@ class HttpSource:
         self.records_api = True
 
     async def _get(self, path: str, limit: int) -> bytes:
-        body = await fetch_bytes(self.client, _url(self.base_url, path), limit=limit, timeout=self.timeout)
+        body = await self.http.get(path, cap=limit, timeout=self.timeout)
         self.bytes_received += len(body)
         return body
 
@@ -677,34 +615,25 @@ class SseSource:
 
     async def _connect(self, have: Callable[[], int]) -> AsyncIterator[Update]:
         query = "?format=compact" if self.compact else "?records=1" if self.records else ""
-        url = _url(self.base_url, "v1/events") + query
-        headers = {**IDENTITY, "Accept": "text/event-stream", "Last-Event-ID": str(have())}
-        t = httpx.Timeout(self.timeout, read=self.idle_timeout)
+        path = "v1/events" + query
+        headers = {"Accept": "text/event-stream", "Last-Event-ID": str(have())}
+        http = AsyncClient(self.base_url, http=self.client, timeout=self.timeout)
         self.connections += 1
-        try:
-            async with self.client.stream("GET", url, headers=headers, timeout=t) as resp:
-                if resp.status_code != 200:
-                    raise HTTPStatusError(
-                        f"GET {url} answered HTTP {resp.status_code}", status=resp.status_code
-                    )
-                pending: tuple[int, list[bytes]] | None = None
-                prev: str | None = None  # the note of this connection's last compact event
-                async for ev in _sse_events(resp, self.max_event):
-                    self.bytes_received += sum(len(d) + 6 for d in ev.data)
-                    if ev.event == "records":  # an undecodable one drops the connection (BadMessage)
-                        pending = _records_event(ev.data) if self.records else None
-                    elif ev.event == "checkpoint":
-                        note = "\n".join(ev.data) + "\n"
-                        yield await self._update(have(), note, pending)
-                        pending = None
-                    elif ev.event == "message":  # compact: records and checkpoint in one event
-                        recs, prev = _compact_event(ev, prev)
-                        yield await self._update(have(), prev, recs if self.records else None)
-                        pending = None
-        except httpx.InvalidURL:
-            raise UsageError(f"not a valid URL: {url!r}") from None
-        except httpx.HTTPError as exc:
-            raise TransportError(f"GET {url} failed: {type(exc).__name__}", url=url) from None
+        async with http.stream(path, headers=headers, idle=self.idle_timeout) as resp:
+            pending: tuple[int, list[bytes]] | None = None
+            prev: str | None = None  # the note of this connection's last compact event
+            async for ev in _sse_events(resp, self.max_event):
+                self.bytes_received += sum(len(d) + 6 for d in ev.data)
+                if ev.event == "records":  # an undecodable one drops the connection (BadMessage)
+                    pending = _records_event(ev.data) if self.records else None
+                elif ev.event == "checkpoint":
+                    note = "\n".join(ev.data) + "\n"
+                    yield await self._update(have(), note, pending)
+                    pending = None
+                elif ev.event == "message":  # compact: records and checkpoint in one event
+                    recs, prev = _compact_event(ev, prev)
+                    yield await self._update(have(), prev, recs if self.records else None)
+                    pending = None
 
     async def _update(self, have: int, note: str, pending: tuple[int, list[bytes]] | None) -> Update:
         try:

@@ -52,16 +52,8 @@ class Clock:
 
 def _agent(dev: Device, log: FakeLog, **kw: Any) -> tuple[Agent, io.StringIO]:
     out = io.StringIO()
-    agent = Agent(
-        dev,
-        "http://log.test",
-        client=log.client(),
-        log=out,
-        clock=Clock(NOW),
-        backoff=(0.01, 0.05),
-        poll_interval=0.05,
-        **kw,
-    )
+    opts: dict[str, Any] = {"backoff": (0.01, 0.05), "poll_interval": 0.05, **kw}
+    agent = Agent(dev, "http://log.test", client=log.client(), log=out, clock=Clock(NOW), **opts)
     return agent, out
 
 
@@ -179,7 +171,8 @@ async def test_a_full_disk_mid_apply_changes_nothing_and_the_agent_retries(
     dev, _ = _device(tmp_path, w)
     log = FakeLog()
     log.publish(w, TS)
-    agent, out = _agent(dev, log)
+    # the retry comes a quarter of a second later at the soonest: the failed attempt's state can be read
+    agent, out = _agent(dev, log, backoff=(0.5, 1.0))
     real = device_mod.atomic_write
     failures = [1]
 

@@ -415,15 +415,15 @@ def test_declined_rotate_leaves_no_new_sheets_and_no_new_key(world: World) -> No
 
 _SLOW_AFTER = """
 import sys, time
-import ledger.cli.common as common
+import ledger.writer as writer
 import ledger.cli.main as main
 import api.main as root
 where = sys.argv.pop(1)
 if where == "landed":
-    real = common._after_push
+    real = writer.Writer.after_push
     def slow(*a):
         sys.stderr.write("LANDED\\n"); sys.stderr.flush(); time.sleep(1.5); real(*a)
-    common._after_push = slow
+    writer.Writer.after_push = slow
 else:
     real_emit = main.emit
     def slow_emit(obj):

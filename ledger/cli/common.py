@@ -1,9 +1,12 @@
-"""What every integrator command shares: key sources, secrets, hex, HTTP, the
-verified mirror sync, and the sign-check-push loop.
+"""What every integrator command shares: argument glue (key sources, secrets,
+hex, files), the verified mirror sync, and the hooks of the writer engine.
 
 Nothing here decides whether a record is valid: that is
 :meth:`ledger.state.LedgerState.apply`, run on a copy of the verified mirror
-before anything is pushed. This module does the I/O around it.
+before anything is pushed. The HTTP client is :mod:`ledger.client` (the one
+fetch layer) and the sign-push-confirm loop :mod:`ledger.writer` (the one
+writer engine); this module passes them the CLI's hooks (the terminal
+prompt, Ctrl-C, messages, exit codes).
 
 Tests point the HTTP client at an in-process app by setting
 :data:`client_factory` (a callable ``base_url -> httpx.Client``, for example a
@@ -19,38 +22,33 @@ import json
 import os
 import re
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, cast
 
 import httpx
 
 from .. import records as rec
+from .. import writer
+from ..client import PAGE as PAGE
+from ..client import Client as HttpClient
+from ..client import normalise_server as normalise_server
+from ..client import parse_json as parse_json
 from ..crypto import Signer
+from ..describe import describe as describe
+from ..describe import utc_iso as utc_iso
 from ..encoding import MAX_RECORD, pack_records, unpack_records
-from ..errors import (
-    BadMessage,
-    Declined,
-    HTTPStatusError,
-    RecordRejected,
-    ResponseTooLarge,
-    StorageError,
-    TransportError,
-    UsageError,
-    VerificationError,
-    WeakPassphrase,
-    WritError,
-    by_type,
-)
+from ..errors import BadMessage, Declined, RecordRejected, UsageError, WeakPassphrase, WritError
 from ..fileio import create_private, read_capped
 from ..fileio import write_atomic as write_atomic  # re-exported for the command modules
 from ..progress import stage
 from ..redact import redact
 from ..signers.file import MIN_PASSPHRASE
 from ..state import LedgerState
-from ..transport import IDENTITY, BoundedBody
+from ..writer import Builder as Builder
+from ..writer import Pushed as Pushed
+from ..writer import Writer
+from ..writer import now_for as now_for
 from .main import EXIT_FAILED, EXIT_USAGE, CommandFailed, hold_interrupts
 
 if TYPE_CHECKING:
@@ -61,18 +59,10 @@ Cost = Literal["interactive", "moderate", "sensitive"]
 #: a hook for tests: ``base_url -> httpx.Client``; the CLI never closes what it returns.
 client_factory: Callable[[str], httpx.Client] | None = None
 
-PAGE = 1000
 #: a sync of fewer new records than this is quick: no progress line
 SYNC_QUIET = 2 * PAGE
-CONNECT_TIMEOUT = 5.0
-READ_TIMEOUT = 30.0
-CAP_NOTE = 1 << 20
-CAP_RECORDS = PAGE * MAX_RECORD + 64 * 1024
-CAP_JSON = 16 << 20
-USER_AGENT = "writ-cli/0.1"
 
 _HEX = re.compile(r"[0-9a-fA-F]*")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 # --- human output -----------------------------------------------------------
@@ -390,209 +380,13 @@ def write_records_file(path: str, raws: list[bytes]) -> None:
 # --- HTTP ---------------------------------------------------------------------
 
 
-def _clean(text: object, limit: int = 300) -> str:
-    s = redact(_CONTROL.sub(" ", str(text)))
-    return s if len(s) <= limit else s[: limit - 1] + "…"
-
-
-def normalise_server(url: str | None) -> str:
-    if not url:
-        raise UsageError("--server URL is required")
-    u = url.strip().rstrip("/")
-    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", u):
-        raise UsageError(f"--server must be an http:// or https:// URL, not {redact(_clean(url, 80))!r}")
-    return u
-
-
-class Client:
-    """A small, strict client of the Writ HTTP API (timeouts, size caps, errors)."""
+class Client(HttpClient):
+    """The ``writ`` commands' client: :class:`ledger.client.Client` (the one fetch layer),
+    over :data:`client_factory`'s ``httpx.Client`` when a test set one."""
 
     def __init__(self, server: str) -> None:
-        self.base = normalise_server(server)
-        self.shown = redact(self.base)  # what messages name: never a password in the URL
-        if client_factory is not None:
-            self._http = client_factory(self.base)
-            self._owns = False
-        else:
-            self._http = httpx.Client(
-                timeout=httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT),
-                follow_redirects=False,
-                headers={"User-Agent": USER_AGENT},
-                trust_env=False,
-            )
-            self._owns = True
-
-    def close(self) -> None:
-        if self._owns:
-            self._http.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- transport ------------------------------------------------------------
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        cap: int,
-        params: dict[str, Any] | None = None,
-        content: bytes | None = None,
-        headers: dict[str, str] | None = None,
-        retries: int = 2,
-        retry_on: tuple[int, ...] = (429, 503),
-    ) -> tuple[int, httpx.Headers, bytes]:
-        url = self.base + path
-        for attempt in range(retries + 1):
-            try:
-                with self._http.stream(
-                    method, url, params=params, content=content, headers={**IDENTITY, **(headers or {})}
-                ) as r:
-                    declared = r.headers.get("content-length")
-                    if declared is not None and declared.isdigit() and int(declared) > cap:
-                        raise ResponseTooLarge(f"the server's answer to {path} is larger than {cap} bytes")
-                    reader = BoundedBody(
-                        r.headers.get("content-encoding"), cap, f"the server's answer to {path}"
-                    )
-                    if r.is_stream_consumed:  # an in-memory transport (tests): the bytes are here already
-                        body = reader.decoded(r.content)
-                    else:
-                        for chunk in r.iter_raw():
-                            reader.feed(chunk)
-                        body = reader.finish()
-                    status, hdrs = r.status_code, r.headers
-            except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
-                raise UsageError(f"bad server URL: {_clean(exc, 120)}") from None
-            except httpx.TimeoutException:
-                raise TransportError(f"the server at {self.shown} did not answer in time") from None
-            except httpx.HTTPError as exc:
-                raise TransportError(
-                    f"the server at {self.shown} is unreachable ({type(exc).__name__}: {_clean(exc, 120)})"
-                ) from None
-            except OSError as exc:
-                raise TransportError(
-                    f"the server at {self.shown} is unreachable ({_clean(exc, 120)})"
-                ) from None
-            if status in retry_on and attempt < retries:
-                wait = _retry_after(hdrs.get("retry-after"))
-                if wait is not None:
-                    time.sleep(wait)
-                    continue
-            if status >= 400:
-                raise problem_error(status, hdrs.get("content-type", ""), bytes(body), path)
-            return status, hdrs, bytes(body)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def get_json(self, path: str, params: dict[str, Any] | None = None, *, cap: int = CAP_JSON) -> Any:
-        _, _, body = self.request("GET", path, params=params, cap=cap, headers={"Accept": "application/json"})
-        return _json(body, path)
-
-    # -- the API --------------------------------------------------------------
-
-    def checkpoint(self) -> str:
-        _, _, body = self.request("GET", "/checkpoint", cap=CAP_NOTE)
-        try:
-            return body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadMessage("the checkpoint is not UTF-8 text") from None
-
-    def records(self, start: int, limit: int) -> list[bytes]:
-        _, _, body = self.request(
-            "GET", "/v1/records", params={"start": start, "limit": limit}, cap=CAP_RECORDS
-        )
-        return unpack_records(body, max_count=PAGE, error=BadMessage)
-
-    def ledger(self) -> dict[str, Any]:
-        doc = self.get_json("/v1/ledger", cap=65536)
-        if not isinstance(doc, dict):
-            raise HTTPStatusError("GET /v1/ledger did not answer a JSON object")
-        return doc
-
-    def fleet(self) -> dict[str, Any]:
-        doc = self.get_json("/v1/fleet")
-        if not isinstance(doc, dict):
-            raise HTTPStatusError("GET /v1/fleet did not answer a JSON object")
-        return doc
-
-    def post_records(self, raws: list[bytes]) -> dict[str, Any]:
-        _, _, body = self.request(
-            "POST",
-            "/v1/records",
-            content=pack_records(raws),
-            headers={"Content-Type": "application/msgpack", "Accept": "application/json"},
-            cap=65536,
-            retries=2,
-            retry_on=(429,),  # a 503 may come after the append went through: never blindly re-sent
-        )
-        doc = _json(body, "/v1/records")
-        if not isinstance(doc, dict):
-            raise HTTPStatusError("POST /v1/records did not answer a JSON object")
-        return doc
-
-
-def _retry_after(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        wait = float(value)
-    except ValueError:
-        return None
-    return wait if 0 <= wait <= 10 else None
-
-
-def _json(body: bytes, path: str) -> Any:
-    try:
-        return json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise HTTPStatusError(f"the server's answer to {path} is not JSON") from None
-
-
-#: problem types the server may name that map onto our own error classes.
-_MAPPABLE = (VerificationError, StorageError)
-
-
-def problem_error(status: int, content_type: str, body: bytes, path: str) -> WritError:
-    """An HTTP error answer as the matching WritError (problem+json ``type`` ->
-    :func:`ledger.errors.by_type`), or :class:`HTTPStatusError`."""
-    name: str | None = None
-    detail = ""
-    extra: dict[str, Any] = {}
-    if "json" in content_type:
-        try:
-            doc = json.loads(body[:65536].decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            doc = None
-        if isinstance(doc, dict):
-            t = doc.get("type")
-            if isinstance(t, str):
-                name = t.rsplit(":", 1)[-1] if t.startswith("urn:writ:problem:") else None
-            d = doc.get("detail") or doc.get("title")
-            detail = _clean(d) if isinstance(d, str) else ""
-            for k, v in doc.items():
-                if k not in ("type", "title", "status", "detail") and isinstance(k, str):
-                    if isinstance(v, str):
-                        extra[k] = _clean(v, 200)
-                    elif isinstance(v, int | bool) or v is None:
-                        extra[k] = v
-    message = f"the server refused {path} ({status}{' ' + name if name else ''}): {detail or 'no detail'}"
-    cls = by_type(name) if name else None
-    if cls is not None and issubclass(cls, _MAPPABLE):
-        err: WritError
-        try:
-            if issubclass(cls, RecordRejected):
-                seq = extra.pop("seq", None)
-                err = cls(message, seq=seq if type(seq) is int else None, **extra)
-            else:
-                err = cls(message, **extra)
-        except TypeError:
-            err = cls(message)
-        err.detail["http_status"] = status
-        return err
-    return HTTPStatusError(message, http_status=status, problem=name)
+        base = normalise_server(server)
+        super().__init__(base, http=client_factory(base) if client_factory is not None else None)
 
 
 # --- the verified mirror, shared by every signing command ----------------------
@@ -681,102 +475,39 @@ def sync_mirror(mirror: Mirror, client: Client, note: str | None = None) -> Sync
     return result
 
 
-# --- sign, check, push --------------------------------------------------------
-
-#: builds the signed records of an intent on top of a verified state at time ``now``
-Builder = Callable[[LedgerState, int], list[bytes]]
+# --- sign, check, push (the engine is ledger/writer.py) ------------------------
 
 
-def now_for(state: LedgerState, now: int | None = None) -> int:
-    """A record's time: max(now, the last record's time)."""
-    t = int(time.time()) if now is None else now
-    return max(t, state.last_time)
+def _refuse(exc: WritError) -> NoReturn:
+    refuse_from(exc, EXIT_FAILED)
 
 
 def check_on_copy(state: LedgerState, raws: list[bytes]) -> LedgerState:
     """Apply our records to a copy of the verified state; a rejection is a refusal (exit 1)."""
-    new = state.copy()
-    for raw in raws:
-        try:
-            new.apply(raw)
-        except RecordRejected as exc:
-            refuse_from(exc, EXIT_FAILED, prefix="refusing to sign: ")
-    return new
+    return writer.check_on_copy(state, raws, _refuse)
 
 
-@dataclass
-class Pushed:
-    records: list[bytes]
-    state: LedgerState
-    answer: dict[str, Any]
-    retried: bool
+def writer_for(mirror: Mirror, client: Client, *, ask: bool = True) -> Writer:
+    """The writer engine with the CLI's hooks: the verified sync with its progress line,
+    the confirmation at a terminal (unless ``ask`` is false), Ctrl-C held once the records
+    landed, explanations on stderr, refusals as exit 1."""
+    return Writer(
+        mirror,
+        client,
+        sync=lambda: sync_mirror(mirror, client),
+        confirm=(lambda state, raws: confirm(state, raws, f"publish to {client.base}")) if ask else None,
+        landed=hold_interrupts,
+        say=say,
+        refuse=_refuse,
+    )
 
 
 def push_intent(
     mirror: Mirror, client: Client, build: Builder, *, sync_first: bool = True, ask: bool = True
 ) -> Pushed:
-    """Sync and verify, build, check on a copy, confirm (at a terminal, unless ``ask`` is false),
-    push; on a stale head re-sync and re-build once (the builder re-checks that the intent
-    still makes sense). A builder that returns no record has nothing to do (an idempotent
-    retry): nothing is pushed."""
-    if sync_first:
-        sync_mirror(mirror, client)
-    for attempt in (0, 1):
-        state = mirror.state
-        raws = build(state, now_for(state))
-        if not raws:
-            return Pushed([], state, {"size": state.size, "root": state.root.hex()}, attempt == 1)
-        new = check_on_copy(state, raws)
-        if attempt == 0 and ask:
-            confirm(state, raws, f"publish to {client.base}")
-        try:
-            answer = client.post_records(raws)
-            hold_interrupts()  # landed: a Ctrl-C from here on must not report a failure
-        except WritError as exc:
-            uncertain = exc.type == "stale-head" or isinstance(exc, TransportError)
-            if uncertain and _landed(mirror, client, state.size, raws):
-                # our very records are in the ledger (an answer lost on the way back)
-                hold_interrupts()
-                say("writ: the records were appended (the server's answer was lost)")
-                return Pushed(raws, new, {"size": mirror.size, "root": mirror.state.root.hex()}, attempt == 1)
-            if exc.type == "stale-head" and attempt == 0:
-                say("writ: the ledger moved on while signing; re-synced, signing again")
-                continue
-            if exc.type == "stale-head":
-                refuse(
-                    "stale-head",
-                    "the ledger keeps moving under this command (another writer is busy); nothing was"
-                    " appended: run it again",
-                    EXIT_FAILED,
-                )
-            raise
-        size, root = answer.get("size"), answer.get("root")
-        if size == new.size and isinstance(root, str) and root != new.root.hex():
-            say("writ: warning: the server's new root is not the one computed for these records")
-        _after_push(mirror, client)
-        return Pushed(raws, new, answer, attempt == 1)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _landed(mirror: Mirror, client: Client, start: int, raws: list[bytes]) -> bool:
-    """After an uncertain POST: re-sync, and are these exact records at ``start``?"""
-    try:
-        sync_mirror(mirror, client)
-    except TransportError:
-        return False
-    end = start + len(raws)
-    return mirror.size >= end and mirror.read_records(start, end) == raws
-
-
-def _after_push(mirror: Mirror, client: Client) -> None:
-    """Bring the mirror up to the new head (verifies the server kept our bytes)."""
-    try:
-        mirror.sync(client)
-    except WritError as exc:
-        say(
-            "writ: warning: the record was appended, but the mirror could not verify the new head:"
-            f" {exc.message}"
-        )
+    """Sync and verify, build, check on a copy, confirm, push, re-sign once on a stale head,
+    check back after an uncertain answer: :meth:`ledger.writer.Writer.push`."""
+    return writer_for(mirror, client, ask=ask).push(build, sync_first=sync_first)
 
 
 # --- show what will be signed, and ask --------------------------------------------------
@@ -798,60 +529,6 @@ def confirm(state: LedgerState, raws: list[bytes], action: str, *, ask: bool = T
         answer = ""
     if answer.strip().lower() not in ("y", "yes"):
         raise Declined("not confirmed: nothing was signed or sent")
-
-
-def utc_iso(t: int) -> str:
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _key(k: bytes) -> str:
-    return k.hex()[:16] + "…"
-
-
-def describe(state: LedgerState, raws: list[bytes]) -> list[str]:
-    """Plain words for records about to be signed: kind, subject, role, scope, name, the
-    validity window in UTC, and the signer (decoded from the very bytes that will be sent)."""
-    out: list[str] = []
-    st = state.copy()
-    for raw in raws:
-        body = rec.decode_unverified(raw).body
-        signer = st.root_key if not isinstance(body, rec.Genesis) else body.root
-        if isinstance(body, rec.Genesis):
-            succ = _key(body.next_root_digest) if body.next_root_digest else "none (never rotatable)"
-            out.append(f"genesis #{body.seq} of the ledger {body.origin!r}: root (anchor) {_key(body.root)}")
-            out.append(f"    committed successor digest: {succ}")
-        elif isinstance(body, rec.Grant):
-            scope = repr(body.scope) if body.scope else "everywhere"
-            start = utc_iso(body.not_before) if body.not_before else "now"
-            end = utc_iso(body.not_after) if body.not_after else "no expiry"
-            out.append(f"grant #{body.seq}: role {body.role!r} to the key {_key(body.subject)}")
-            out.append(f"    name {body.name!r}, scope {scope}, valid from {start} until {end}")
-        elif isinstance(body, rec.Revoke):
-            reason = rec.Reason.label(body.reason)
-            if isinstance(body.target, bytes):
-                what = f"the key {_key(body.target)} (every grant of it, now and later)"
-            else:
-                g = st.grants.get(body.target)
-                what = f"grant #{body.target}" + (
-                    f" ({g.name!r}, role {g.role!r}, key {_key(g.subject)})" if g else ""
-                )
-            out.append(f"revoke #{body.seq}: {what}; reason {reason}")
-            if body.signer:
-                g = st.grants.get(body.signer)
-                signer = g.subject if g else None
-        elif isinstance(body, rec.Rotate):
-            succ = _key(body.next_root_digest) if body.next_root_digest else "none (never rotatable again)"
-            out.append(f"rotate #{body.seq}: the root passes to {_key(body.new_root)}")
-            out.append(f"    its committed successor digest: {succ}")
-            signer = body.new_root
-        out.append(f"    signed by {_key(signer) if signer else '?'} at {utc_iso(body.time)}")
-        try:
-            st.apply(raw)
-        except WritError:
-            break
-    return out
 
 
 def usage_from(exc: WritError) -> NoReturn:

@@ -32,7 +32,7 @@ def _post(client: Client, raw: bytes) -> dict[str, Any]:
         headers={"Content-Type": "application/msgpack", "Accept": "application/json"},
         cap=65536,
     )
-    doc = common._json(body, "/v1/receipts")
+    doc = common.parse_json(body, "/v1/receipts")
     return doc if isinstance(doc, dict) else {}
 
 

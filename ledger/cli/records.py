@@ -202,7 +202,7 @@ def cmd_push(args: argparse.Namespace) -> dict[str, Any]:
                     " (nothing was appended)",
                 )
             raise
-        common._after_push(mirror, client)
+        common.writer_for(mirror, client).after_push()
         return {
             "seq": last_seq(raws),
             "appended": answer.get("appended", len(raws)),
