@@ -76,9 +76,9 @@ from ledger.tree import MerkleLevels, leaf_hash
 
 from .broadcast import Broadcaster, CheckpointEvent
 from .config import Identity, ServerConfig
+from .fleet_report import FleetIndex
 from .metrics import Metrics
 from .problems import Problem
-from .views import FleetIndex
 
 if TYPE_CHECKING:
     from .witnessing import Witnessing
@@ -187,7 +187,7 @@ class LedgerService:
         self._tail: list[bytes] = []  # records of the current partial entry bundle
         self._tail_start = 0
         self.receipts: dict[int, ReceiptRow] = {}
-        self.fleet = FleetIndex()  # the fleet report's running counts (api/views.py)
+        self.fleet = FleetIndex()  # the fleet report's running counts (api/fleet_report.py)
         self.checkpoint: CheckpointEvent = CheckpointEvent(0, b"", 0, "")
         self._published_mono = 0.0
         self.broadcaster: Broadcaster | None = None

@@ -46,8 +46,8 @@ from typing import IO, Any, Literal
 
 import httpx
 
+from ledger.acceptance import Evidence
 from ledger.errors import HTTPStatusError, TransportError, UsageError, VerificationError, WritError
-from ledger.view import Evidence
 
 from .device import Device, SyncResult
 from .sources import DEFAULT_TIMEOUT, HttpSource, SseSource, Update, post_bytes, sync

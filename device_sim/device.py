@@ -5,7 +5,7 @@ and the ledger's origin, and generates its own Ed25519 key. Everything else it
 learns from the ledger and verifies itself (PROTOCOL sections 3 to 5): it
 applies records with the same :class:`~ledger.state.LedgerState` rules as the
 server, computes the tree, accepts a checkpoint only through
-:func:`ledger.view.accept`, and judges credentials with
+:func:`ledger.acceptance.accept`, and judges credentials with
 :func:`ledger.credential.check_credential`.
 
 State lives in a directory (the CLI device) or in memory (a fleet)::
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ledger import credential, encoding, messages, records
+from ledger.acceptance import AcceptedView, Evidence
 from ledger.crypto import SeedSigner
 from ledger.errors import (
     BadKeyFile,
@@ -50,7 +51,6 @@ from ledger.errors import (
 )
 from ledger.fileio import create_private, read_capped, write_atomic
 from ledger.state import LedgerState
-from ledger.view import AcceptedView, Evidence
 
 from .update import Overlap, PendingUpdate
 from .values import (
@@ -318,7 +318,7 @@ class Device:
         update comes from a sync bundle, so a checkpoint not newer than the
         device's is "nothing new" rather than a rollback (PROTOCOL section 7).
         On any failure the device keeps its state, adds an
-        :class:`~ledger.view.Evidence` and raises the error.
+        :class:`~ledger.acceptance.Evidence` and raises the error.
         """
         pending = self.begin(start, note, now, bundle=bundle, streaming=False)
         pending.feed(records_)

@@ -37,7 +37,7 @@ from typing import Any
 
 import httpx
 
-from ledger import messages, notes, records, view
+from ledger import acceptance, messages, notes, records
 from ledger.crypto import SeedSigner
 from ledger.errors import UsageError, VerificationError, WritError
 
@@ -123,7 +123,7 @@ async def run_stolen_log_key(
             deadline = time.monotonic() + timeout
             while True:
                 note = (await client.get(integ.server + "/checkpoint")).text
-                if view.checkpoint_size(note) >= size and len(_witness_lines(note, wgrants)) >= max(
+                if acceptance.checkpoint_size(note) >= size and len(_witness_lines(note, wgrants)) >= max(
                     1, require_witnesses
                 ):
                     return note
@@ -138,7 +138,7 @@ async def run_stolen_log_key(
 
         # 1. everyone honest and witnessed: the tablet works
         frozen_note = await cosigned_note(tablet_seq + 1)
-        frozen_size = view.checkpoint_size(frozen_note)
+        frozen_size = acceptance.checkpoint_size(frozen_note)
         for d in everyone:
             await sync(d, source, int(time.time()))
         before = [check(d, int(time.time())) for d in everyone]

@@ -42,7 +42,8 @@ from typing import Any, NamedTuple, Protocol
 
 import httpx
 
-from ledger import compact, encoding, messages, tiles, view
+from ledger import acceptance, compact, encoding, messages, tiles
+from ledger.acceptance import Evidence
 from ledger.client import AsyncClient
 from ledger.errors import (
     BadMessage,
@@ -55,7 +56,6 @@ from ledger.errors import (
     WritError,
 )
 from ledger.records import parse as parse_record
-from ledger.view import Evidence
 
 from .device import Device, PendingUpdate, SyncResult
 
@@ -120,7 +120,7 @@ async def sync(device: Device, source: Source, now: int) -> SyncResult:
     (:meth:`HttpSource.sync`). Data that fails verification, whether the
     source could not even decode it (a bad tile, a garbage checkpoint) or the
     device refused it, leaves the device's state as it was and adds an
-    :class:`~ledger.view.Evidence`; transport failures are raised and leave
+    :class:`~ledger.acceptance.Evidence`; transport failures are raised and leave
     no evidence.
     """
     if isinstance(source, HttpSource):
@@ -338,7 +338,7 @@ class HttpSource:
         """The checkpoint, with its size parsed (a garbage note is refused here, with its bytes)."""
         note = await self.checkpoint()
         try:
-            view.checkpoint_size(note)
+            acceptance.checkpoint_size(note)
         except BadNote:
             self.last_bad = note.encode()
             raise
@@ -347,7 +347,7 @@ class HttpSource:
     async def fetch(self, have: int) -> Update:
         self.last_note = self.last_bad = None
         note = await self._note()
-        size = view.checkpoint_size(note)
+        size = acceptance.checkpoint_size(note)
         if size <= have:
             return Update(have, [], note)
         return Update(have, await self.records(have, size, size), note)
@@ -637,7 +637,7 @@ class SseSource:
 
     async def _update(self, have: int, note: str, pending: tuple[int, list[bytes]] | None) -> Update:
         try:
-            size = view.checkpoint_size(note)
+            size = acceptance.checkpoint_size(note)
         except BadNote:
             return Update(have, [], note)  # the device refuses it and keeps the evidence
         if size <= have:

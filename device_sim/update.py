@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from ledger import errors, notes, records, tree, view
+from ledger import acceptance, errors, notes, records, tree
+from ledger.acceptance import AcceptedView
 from ledger.errors import BadMessage, Fork, StaleHead, VerificationError
 from ledger.state import LedgerState
-from ledger.view import AcceptedView
 
 from .values import OwnGrant, SyncResult
 
@@ -178,7 +178,7 @@ class PendingUpdate:
             raise
 
     def _begin(self) -> None:
-        self.size = view.checkpoint_size(self.note)
+        self.size = acceptance.checkpoint_size(self.note)
         if type(self.start) is not int or self.start < 0:
             raise BadMessage("records start at a seq >= 0")
         if self.start > self.base.size:
@@ -296,10 +296,10 @@ class PendingUpdate:
                 return SyncResult(dev.size, dev.root, dev.checkpoint_time, dev.size, dev.is_stale(self.now))
             if self.bundle:
                 return self._nothing_new()
-            accepted = view.accept(dev.view, self.note, cur, now=self.now)
+            accepted = acceptance.accept(dev.view, self.note, cur, now=self.now)
             return self._commit(cur, accepted)
         new = self.new if self.new is not None else cur.copy()
-        accepted = view.accept(dev.view, self.note, new, now=self.now)
+        accepted = acceptance.accept(dev.view, self.note, new, now=self.now)
         return self._commit(new, accepted)
 
     def _commit(self, new: LedgerState, accepted: AcceptedView) -> SyncResult:
@@ -325,7 +325,7 @@ class PendingUpdate:
         cur = self.base
         if self.size == cur.size:
             try:
-                accepted = view.accept(dev.view, self.note, cur, now=self.now)
+                accepted = acceptance.accept(dev.view, self.note, cur, now=self.now)
             except errors.TimestampRegression:
                 return self._old(cur)  # the same tree, signed earlier: an old stick
             if accepted != dev.view:  # the same tree, signed later: the view is fresher

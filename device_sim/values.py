@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ledger import credential, records
+from ledger.acceptance import AcceptedView
 from ledger.errors import BadMessage, UsageError, WritError
-from ledger.view import AcceptedView
 
 __all__ = [
     "DEFAULT_MAX_STALENESS",

@@ -14,7 +14,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import notes, records, view
+from . import acceptance, notes, records
 from .errors import Fork, RecordRejected, Rollback
 from .records import Kind
 from .state import LedgerState
@@ -110,10 +110,10 @@ def check_checkpoint(
     ledger, be dated at most 300 s ahead of the auditor's clock ``now``
     (``future-checkpoint``), and name exactly the tree the audit computed (at
     its size, when the ledger is ahead of it, only equal sizes are checked
-    here). The signature rules are the devices' (:func:`ledger.view.verify`)."""
+    here). The signature rules are the devices' (:func:`ledger.acceptance.verify`)."""
 
     assert state.origin is not None
-    vc = view.verify(note, state, now=now, require_witnesses=witnesses)
+    vc = acceptance.verify(note, state, now=now, require_witnesses=witnesses)
     cp = vc.checkpoint
     if cp.size > state.size:
         # a truncated ledger: the first record missing is the first bad seq

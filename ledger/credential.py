@@ -13,9 +13,9 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from . import crypto, messages, records
+from .acceptance import MAX_AHEAD, AcceptedView
 from .errors import CredentialRefusal, WritError
 from .state import GrantInfo, LedgerState
-from .view import MAX_AHEAD, AcceptedView
 
 MAX_SKEW = 300
 DEFAULT_MAX_STALENESS = 24 * 3600
@@ -48,10 +48,10 @@ class Freshness:
     """How fresh the device's view is, and what it does when it is not.
 
     ``checkpoint_time`` is the timestamp freshness is judged by
-    (:meth:`ledger.view.AcceptedView.fresh_time`: the log's, or with ``k``
+    (:meth:`ledger.acceptance.AcceptedView.fresh_time`: the log's, or with ``k``
     required witnesses the k-th freshest witness timestamp on the device's
     tree). Fresh when it is at most ``max_staleness`` behind ``now``; a
-    timestamp up to :data:`~ledger.view.MAX_AHEAD` seconds ahead counts as
+    timestamp up to :data:`~ledger.acceptance.MAX_AHEAD` seconds ahead counts as
     ``now``, one further ahead is never fresh (PROTOCOL 1.1).
     """
 

@@ -9,17 +9,17 @@ A mirror is a directory:
 - ``state.bin``: the committed head, written atomically (temporary file,
   fsync, rename): ``[1, anchor, origin, records_bytes, LedgerState snapshot,
   accepted view JSON or nil]``.
-- ``evidence/``: one JSON file per refused sync (``ledger.view.Evidence``).
+- ``evidence/``: one JSON file per refused sync (``ledger.acceptance.Evidence``).
 - ``lock``: an advisory lock, so two commands never write one mirror at once.
 
 :meth:`Mirror.sync` fetches the checkpoint and the records the mirror lacks,
 applies them with :class:`~ledger.state.LedgerState` (the same rules as
 everyone, with only the anchor), accepts the checkpoint with
-:func:`ledger.view.accept`, and commits; anything that fails raises (a
+:func:`ledger.acceptance.accept`, and commits; anything that fails raises (a
 server that serves another history than the mirror holds is a fork) and
 leaves the mirror exactly as it was. :meth:`Mirror.extend` does the same for
 a sync bundle carried to an offline machine. The rules live in
-``ledger/state.py`` and ``ledger/view.py``; this module only does the I/O.
+``ledger/state.py`` and ``ledger/acceptance.py``; this module only does the I/O.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from . import encoding, records, view
+from . import acceptance, encoding, records
+from .acceptance import AcceptedView, Evidence
 from .errors import (
     BadMessage,
     CorruptLedger,
@@ -54,7 +55,6 @@ from .fileio import write_at, write_atomic
 from .notes import parse_checkpoint_body, parse_note
 from .state import LedgerState
 from .tree import CompactRange, leaf_hash
-from .view import AcceptedView, Evidence
 
 __all__ = ["PAGE", "LedgerSource", "Mirror", "SyncResult", "default_dir", "origin_of"]
 
@@ -236,7 +236,7 @@ class Mirror:
         if note is None:
             note = source.checkpoint()
         try:
-            size = view.checkpoint_size(note)
+            size = acceptance.checkpoint_size(note)
         except WritError as exc:
             self._evidence(exc, note)
             raise
@@ -315,9 +315,9 @@ class Mirror:
         if not new.active_keys(records.ROLE_LOG):
             # Bootstrapping (empty ledger, or a genesis without a log grant): no key can
             # sign a checkpoint yet. The records themselves are root-verified.
-            if view.checkpoint_size(note) != new.size:
+            if acceptance.checkpoint_size(note) != new.size:
                 exc: VerificationError = Rollback(
-                    f"the checkpoint names {view.checkpoint_size(note)} records but the server served"
+                    f"the checkpoint names {acceptance.checkpoint_size(note)} records but the server served"
                     f" {new.size}"
                 )
                 self._evidence(exc, note)
@@ -326,7 +326,7 @@ class Mirror:
             accepted = self.view
         else:
             try:
-                accepted = view.accept(self.view, note, new, now=now)
+                accepted = acceptance.accept(self.view, note, new, now=now)
             except WritError as exc:
                 self._evidence(exc, note)
                 raise

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from ledger import credential, messages, notes, records, view
+from ledger import acceptance, credential, messages, notes, records
+from ledger.acceptance import MAX_AHEAD
 from ledger.credential import DEFAULT_MAX_STALENESS, MAX_SKEW, REFUSALS, Freshness, Verdict
 from ledger.crypto import SeedSigner, sha256
 from ledger.errors import CredentialRefusal
 from ledger.records import Genesis, Revoke
 from ledger.state import LedgerState
-from ledger.view import MAX_AHEAD
 from tests.device_fixtures import T0, World, signer
 from tests.helpers.lost_tablet import LostTablet
 from tests.helpers.vectors import check_vector_auth, vector_credential
@@ -365,12 +365,12 @@ def test_a_stale_view_never_hides_an_earlier_refusal(story: LostTablet) -> None:
 
 def _witnessed_view(
     w: World, witness: SeedSigner, *, log_ts: int, witness_ts: int | None
-) -> view.AcceptedView:
+) -> acceptance.AcceptedView:
     note = w.checkpoint(log_ts)
     if witness_ts is not None:
         cp = notes.Checkpoint(w.origin, w.size, w.root_at())
         note = notes.add_signatures(note, [notes.cosign(cp, "witness.example/w", witness, witness_ts)])
-    return view.accept(None, note, w.state, now=log_ts)
+    return acceptance.accept(None, note, w.state, now=log_ts)
 
 
 def test_freshness_with_required_witnesses_is_judged_by_the_cosignature() -> None:

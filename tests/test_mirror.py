@@ -3,7 +3,7 @@
 A mirror syncs from a source (here :class:`tests.helpers.sources.ListSource`
 over a :class:`tests.device_fixtures.World`), or is extended by a bundle; it
 applies records with the same rules as everyone and accepts the checkpoint
-with ``ledger.view``; anything that fails raises, keeps evidence, and leaves
+with ``ledger.acceptance``; anything that fails raises, keeps evidence, and leaves
 the mirror's files byte for byte as they were. The CLI's use of it
 (``writ mirror import``, ``sign --offline``, hostile servers) is in
 ``tests/test_cli.py``.
@@ -19,6 +19,7 @@ import pytest
 
 from ledger import mirror as mirror_mod
 from ledger import records
+from ledger.acceptance import MAX_AHEAD
 from ledger.errors import (
     BadMessage,
     BadSignature,
@@ -32,7 +33,6 @@ from ledger.errors import (
 )
 from ledger.mirror import Mirror, default_dir, origin_of
 from ledger.state import LedgerState
-from ledger.view import MAX_AHEAD
 from tests.device_fixtures import T0, World, signer
 from tests.helpers.lost_tablet import LostTablet
 from tests.helpers.sources import ListSource

@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from api.config import Limits
+from api.fleet_report import MAX_FLEET_STRAGGLERS, MAX_REVOCATIONS, FleetIndex
 from api.service import LedgerService
-from api.views import MAX_FLEET_STRAGGLERS, MAX_REVOCATIONS, FleetIndex
 from ledger import crypto, encoding, messages, records
 from ledger.crypto import SeedSigner
 from ledger.errors import WritError

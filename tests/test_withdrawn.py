@@ -4,8 +4,8 @@ credential views, the audit's counts and the server's fleet index."""
 
 from __future__ import annotations
 
-from api.views import FleetIndex
-from ledger import records, views
+from api.fleet_report import FleetIndex
+from ledger import credential_status, records
 from ledger.audit import report
 from ledger.crypto import SeedSigner
 from tests.helpers.server import Mirror
@@ -27,7 +27,11 @@ def test_revoked_by_id_and_by_key_are_withdrawn_everywhere() -> None:
     assert st.is_revoked(3) is False  # seq 3 itself was never named: its key was
     assert [st.grant_active(s, 1_000) is not None for s in (1, 2, 3)] == [True, False, False]
     assert st.active_keys(records.ROLE_DEVICE) == [keep]
-    assert [views.status_of(st, st.grants[s], 1_000) for s in (1, 2, 3)] == ["active", "revoked", "revoked"]
+    assert [credential_status.status_of(st, st.grants[s], 1_000) for s in (1, 2, 3)] == [
+        "active",
+        "revoked",
+        "revoked",
+    ]
     assert (report(st).active_grants, report(st).revoked_grants) == (1, 2)
     fleet = FleetIndex()
     fleet.sync(st, {})

@@ -6,9 +6,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ledger.credential_status import credential
 from ledger.errors import HttpProblem
 from ledger.state import GrantInfo
-from ledger.views import credential
 
 from ..problems import Problem, bad_request
 from ..service import LedgerService

@@ -22,10 +22,10 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from ledger import records
+from ledger.credential_status import credential
 from ledger.errors import WritError
-from ledger.views import credential
 
-from .. import views
+from .. import fleet_report
 from ..service import LedgerService
 from . import _common as c
 from . import fleet as fleet_routes
@@ -61,7 +61,7 @@ async def _recent(svc: LedgerService) -> str:
         body = rec.body
         rows.append(
             f"<tr><td>{body.seq}</td><td>{escape(body.KIND.name.lower())}</td><td>{escape(_when(body.time))}</td>"
-            f"<td>{escape(views.describe_record(body, svc.state))}</td></tr>"
+            f"<td>{escape(fleet_report.describe_record(body, svc.state))}</td></tr>"
         )
     if not rows:
         return '<p class="muted">The ledger is empty.</p>'
@@ -114,7 +114,7 @@ def _credentials(svc: LedgerService, q: str) -> str:
 
 def _revocations(svc: LedgerService) -> str:
     index = fleet_routes.synced_index(svc)
-    report = views.fleet(
+    report = fleet_report.fleet(
         svc.state, svc.receipts, index, limit=1, max_revocations=REVOCATIONS, max_stragglers=STRAGGLERS
     )
     blocks = []
@@ -143,7 +143,7 @@ def _revocations(svc: LedgerService) -> str:
     more = int(report["revocations_total"]) - len(blocks)
     tail = (
         f'<p class="muted">{more} older revocations not shown: <a href="/v1/fleet?revocations='
-        f'{views.MAX_REVOCATIONS}&amp;limit=1">/v1/fleet</a>.</p>'
+        f'{fleet_report.MAX_REVOCATIONS}&amp;limit=1">/v1/fleet</a>.</p>'
         if more > 0
         else ""
     )

@@ -21,9 +21,9 @@ from typing import Any
 import httpx
 
 from ledger import messages, records
+from ledger.acceptance import Evidence
 from ledger.crypto import Signer
 from ledger.errors import BadMessage, TransportError, UsageError, VerificationError, WritError
-from ledger.view import Evidence
 
 from ..device import Device
 from ..measure import percentile

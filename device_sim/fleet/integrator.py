@@ -15,12 +15,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ledger import records, view
+from ledger import acceptance, records
+from ledger.acceptance import AcceptedView
 from ledger.crypto import Signer
 from ledger.errors import BadMessage, InvalidField, StaleHead, UsageError
 from ledger.records import Genesis, Grant, Revoke
 from ledger.state import LedgerState
-from ledger.view import AcceptedView
 
 __all__ = ["BATCH", "BodyMaker", "Integrator", "Pushed", "grant_maker", "revoke_maker"]
 
@@ -116,7 +116,7 @@ class Integrator:
             self.info = info
             self.state = LedgerState(self.anchor, origin=str(origin))
         note = self.client.checkpoint()
-        size = view.checkpoint_size(note)
+        size = acceptance.checkpoint_size(note)
         new = self._state().copy()
         while new.size < size:
             raws = self.client.records(new.size, min(BATCH, size - new.size))
@@ -124,7 +124,7 @@ class Integrator:
                 raise BadMessage(f"GET /v1/records gave nothing at {new.size} below the checkpoint's {size}")
             new.apply_all(raws[: size - new.size])
         if new.active_keys(records.ROLE_LOG):
-            self.view = view.accept(self.view, note, new, now=int(time.time()))
+            self.view = acceptance.accept(self.view, note, new, now=int(time.time()))
         self.state = new
 
     # -- writing ---------------------------------------------------------------

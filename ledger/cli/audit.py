@@ -22,9 +22,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from .. import acceptance
 from .. import audit as core_audit
 from .. import records as rec
-from .. import view
 from ..errors import (
     BadMessage,
     CorruptLedger,
@@ -72,7 +72,7 @@ class ServerSource(Source):
     def pages(self, start: int, end: int | None) -> Iterator[list[bytes]]:
         """Pages of up to 1000 records; the next page is fetched while this one is verified."""
         if end is None:
-            end = view.checkpoint_size(self.client.checkpoint())
+            end = acceptance.checkpoint_size(self.client.checkpoint())
 
         def fetch(s: int) -> list[bytes]:
             want = min(PAGE, end - s)
@@ -196,7 +196,7 @@ def run_audit(
 
     ``keep`` collects the record bytes as they are verified."""
     note = source.checkpoint()
-    cp_size = view.checkpoint_size(note) if note is not None else None
+    cp_size = acceptance.checkpoint_size(note) if note is not None else None
 
     def pages(start: int, end: int | None) -> Iterator[list[bytes]]:
         for page in source.pages(start, end):

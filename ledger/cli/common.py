@@ -455,7 +455,7 @@ def sync_mirror(mirror: Mirror, client: Client, note: str | None = None) -> Sync
     if note is None:
         note = client.checkpoint()
     try:
-        from ..view import checkpoint_size
+        from ..acceptance import checkpoint_size
 
         missing: int | None = max(0, checkpoint_size(note) - mirror.size)
     except WritError:

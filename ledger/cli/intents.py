@@ -16,11 +16,11 @@ from typing import Any
 
 from .. import messages
 from .. import records as rec
+from ..credential_status import credential
 from ..crypto import Signer
 from ..errors import BadValidity, UnknownRole, UsageError, WritError
 from ..records import EMPTY_HASH, Genesis, Grant, Reason, Revoke
 from ..state import GrantInfo, LedgerState
-from ..views import credential
 from . import common
 from .common import Builder, build_body, check_on_copy, parse_hex, refuse, say
 from .main import EXIT_FAILED, EXIT_USAGE

@@ -1,6 +1,6 @@
 """JSON views of the ledger state shared by the JSON routes and the dashboard.
 
-A credential's status is :mod:`ledger.views` (the CLI shows the same)."""
+A credential's status is :mod:`ledger.credential_status` (the CLI shows the same)."""
 
 from __future__ import annotations
 

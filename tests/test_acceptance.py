@@ -1,4 +1,4 @@
-"""ledger.view: which checkpoint a device or auditor may accept (PROTOCOL section 5).
+"""ledger.acceptance: which checkpoint a device or auditor may accept (PROTOCOL section 5).
 
 Each rule is played by the attacker it stops."""
 
@@ -14,6 +14,15 @@ from hypothesis import strategies as st
 
 from device_sim.device import Device
 from ledger import notes
+from ledger.acceptance import (
+    MAX_AHEAD,
+    MAX_EVIDENCE_DATA,
+    AcceptedView,
+    Evidence,
+    accept,
+    checkpoint_size,
+    verify,
+)
 from ledger.credential import Freshness
 from ledger.crypto import SeedSigner
 from ledger.errors import (
@@ -28,7 +37,6 @@ from ledger.errors import (
     WrongOrigin,
 )
 from ledger.state import LedgerState
-from ledger.view import MAX_AHEAD, MAX_EVIDENCE_DATA, AcceptedView, Evidence, accept, checkpoint_size, verify
 from tests.device_fixtures import T0, World, signer
 
 NOW = T0 + 1000  # the verifier's clock
