@@ -55,7 +55,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ledger import crypto, messages, notes, records
+from ledger import checkpoints, crypto, messages, records
 from ledger.crypto import Signer
 from ledger.errors import (
     BadSignature,
@@ -135,7 +135,7 @@ class _Ahead:
 def stored_checkpoint(note: str, origin: str, log_key: bytes) -> CheckpointEvent | None:
     """The persisted note signed by ``log_key`` as an event (``None`` if it does not verify)."""
     try:
-        vc = notes.verify_checkpoint(note, origin, [log_key])
+        vc = checkpoints.verify_checkpoint(note, origin, [log_key])
     except WritError:
         return None
     cp = vc.checkpoint
@@ -168,7 +168,7 @@ class LedgerService:
         self.writer_pool = ThreadPoolExecutor(1, thread_name_prefix="writ-writer")
         self.state: LedgerState = loaded.state
         self.levels: MerkleLevels = loaded.levels
-        self.log_vkey, self.cosig_vkey = notes.checkpoint_vkeys(self.origin, signer.public_key)
+        self.log_vkey, self.cosig_vkey = checkpoints.checkpoint_vkeys(self.origin, signer.public_key)
         self._lock = asyncio.Lock()
         self._queue: list[_Pending] = []
         self._ahead: _Ahead | None = None  # the next group, verified while the current one stores
@@ -603,7 +603,9 @@ class LedgerService:
                 )
             return None
         self._behind_logged = False
-        note = notes.sign_checkpoint(notes.Checkpoint(self.origin, size, root), self.origin, self.signer, ts)
+        note = checkpoints.sign_checkpoint(
+            checkpoints.Checkpoint(self.origin, size, root), self.origin, self.signer, ts
+        )
         return CheckpointEvent(size, root, ts, note)
 
     def _signed(self, event: CheckpointEvent) -> CheckpointEvent:

@@ -27,7 +27,7 @@ import pytest
 from starlette.applications import Starlette
 
 from api.config import Limits
-from ledger import encoding, notes, records, tiles
+from ledger import checkpoints, encoding, records, tiles
 from ledger.crypto import SeedSigner, sha256
 from ledger.errors import StorageError
 from ledger.storage import FAULT_STEPS
@@ -102,7 +102,9 @@ async def assert_consistent(client: httpx.AsyncClient, app: Starlette, db: Path)
     assert svc.size == svc.state.size == len(got)
     root = mth([leaf_hash(r) for r in got])
     assert svc.state.root == root
-    cp = notes.verify_checkpoint((await client.get("/checkpoint")).text, ORIGIN, [svc.signer.public_key])
+    cp = checkpoints.verify_checkpoint(
+        (await client.get("/checkpoint")).text, ORIGIN, [svc.signer.public_key]
+    )
     assert (cp.checkpoint.size, cp.checkpoint.root) == (len(got), root)
     last = (len(got) - 1) // tiles.TILE_WIDTH
     width = len(got) - last * tiles.TILE_WIDTH
