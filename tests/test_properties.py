@@ -41,8 +41,9 @@ from ledger.errors import (
     RecordRejected,
     WritError,
 )
+from ledger.layered import Layered
 from ledger.records import Grant, Kind, Revoke, Rotate
-from ledger.state import Layered, LedgerState
+from ledger.state import LedgerState
 from tests.helpers.vectors import check_vector_auth, vector_credential
 from tests.vectors_data import ledger_vectors
 
