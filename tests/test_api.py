@@ -813,14 +813,14 @@ async def test_a_cancelled_receipt_request_strands_no_other(tmp_path: Path) -> N
             )
             for i in range(4)
         ]
-        first = asyncio.create_task(svc._store_receipt(rows[0]))  # holds the transaction
+        first = asyncio.create_task(svc.receipt_writer.store(rows[0]))  # holds the transaction
         await asyncio.sleep(0)
-        leader = asyncio.create_task(svc._store_receipt(rows[1]))  # leads the next group
-        follower = asyncio.create_task(svc._store_receipt(rows[2]))  # joins it
+        leader = asyncio.create_task(svc.receipt_writer.store(rows[1]))  # leads the next group
+        follower = asyncio.create_task(svc.receipt_writer.store(rows[2]))  # joins it
         await asyncio.sleep(0)
         leader.cancel()
         await asyncio.wait_for(asyncio.gather(first, follower), 2)
-        await asyncio.wait_for(svc._store_receipt(rows[3]), 2)  # and later receipts still flow
+        await asyncio.wait_for(svc.receipt_writer.store(rows[3]), 2)  # and later receipts still flow
         kept = {r.device_grant_seq: r.time for r in await storage.receipts()}
         assert kept == {3: T0 + 3, 4: T0 + 2}
 

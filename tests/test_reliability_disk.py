@@ -245,7 +245,7 @@ async def test_reads_failing_are_5xx_problems_never_torn_data(
         assert (await post_records(client, batch(m, 600, "many"))).status_code == 200
         good = await assert_consistent(client, app, db)
         svc = service(app)
-        svc._bundles.clear()  # cold cache: full bundles come from the disk
+        svc.record_cache.clear()  # cold cache: full bundles come from the disk
 
         async def broken(start: int, end: int) -> list[bytes]:
             raise StorageError("read failed: OSError: [Errno 5] Input/output error")
