@@ -29,7 +29,7 @@ import pytest
 from api.main import run
 from ledger import checkpoints, encoding, messages, records
 from ledger.cli import common
-from ledger.cli.keys import read_share_file
+from ledger.cli.root import read_share_file
 from ledger.crypto import SeedSigner, sha256
 from ledger.mirror import Mirror, default_dir
 from ledger.records import Grant
