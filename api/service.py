@@ -33,12 +33,11 @@ the storage append fails, the state is reloaded from storage (a full audit)
 and the requests get ``503 storage-error`` (``409 stale-head`` when another
 writer moved the head): nothing half-applied.
 
-Checkpoints are dated and signed by :mod:`api.checkpoint_signer` (a
-timestamp never goes back and is never ahead of the clock; while the clock is
-behind, appends are still taken and the last note is served unchanged), and
-re-signed at least every ``checkpoint_interval`` seconds. Records are served
-through :mod:`api.record_cache`, receipts verified and stored by
-:mod:`api.receipts`.
+Checkpoints are dated and signed by :mod:`api.checkpoint_signer` (a timestamp
+never goes back nor ahead of the clock; while the clock is behind, appends are
+taken and the last note is served unchanged), re-signed at least every
+``checkpoint_interval`` seconds. Records are served through
+:mod:`api.record_cache`, receipts verified and stored by :mod:`api.receipts`.
 """
 
 from __future__ import annotations
