@@ -25,7 +25,7 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
-from ledger import notes
+from ledger import checkpoints
 from ledger.cli.common import parse_hex
 from ledger.errors import LedgerExists, StorageError, UsageError, WritError
 from ledger.fileio import raise_open_files_limit
@@ -209,7 +209,7 @@ async def create_data_dir(
         if isinstance(exc, OSError):
             raise StorageError(f"cannot create the server in {data_dir}: {exc.strerror or exc}") from None
         raise
-    log_vkey, cosig_vkey = notes.checkpoint_vkeys(origin, signer.public_key)
+    log_vkey, cosig_vkey = checkpoints.checkpoint_vkeys(origin, signer.public_key)
     return {
         "log_public_key": signer.public_key.hex(),
         "log_vkey": log_vkey,

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from device_sim import demo
-from ledger.cli import audit, keys, offline, receipts, records, status
+from ledger.cli import audit, keys, offline, receipts, records, root, status
 from ledger.cli import main as cli
 
 from . import cli as server
@@ -29,7 +29,8 @@ __all__ = ["GROUPS", "build_parser", "main", "run"]
 #: every command group of ``writ``, in ``writ --help`` order. A new group is one
 #: more import above and one more entry here.
 GROUPS: tuple[cli.Registrar, ...] = (
-    keys.register,  # root init / recover, key init, rotate
+    root.register,  # root init / recover, rotate
+    keys.register,  # key init / public / import-token
     records.register,  # genesis, grant, revoke, push
     status.register,  # status
     offline.register,  # bundle export, mirror import / status, sign

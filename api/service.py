@@ -33,13 +33,11 @@ the storage append fails, the state is reloaded from storage (a full audit)
 and the requests get ``503 storage-error`` (``409 stale-head`` when another
 writer moved the head): nothing half-applied.
 
-Checkpoints carry a 0x04 timestamp that never goes back, not even across a
-restart (the last persisted checkpoint's timestamp is the floor), and is never
-ahead of the server's clock (PROTOCOL 1.1): while the clock is behind the
-floor (it jumped back), nothing is signed and the last note is served
-unchanged; appends are still taken, and their checkpoint is signed as soon as
-the clock passes the floor. Checkpoints are re-signed at least every
-``checkpoint_interval`` seconds.
+Checkpoints are dated and signed by :mod:`api.checkpoint_signer` (a timestamp
+never goes back nor ahead of the clock; while the clock is behind, appends are
+taken and the last note is served unchanged), re-signed at least every
+``checkpoint_interval`` seconds. Records are served through
+:mod:`api.record_cache`, receipts verified and stored by :mod:`api.receipts`.
 """
 
 from __future__ import annotations
@@ -49,36 +47,34 @@ import contextlib
 import functools
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ledger import crypto, messages, notes, records
+from ledger import checkpoints
 from ledger.crypto import Signer
 from ledger.errors import (
-    BadSignature,
     HeadConflict,
     HttpProblem,
     StaleHead,
     StorageError,
-    UnknownDevice,
-    UnknownHead,
     WritError,
 )
 from ledger.records import SignedRecord
 from ledger.state import LedgerState
 from ledger.storage import Head, ReceiptRow, Storage, receipt_is_newer
 from ledger.storage.load import Loaded, load_ledger
-from ledger.tiles import TILE_WIDTH
 from ledger.tree import MerkleLevels, leaf_hash
 
 from .broadcast import Broadcaster, CheckpointEvent
+from .checkpoint_signer import CheckpointSigner, stored_checkpoint
 from .config import Identity, ServerConfig
 from .fleet_report import FleetIndex
 from .metrics import Metrics
 from .problems import Problem
+from .receipts import ReceiptWriter, verify_receipt
+from .record_cache import RecordCache
 
 if TYPE_CHECKING:
     from .witnessing import Witnessing
@@ -89,8 +85,6 @@ log = logging.getLogger("writ.api")
 GROUP_RECORDS = 5000
 #: the most requests committed together.
 GROUP_REQUESTS = 256
-#: full entry bundles kept in memory (256 records each).
-BUNDLE_CACHE = 256
 
 
 #: seconds after a commit by which the streams are woken even if no reply flushed them.
@@ -132,16 +126,6 @@ class _Ahead:
     work: LedgerState | None  # None: the speculation failed; verify again
 
 
-def stored_checkpoint(note: str, origin: str, log_key: bytes) -> CheckpointEvent | None:
-    """The persisted note signed by ``log_key`` as an event (``None`` if it does not verify)."""
-    try:
-        vc = notes.verify_checkpoint(note, origin, [log_key])
-    except WritError:
-        return None
-    cp = vc.checkpoint
-    return CheckpointEvent(cp.size, cp.root, vc.timestamp or 0, vc.note)
-
-
 class LedgerService:
     def __init__(
         self,
@@ -168,7 +152,7 @@ class LedgerService:
         self.writer_pool = ThreadPoolExecutor(1, thread_name_prefix="writ-writer")
         self.state: LedgerState = loaded.state
         self.levels: MerkleLevels = loaded.levels
-        self.log_vkey, self.cosig_vkey = notes.checkpoint_vkeys(self.origin, signer.public_key)
+        self.log_vkey, self.cosig_vkey = checkpoints.checkpoint_vkeys(self.origin, signer.public_key)
         self._lock = asyncio.Lock()
         self._queue: list[_Pending] = []
         self._ahead: _Ahead | None = None  # the next group, verified while the current one stores
@@ -177,15 +161,9 @@ class LedgerService:
         self._closing = False
         self._broken: str | None = None
         self._pending_event: CheckpointEvent | None = None
-        self._receipt_batch: list[ReceiptRow] = []
-        self._receipt_done: asyncio.Future[None] | None = None
-        self._receipt_lock = asyncio.Lock()
-        self._receipt_tasks: set[asyncio.Task[None]] = set()
-        self._ts_floor = ts_floor
-        self._behind_logged = False
-        self._bundles: OrderedDict[int, list[bytes]] = OrderedDict()
-        self._tail: list[bytes] = []  # records of the current partial entry bundle
-        self._tail_start = 0
+        self.receipt_writer = ReceiptWriter(storage)  # api/receipts.py
+        self.cp_signer = CheckpointSigner(self.origin, signer, clock, ts_floor)  # api/checkpoint_signer.py
+        self.record_cache = RecordCache(storage)  # api/record_cache.py
         self.receipts: dict[int, ReceiptRow] = {}
         self.fleet = FleetIndex()  # the fleet report's running counts (api/fleet_report.py)
         self.checkpoint: CheckpointEvent = CheckpointEvent(0, b"", 0, "")
@@ -239,7 +217,7 @@ class LedgerService:
             )
             if stored is not None:
                 self.checkpoint = stored  # served until a new one can be signed
-            await self._reset_tail()
+            await self.record_cache.reset(self.levels.size)
             for row in await storage.receipts():
                 self.receipts[row.device_grant_seq] = row
             first = await self._publish(notify=False)
@@ -444,7 +422,7 @@ class LedgerService:
         if not batch:
             self._answer_rejected(rejected)
             return
-        event = self._sign(work.size, work.root)
+        event = self.cp_signer.sign(work.size, work.root)
         note = event.note if event is not None else None  # None: the clock is behind the last note
         store = asyncio.ensure_future(self.storage.append(Head(base.size, base.root), batch, work.root, note))
         # the requests that arrive while the append runs are verified meanwhile, in a task
@@ -458,7 +436,7 @@ class LedgerService:
             return
         self.state = work
         self.levels.extend(rec.leaf_hash for rec in batch)
-        self._add_to_tail([rec.raw for rec in batch])
+        self.record_cache.add([rec.raw for rec in batch])
         self.metrics.appends.inc(len(batch))
         self.metrics.append_requests.inc(len(accepted))
         self.metrics.group_size.observe(len(accepted))
@@ -530,87 +508,25 @@ class LedgerService:
         grew = loaded.levels.size != self.levels.size
         self.state = loaded.state
         self.levels = loaded.levels
-        self._bundles.clear()
-        await self._reset_tail()
+        self.record_cache.clear()
+        await self.record_cache.reset(self.levels.size)
         self.metrics.tree_size.set(self.levels.size)
         if grew:
             await self._publish()
 
     # -- records -------------------------------------------------------------
 
-    async def _reset_tail(self) -> None:
-        size = self.levels.size
-        self._tail_start = size - size % TILE_WIDTH
-        self._tail = await self.storage.read(self._tail_start, size)
-
-    def _add_to_tail(self, raws: list[bytes]) -> None:
-        for raw in raws:
-            self._tail.append(raw)
-            if len(self._tail) == TILE_WIDTH:
-                self._cache_bundle(self._tail_start // TILE_WIDTH, self._tail)
-                self._tail_start += TILE_WIDTH
-                self._tail = []
-
-    def _cache_bundle(self, index: int, raws: list[bytes]) -> None:
-        self._bundles[index] = raws
-        self._bundles.move_to_end(index)
-        while len(self._bundles) > BUNDLE_CACHE:
-            self._bundles.popitem(last=False)
-
     async def read_records(self, start: int, end: int) -> list[bytes]:
         """Record bytes of seqs ``start .. end-1`` (``end`` clamped to the size), verbatim."""
-        end = min(end, self.levels.size)
-        out: list[bytes] = []
-        pos = start
-        while pos < end:
-            index = pos // TILE_WIDTH
-            lo = index * TILE_WIDTH
-            hi = min(end, lo + TILE_WIDTH)
-            if lo == self._tail_start:
-                chunk = self._tail[pos - lo : hi - lo]
-            else:
-                bundle = self._bundles.get(index)
-                if bundle is None:
-                    bundle = await self.storage.read(lo, lo + TILE_WIDTH)
-                    if len(bundle) == TILE_WIDTH:
-                        self._cache_bundle(index, bundle)
-                chunk = bundle[pos - lo : hi - lo]
-            if not chunk:
-                break
-            out.extend(chunk)
-            pos += len(chunk)
-        return out
+        return await self.record_cache.read(start, min(end, self.levels.size))
 
     # -- checkpoints ---------------------------------------------------------
-
-    def clock_behind(self) -> float:
-        """Seconds the clock is behind the last timestamp signed (0 when it is not)."""
-        return max(0.0, self._ts_floor - self.clock())
-
-    def _sign(self, size: int, root: bytes) -> CheckpointEvent | None:
-        """A new checkpoint of (size, root) dated by the clock; ``None`` while the
-        clock is behind the last timestamp signed: a timestamp is never below one
-        signed before, nor ahead of the clock (PROTOCOL 1.1)."""
-        ts = int(self.clock())
-        if ts < self._ts_floor:
-            if not self._behind_logged:
-                self._behind_logged = True
-                log.warning(
-                    "the clock (%d) is behind the last checkpoint timestamp (%d): serving the last"
-                    " checkpoint unchanged until the clock passes it",
-                    ts,
-                    self._ts_floor,
-                )
-            return None
-        self._behind_logged = False
-        note = notes.sign_checkpoint(notes.Checkpoint(self.origin, size, root), self.origin, self.signer, ts)
-        return CheckpointEvent(size, root, ts, note)
 
     def _signed(self, event: CheckpointEvent) -> CheckpointEvent:
         """``event`` is durable: serve it from now on (returns what is served)."""
         if self.witnessing is not None:  # (witness) submit it; serve it with the cosignatures held
             event = self.witnessing.on_signed(event)
-        self._ts_floor = max(self._ts_floor, event.timestamp)
+        self.cp_signer.advance(event.timestamp)
         self.metrics.checkpoints.inc()
         self.checkpoint = event
         self._published_mono = time.monotonic()
@@ -619,7 +535,7 @@ class LedgerService:
     async def _publish(self, *, notify: bool = True) -> CheckpointEvent:
         """Sign, persist and serve a checkpoint of the current head; wake the event streams.
         While the clock is behind the last timestamp, the served checkpoint stays as it is."""
-        event = self._sign(self.levels.size, self.state.root)
+        event = self.cp_signer.sign(self.levels.size, self.state.root)
         if event is None:
             return self.checkpoint
         try:
@@ -657,7 +573,7 @@ class LedgerService:
         interval = self.config.checkpoint_interval
         while True:
             wait = self._published_mono + interval - time.monotonic()
-            behind = self.clock_behind()
+            behind = self.cp_signer.clock_behind()
             if behind > 0:  # try again once the clock should have passed the last timestamp
                 wait = min(interval, behind + 0.01)
             await asyncio.sleep(max(0.01, wait))
@@ -673,56 +589,10 @@ class LedgerService:
 
     # -- receipts ------------------------------------------------------------
 
-    async def _store_receipt(self, row: ReceiptRow) -> None:
-        """Durably store ``row`` before the reply, group-committed: receipts that
-        arrive while a transaction is running share the next one (one fsync for
-        a whole fleet's burst instead of one each). The flush runs in its own
-        task, so a request cancelled while it waits can never strand the others."""
-        self._receipt_batch.append(row)
-        fut = self._receipt_done
-        if fut is None:
-            fut = self._receipt_done = asyncio.get_running_loop().create_future()
-            task = asyncio.create_task(self._flush_receipts(fut), name="writ-receipts")
-            self._receipt_tasks.add(task)
-            task.add_done_callback(self._receipt_tasks.discard)
-        await asyncio.shield(fut)
-
-    async def _flush_receipts(self, fut: asyncio.Future[None]) -> None:
-        try:
-            async with self._receipt_lock:
-                batch, self._receipt_batch = self._receipt_batch, []
-                if self._receipt_done is fut:
-                    self._receipt_done = None
-                await self.storage.put_receipts(batch)
-        except BaseException as exc:
-            if not fut.done():
-                fut.set_exception(exc if isinstance(exc, Exception) else StorageError("receipts not stored"))
-                fut.exception()  # its waiters may all be gone: never "exception was never retrieved"
-            if not isinstance(exc, Exception):
-                raise
-        else:
-            fut.set_result(None)
-        finally:
-            if self._receipt_done is fut:  # cancelled before it took the batch
-                self._receipt_done = None
-
     async def accept_receipt(self, raw: bytes) -> dict[str, object]:
-        r = messages.parse_receipt(raw)
-        state = self.state
-        g = state.grants.get(r.device_grant_seq)
-        if g is None or g.role != records.ROLE_DEVICE or state.is_withdrawn(g.seq):
-            raise UnknownDevice(f"seq {r.device_grant_seq} is not an unrevoked device grant")
-        loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(
-            self.sig_pool, crypto.check, g.subject, crypto.RECEIPT_DOMAIN, r.body, r.signature
-        )
-        if not ok:
-            raise BadSignature("the receipt is not signed by the device's granted key")
-        levels = self.levels
-        if r.size > levels.size or levels.root(r.size) != r.root:
-            raise UnknownHead(f"({r.size}, {r.root.hex()[:16]}…) is not a head of this ledger")
+        r = await verify_receipt(raw, self.state, lambda: self.levels, self.sig_pool)
         row = ReceiptRow(r.device_grant_seq, r.size, r.root, r.time, raw, int(self.clock()))
-        await self._store_receipt(row)
+        await self.receipt_writer.store(row)
         if receipt_is_newer(r.size, r.time, self.receipts.get(r.device_grant_seq)):
             self.receipts[r.device_grant_seq] = row
             self.fleet.receipt(row)

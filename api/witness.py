@@ -50,7 +50,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ledger import notes
+from ledger import checkpoints, notes
 from ledger.crypto import Signer
 from ledger.errors import (
     BadKeyFile,
@@ -133,7 +133,7 @@ def parse_log_flag(text: str) -> tuple[str, notes.Verifier]:
     if "\n" in origin or any(ord(c) < 0x20 for c in origin):
         raise UsageError("an origin has no control characters")
     if len(key) == 64 and all(c in "0123456789abcdefABCDEF" for c in key):
-        return origin, notes.checkpoint_verifiers(origin, bytes.fromhex(key))[0]
+        return origin, checkpoints.checkpoint_verifiers(origin, bytes.fromhex(key))[0]
     try:
         return origin, notes.parse_vkey(key)
     except BadNote as exc:
@@ -215,7 +215,7 @@ class AddCheckpoint:
     old_size: int
     proof: tuple[bytes, ...]
     note: notes.Note
-    checkpoint: notes.Checkpoint
+    checkpoint: checkpoints.Checkpoint
 
 
 def parse_request(body: bytes) -> AddCheckpoint:
@@ -244,7 +244,7 @@ def parse_request(body: bytes) -> AddCheckpoint:
             raise BadMessage("a consistency proof line is one canonical base64 SHA-256 hash")
         proof.append(h)
     note = notes.parse_note(note_text)
-    cp = notes.parse_checkpoint_body(note.body)
+    cp = checkpoints.parse_checkpoint_body(note.body)
     return AddCheckpoint(old, tuple(proof), note, cp)
 
 
@@ -299,7 +299,7 @@ class Witness:
                 raise
             ts = min(int(self.clock()), notes.MAX_TIMESTAMP)
             ts = await self.store.advance(cp.origin, head, LogHead(cp.size, cp.root, max(ts, 0)))
-        return notes.cosign(cp, self.name, self.signer, ts)
+        return checkpoints.cosign(cp, self.name, self.signer, ts)
 
     @staticmethod
     def _check_consistency(head: LogHead, req: AddCheckpoint) -> None:

@@ -46,7 +46,7 @@ from bench.harness import (
     ref,
     table,
 )
-from ledger import crypto, notes, records
+from ledger import checkpoints, crypto, records
 from ledger.crypto import SeedSigner
 from ledger.records import Genesis, Grant, Revoke
 from ledger.state import LedgerState
@@ -85,7 +85,7 @@ def make_device_state(directory: Path, n: int, *, now: int | None = None) -> dic
         role = records.ROLE_OPERATOR if i % 2 else records.ROLE_DEVICE
         add(Grant(i, st.root, t0 + i, subject, role, "", f"tablet-{i}", 0, 0))
         open_grants.append(i)
-    note = notes.sign_checkpoint(notes.Checkpoint(ORIGIN, st.size, st.root), ORIGIN, log, t)
+    note = checkpoints.sign_checkpoint(checkpoints.Checkpoint(ORIGIN, st.size, st.root), ORIGIN, log, t)
     dev = Device.create(root.public_key, ORIGIN, directory=directory, now=t)
     dev.apply_update(raws, 0, note, t)
     return {"records": n, "state_bytes": (directory / "state.bin").stat().st_size}

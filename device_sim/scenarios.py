@@ -37,7 +37,7 @@ from typing import Any
 
 import httpx
 
-from ledger import acceptance, messages, notes, records
+from ledger import acceptance, checkpoints, messages, notes, records
 from ledger.crypto import SeedSigner
 from ledger.errors import UsageError, VerificationError, WritError
 
@@ -152,9 +152,9 @@ async def run_stolen_log_key(
         # 3. later: the split view
         await asyncio.sleep(max_staleness + 1.5)
         at = int(time.time())
-        cp = notes.Checkpoint(integ.origin, frozen_size, _root_of(frozen_note))
+        cp = checkpoints.Checkpoint(integ.origin, frozen_size, _root_of(frozen_note))
         forged = notes.add_signatures(
-            notes.sign_checkpoint(cp, integ.origin, log_key, at), _witness_lines(frozen_note, wgrants)
+            checkpoints.sign_checkpoint(cp, integ.origin, log_key, at), _witness_lines(frozen_note, wgrants)
         )
         frozen_half, honest_half = devices[: (n + 1) // 2], devices[(n + 1) // 2 :]
         for d in [*frozen_half, control]:
@@ -197,4 +197,4 @@ async def run_stolen_log_key(
 
 
 def _root_of(note: str) -> bytes:
-    return notes.parse_checkpoint_body(notes.parse_note(note).body).root
+    return checkpoints.parse_checkpoint_body(notes.parse_note(note).body).root

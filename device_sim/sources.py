@@ -12,7 +12,8 @@ fetches and frames bytes, it never decides what is valid.
 - :class:`SseSource`: ``GET /v1/events?format=compact`` (Server-Sent Events,
   one event per checkpoint carrying the records the device lacks; the
   standard ``?records=1`` events are read too), the records fetched as above
-  when an event does not carry them.
+  when an event does not carry them; the event stream's framing and payloads
+  are decoded by :mod:`device_sim.sse`.
 - :class:`BundleSource`: a PROTOCOL section 7 sync bundle file.
 
 Every request goes through the one fetch layer, the async face of
@@ -29,12 +30,8 @@ verification error of the format (``bad-note``, ``bad-message``).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import json
 import random
-import re
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
@@ -42,14 +39,13 @@ from typing import Any, NamedTuple, Protocol
 
 import httpx
 
-from ledger import acceptance, compact, encoding, messages, tiles
+from ledger import acceptance, encoding, messages, tiles
 from ledger.acceptance import Evidence
 from ledger.client import AsyncClient
 from ledger.errors import (
     BadMessage,
     BadNote,
     HTTPStatusError,
-    ResponseTooLarge,
     TransportError,
     UsageError,
     VerificationError,
@@ -58,20 +54,19 @@ from ledger.errors import (
 from ledger.records import parse as parse_record
 
 from .device import Device, PendingUpdate, SyncResult
+from .sse import MAX_SSE_EVENT, compact_event, records_event, sse_events
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "MAX_BUNDLE_FILE",
     "MAX_CHECKPOINT",
     "MAX_ENTRY_BUNDLE",
-    "MAX_EVENT_DEPTH",
     "MAX_SSE_EVENT",
     "BundleSource",
     "HttpSource",
     "Source",
     "SseSource",
     "Update",
-    "decode_event_json",
     "fetch_bytes",
     "post_bytes",
     "sync",
@@ -82,7 +77,6 @@ DEFAULT_TIMEOUT = 10.0
 MAX_CHECKPOINT = 64 * 1024
 #: a full entry bundle: 256 records of at most 600 bytes, each with a 2-byte length.
 MAX_ENTRY_BUNDLE = tiles.TILE_WIDTH * (2 + 600)
-MAX_SSE_EVENT = 2 * 1024 * 1024
 #: one record in a ``GET /v1/records`` answer: the record and its MessagePack ``bin`` header.
 _MAX_RECORD_ITEM = 3 + encoding.MAX_RECORD
 MAX_BUNDLE_FILE = messages.MAX_BUNDLE_RECORDS * 700 + 65536
@@ -423,126 +417,6 @@ class BundleSource:
 
 # --- Server-Sent Events -------------------------------------------------------
 
-_LINE = re.compile(rb"\r\n|\r|\n")
-
-
-class _Event(NamedTuple):
-    id: str | None
-    event: str
-    data: list[str]
-
-
-async def _sse_events(resp: httpx.Response, max_event: int) -> AsyncIterator[_Event]:
-    """Parse a text/event-stream with a cap on each event's size."""
-    buf = b""
-    ev_id: str | None = None
-    ev_type = ""
-    data: list[str] = []
-    size = 0
-    if resp.headers.get("content-encoding", "identity").strip().lower() != "identity":
-        raise TransportError("the event stream is compressed; Writ reads event streams only uncompressed")
-    chunks = resp.aiter_bytes() if resp.is_stream_consumed else resp.aiter_raw()
-    async for chunk in chunks:
-        buf += chunk
-        while True:
-            m = _LINE.search(buf)
-            if m is None or (m.group() == b"\r" and m.end() == len(buf)):  # maybe half of \r\n
-                break
-            raw, buf = buf[: m.start()], buf[m.end() :]
-            size += len(raw) + 1
-            if size > max_event:
-                raise ResponseTooLarge(f"an event is larger than {max_event} bytes", limit=max_event)
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise BadMessage("the event stream is not UTF-8") from None
-            if line == "":
-                if data or ev_type:
-                    yield _Event(ev_id, ev_type or "message", data)
-                ev_type, data, size = "", [], 0
-                continue
-            if line.startswith(":"):
-                continue
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "data":
-                data.append(value)
-            elif name == "event":
-                ev_type = value
-            elif name == "id" and "\x00" not in value:
-                ev_id = value
-        if len(buf) > max_event:
-            raise ResponseTooLarge(f"an event line is larger than {max_event} bytes", limit=max_event)
-
-
-#: the deepest JSON nesting an event may have (a records event has 2).
-MAX_EVENT_DEPTH = 8
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
-_JSON_BRACKET = re.compile(r"[\[\]{}]")
-
-
-def decode_event_json(
-    data: list[str] | str, *, max_bytes: int = MAX_SSE_EVENT, max_depth: int = MAX_EVENT_DEPTH
-) -> Any:
-    """The JSON payload of one Server-Sent Event, or :class:`~ledger.errors.BadMessage`.
-
-    The one decoder of event payloads (the device's push client and the
-    fleet's relays both read events through :class:`SseSource`). Events
-    come from the network, so they are hostile input: the size is checked
-    first, then the nesting depth (brackets outside strings, counted without
-    recursion), and only then is the text parsed, so a deeply nested payload
-    never reaches the recursive parser (``RecursionError``). Any failure is a
-    ``bad-message``: the caller drops the connection, reports it and
-    reconnects with backoff."""
-    text = "\n".join(data) if isinstance(data, list) else data
-    if len(text) > max_bytes:
-        raise BadMessage(f"an event payload is larger than {max_bytes} bytes", limit=max_bytes)
-    depth = 0
-    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub("", text)):
-        depth += 1 if m.group() in "[{" else -1
-        if depth > max_depth:
-            raise BadMessage(f"an event payload is nested deeper than {max_depth} levels")
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise BadMessage(f"an event payload is not JSON ({type(exc).__name__})") from None
-
-
-def _b64_records(recs: Any) -> list[bytes]:
-    """A JSON list of at most MAX_BUNDLE_RECORDS base64 strings, decoded (TypeError, binascii.Error)."""
-    if type(recs) is not list or len(recs) > messages.MAX_BUNDLE_RECORDS:
-        raise TypeError
-    if not all(type(r) is str for r in recs):
-        raise TypeError
-    return [base64.b64decode(r, validate=True) for r in recs]
-
-
-def _records_event(data: list[str]) -> tuple[int, list[bytes]]:
-    """``{"start": S, "records": [base64, ...]}``, or BadMessage."""
-    obj = decode_event_json(data)
-    try:
-        start = obj["start"]
-        if type(start) is not int or start < 0:
-            raise TypeError
-        return start, _b64_records(obj["records"])
-    except (ValueError, KeyError, TypeError, binascii.Error):
-        raise BadMessage('a records event is not {"start": uint, "records": [base64, ...]}') from None
-
-
-_SIZE = re.compile(r"[0-9]{1,20}")
-
-
-def _compact_event(ev: _Event, prev: str | None) -> tuple[tuple[int, list[bytes]], str]:
-    """A compact event (``?format=compact``, :mod:`ledger.compact`) after one that
-    carried the note ``prev``: ((start, records), note), or BadMessage."""
-    if ev.id is None or _SIZE.fullmatch(ev.id) is None:
-        raise BadMessage("a compact event's id is not a tree size")
-    size = int(ev.id)
-    recs, note = compact.decode(prev, size, decode_event_json(ev.data))
-    if len(recs) > size:
-        raise BadMessage(f"a compact event of size {size} carries {len(recs)} records")
-    return (size - len(recs), recs), note
-
 
 class SseSource:
     """Push: ``/v1/events?format=compact`` (or ``?records=1`` with ``compact=False``),
@@ -622,16 +496,16 @@ class SseSource:
         async with http.stream(path, headers=headers, idle=self.idle_timeout) as resp:
             pending: tuple[int, list[bytes]] | None = None
             prev: str | None = None  # the note of this connection's last compact event
-            async for ev in _sse_events(resp, self.max_event):
+            async for ev in sse_events(resp, self.max_event):
                 self.bytes_received += sum(len(d) + 6 for d in ev.data)
                 if ev.event == "records":  # an undecodable one drops the connection (BadMessage)
-                    pending = _records_event(ev.data) if self.records else None
+                    pending = records_event(ev.data) if self.records else None
                 elif ev.event == "checkpoint":
                     note = "\n".join(ev.data) + "\n"
                     yield await self._update(have(), note, pending)
                     pending = None
                 elif ev.event == "message":  # compact: records and checkpoint in one event
-                    recs, prev = _compact_event(ev, prev)
+                    recs, prev = compact_event(ev, prev)
                     yield await self._update(have(), prev, recs if self.records else None)
                     pending = None
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from ledger import acceptance, errors, notes, records, tree
+from ledger import acceptance, checkpoints, errors, records, tree
 from ledger.acceptance import AcceptedView
 from ledger.errors import BadMessage, Fork, StaleHead, VerificationError
 from ledger.state import LedgerState
@@ -202,7 +202,7 @@ class PendingUpdate:
             keys = st.active_keys(records.ROLE_LOG)
             if keys and st.origin is not None:
                 try:
-                    notes.verify_checkpoint(self.note, st.origin, keys)
+                    checkpoints.verify_checkpoint(self.note, st.origin, keys)
                     self.note_verified = True
                 except VerificationError:
                     pass
@@ -332,7 +332,7 @@ class PendingUpdate:
                 return self._commit(cur, accepted)
             return self._old(cur)
         origin = cur.origin if cur.origin is not None else dev.config.origin
-        vc = notes.verify_checkpoint(self.note, origin, _log_keys_at(cur, self.size))
+        vc = checkpoints.verify_checkpoint(self.note, origin, _log_keys_at(cur, self.size))
         # the tree [0, size) the bundle's records claim (with no records: the device's own prefix,
         # when the bundle's size is one of its subtree boundaries)
         claimed = self.overlap.root() if self.overlap is not None and self.next == self.size else None

@@ -25,17 +25,17 @@ import _common as common
 atheris = common.require_atheris("note")
 
 with atheris.instrument_imports(include=["ledger"]):
-    from ledger import notes
+    from ledger import checkpoints, notes
     from ledger.errors import BadNote, CheckpointRejected
 
 ORIGIN = common.origin()
 LOG_KEY = common.public_key("log")
 WITNESSES = [("witness.example/w1", common.public_key("plc_3"))]
 VECTOR_NOTE = notes.parse_note(common.checkpoint_note())
-VECTOR_CHECKPOINT = notes.parse_checkpoint_body(VECTOR_NOTE.body)
+VECTOR_CHECKPOINT = checkpoints.parse_checkpoint_body(VECTOR_NOTE.body)
 VECTOR_TIMESTAMP = int(common.ledger_vectors()["checkpoint"]["timestamp"])
 VERIFIERS = [
-    *notes.checkpoint_verifiers(ORIGIN, LOG_KEY),
+    *checkpoints.checkpoint_verifiers(ORIGIN, LOG_KEY),
     *(notes.parse_vkey(case["vkey"]) for case in common.note_vectors()["cases"]),
 ]
 
@@ -50,12 +50,12 @@ def _note(data: bytes) -> None:
     with contextlib.suppress(BadNote):
         notes.verify_note(note, VERIFIERS)
     with contextlib.suppress(BadNote):
-        notes.parse_checkpoint_body(note.body)
+        checkpoints.parse_checkpoint_body(note.body)
 
 
 def _checkpoint(data: bytes) -> None:
     try:
-        vc = notes.verify_checkpoint(data, ORIGIN, [LOG_KEY], WITNESSES, require_witnesses=0)
+        vc = checkpoints.verify_checkpoint(data, ORIGIN, [LOG_KEY], WITNESSES, require_witnesses=0)
     except (BadNote, CheckpointRejected):
         return
     if vc.checkpoint != VECTOR_CHECKPOINT or vc.log_key != LOG_KEY:

@@ -38,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import notes, records
+from . import checkpoints, notes, records
 from .errors import (
     BadMessage,
     Fork,
@@ -199,7 +199,7 @@ class AcceptedView:
 def checkpoint_size(note: str | bytes) -> int:
     """The tree size a checkpoint note names, from its text alone (signatures
     unchecked: only to know which records to fetch). Raises BadNote."""
-    return notes.parse_checkpoint_body(notes.parse_note(note).body).size
+    return checkpoints.parse_checkpoint_body(notes.parse_note(note).body).size
 
 
 def _log_keys(state: LedgerState) -> list[bytes]:
@@ -228,7 +228,7 @@ def check_not_ahead(timestamp: int | None, now: int) -> None:
 
 def verify(
     note: str | bytes, state: LedgerState, *, now: int, require_witnesses: int = 0
-) -> notes.VerifiedCheckpoint:
+) -> checkpoints.VerifiedCheckpoint:
     """Rule 1 and rule 6 alone, for a verifier with no accepted view (an auditor).
 
     The log and witness keys are those ``state`` holds granted and unrevoked;
@@ -241,17 +241,17 @@ def verify(
 
 def _verify_signatures(
     note: str | bytes, state: LedgerState, require_witnesses: int = 0
-) -> notes.VerifiedCheckpoint:
+) -> checkpoints.VerifiedCheckpoint:
     origin = state.origin if state.origin is not None else state.expected_origin
     if origin is None:
         raise UntrustedCheckpoint("no genesis applied and no origin configured: no log key is known")
-    return notes.verify_checkpoint(
+    return checkpoints.verify_checkpoint(
         note, origin, _log_keys(state), _witness_keys(state), require_witnesses=require_witnesses
     )
 
 
 def _count_witnesses(
-    previous: AcceptedView | None, vc: notes.VerifiedCheckpoint, state: LedgerState, now: int
+    previous: AcceptedView | None, vc: checkpoints.VerifiedCheckpoint, state: LedgerState, now: int
 ) -> tuple[WitnessStamp, ...]:
     """Each witness key's floor after ``vc``: a cosignature counts when it is
     not below that key's floor and not more than MAX_AHEAD ahead of ``now``."""

@@ -14,7 +14,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import acceptance, notes, records
+from . import acceptance, checkpoints, records
 from .errors import Fork, RecordRejected, Rollback
 from .records import Kind
 from .state import LedgerState
@@ -105,7 +105,7 @@ def audit(
 
 def check_checkpoint(
     state: LedgerState, note: str | bytes, *, now: int, witnesses: int = 0
-) -> notes.VerifiedCheckpoint:
+) -> checkpoints.VerifiedCheckpoint:
     """A checkpoint must be signed by a log key granted (and unrevoked) in the
     ledger, be dated at most 300 s ahead of the auditor's clock ``now``
     (``future-checkpoint``), and name exactly the tree the audit computed (at

@@ -39,6 +39,7 @@ from typing import Protocol
 
 from . import acceptance, encoding, records
 from .acceptance import AcceptedView, Evidence
+from .checkpoints import parse_checkpoint_body
 from .errors import (
     BadMessage,
     CorruptLedger,
@@ -52,7 +53,7 @@ from .errors import (
     WritError,
 )
 from .fileio import write_at, write_atomic
-from .notes import parse_checkpoint_body, parse_note
+from .notes import parse_note
 from .state import LedgerState
 from .tree import CompactRange, leaf_hash
 

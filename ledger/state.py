@@ -12,16 +12,19 @@ kept with its details) or *compact* (a device: ``keep_roles`` names the roles
 whose grants it may have to honour; the others are remembered only as one bit
 each, which is all the rules need). Grants of the protocol roles that the
 rules themselves consult (``revoker``, ``log``, ``witness``) are always kept.
+
+The containers that keep a copy cheap are in :mod:`ledger.layered`, the key
+guess that lets :meth:`LedgerState.apply_all` check signatures ahead in
+:mod:`ledger.keyguess`.
 """
 
 from __future__ import annotations
 
 import copy as _copy
-import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import Any, TypeVar, overload
+from typing import Any
 
 from . import crypto, encoding, records
 from .errors import (
@@ -38,6 +41,8 @@ from .errors import (
     WritError,
     WrongAnchor,
 )
+from .keyguess import KeyGuess, PrecheckItem
+from .layered import Bits, Layered
 from .records import Envelope, Genesis, Grant, Kind, Revoke, Rotate, SignedRecord
 from .tree import CompactRange
 
@@ -70,114 +75,6 @@ class Revocation:
     reason: int
     time: int
     signer: int
-
-
-class Bits:
-    """A growable bitmap of seqs: one bit per record, the compact sorted
-    structure a device keeps for 'is a grant' and 'is revoked'."""
-
-    __slots__ = ("_b",)
-
-    def __init__(self, data: bytes | bytearray = b"") -> None:
-        self._b = bytearray(data)
-
-    def __contains__(self, i: int) -> bool:
-        byte = i >> 3
-        return byte < len(self._b) and bool(self._b[byte] & (1 << (i & 7)))
-
-    def add(self, i: int) -> None:
-        byte = i >> 3
-        if byte >= len(self._b):
-            self._b.extend(bytes(byte + 1 - len(self._b)))
-        self._b[byte] |= 1 << (i & 7)
-
-    def __iter__(self) -> Iterator[int]:
-        for byte, v in enumerate(self._b):
-            if v:
-                for bit in range(8):
-                    if v & (1 << bit):
-                        yield byte * 8 + bit
-
-    def __len__(self) -> int:
-        return sum(v.bit_count() for v in self._b)
-
-    def to_bytes(self) -> bytes:
-        return bytes(self._b).rstrip(b"\x00")
-
-    def copy(self) -> Bits:
-        return Bits(self._b)
-
-
-K = TypeVar("K")
-V = TypeVar("V")
-T = TypeVar("T")
-_MISSING: Any = object()
-
-
-class Layered(MutableMapping[K, V]):
-    """A dict whose :meth:`copy` costs the entries added since the last full
-    copy, not all of them: the entries live in a *base* dict, shared by the
-    copies and never written again, plus a private *top* dict that takes every
-    write. A key is in one of the two, never both, so iteration (base, then
-    top) keeps a dict's insertion order. :meth:`copy` folds the top into a new
-    base once it holds more than about ``8 * sqrt(len)`` entries; it never
-    changes the mapping it copies (another thread may be reading it)."""
-
-    __slots__ = ("_base", "_top")
-    #: the top is never folded below this many entries
-    FOLD_MIN = 1024
-
-    def __init__(self, data: Mapping[K, V] | Iterable[tuple[K, V]] = ()) -> None:
-        self._base: dict[K, V] = {}
-        self._top: dict[K, V] = dict(data)
-
-    def __getitem__(self, key: K) -> V:
-        v = self._top.get(key, _MISSING)
-        return self._base[key] if v is _MISSING else v
-
-    @overload
-    def get(self, key: K, /) -> V | None: ...
-    @overload
-    def get(self, key: K, /, default: V | T) -> V | T: ...
-    def get(self, key: K, /, default: Any = None) -> Any:
-        v = self._top.get(key, _MISSING)
-        return self._base.get(key, default) if v is _MISSING else v
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._top or key in self._base
-
-    def __setitem__(self, key: K, value: V) -> None:
-        if key in self._base:  # never both: own a merged dict (rare: the rules only add)
-            self._top, self._base = self._base | self._top, {}
-        self._top[key] = value
-
-    def __delitem__(self, key: K) -> None:
-        if key in self._base:
-            self._top, self._base = self._base | self._top, {}
-        del self._top[key]
-
-    def __iter__(self) -> Iterator[K]:
-        yield from self._base
-        yield from self._top
-
-    def __reversed__(self) -> Iterator[K]:
-        """Keys newest first (a dict's reversed insertion order)."""
-        yield from reversed(self._top)
-        yield from reversed(self._base)
-
-    def __len__(self) -> int:
-        return len(self._base) + len(self._top)
-
-    def __repr__(self) -> str:
-        return f"Layered({dict(self)!r})"
-
-    def copy(self) -> Layered[K, V]:
-        new: Layered[K, V] = Layered.__new__(Layered)
-        if len(self._top) > max(self.FOLD_MIN, 8 * math.isqrt(len(self._base))):
-            new._base, new._top = self._base | self._top, {}
-        else:
-            new._base, new._top = self._base, dict(self._top)
-        return new
 
 
 class LedgerState:
@@ -462,7 +359,7 @@ class LedgerState:
         """Apply ``raws`` in order, checking signatures ahead in parallel.
 
         A pipeline: this thread parses a span of records and guesses each one's
-        key from the records themselves (:class:`_KeyGuess`), hands the span's
+        key from the records themselves (:class:`KeyGuess`), hands the span's
         signatures to ``executor``, and runs the rules in order over an earlier
         span while the pool checks the later ones. ``apply`` still decides which
         key each record needs and uses a pre-check only for that very key, so a
@@ -479,8 +376,8 @@ class LedgerState:
             spans.append((a, min(a + size, len(raws))))
             a, size = a + size, min(size * 2, chunk)
 
-        guess = _KeyGuess(self)
-        ahead: list[tuple[list[Envelope | None], list[_Item | None], Future[list[bool]] | None]] = []
+        guess = KeyGuess(self)
+        ahead: list[tuple[list[Envelope | None], list[PrecheckItem | None], Future[list[bool]] | None]] = []
 
         def submit(k: int) -> None:
             a, b = spans[k]
@@ -638,49 +535,3 @@ class LedgerState:
         if st.frontier.size != st.size or st.frontier.root() != st.root:
             raise BadMessage("damaged state snapshot (frontier does not match the root)")
         return st
-
-
-#: what a signature pre-check takes: (public key, domain, message, signature).
-_Item = tuple[bytes, bytes, bytes, bytes]
-
-
-class _KeyGuess:
-    """Guesses, from the records alone and ahead of the rules, the key each
-    record of a run will be checked under: the root in force (a genesis sets
-    it to the anchor, a rotate to its ``new_root``), or for a revoke with a
-    signer the subject of that revoker grant (already applied, or earlier in
-    the run). A guess is only ever a hint for :meth:`LedgerState.apply`."""
-
-    __slots__ = ("added", "anchor", "revokers", "root")
-
-    def __init__(self, state: LedgerState) -> None:
-        self.anchor = state.anchor
-        self.root = state.root_key
-        self.revokers = state.revokers
-        self.added: dict[int, bytes] = {}  # revoker grants in the run, not applied yet
-
-    def span(self, raws: Sequence[bytes]) -> tuple[list[Envelope | None], list[_Item | None]]:
-        envs: list[Envelope | None] = []
-        out: list[_Item | None] = []
-        for raw in raws:
-            try:
-                env = records.parse(raw)
-            except WritError:
-                envs.append(None)
-                out.append(None)
-                continue
-            envs.append(env)
-            key: bytes | None
-            e = env.extra
-            if env.kind is Kind.GENESIS:
-                key = self.root = self.anchor
-            elif env.kind is Kind.ROTATE:
-                key = self.root = e[0] if type(e[0]) is bytes and len(e[0]) == 32 else None
-            elif env.kind is Kind.REVOKE and env.signer != 0:
-                key = self.revokers.get(env.signer) or self.added.get(env.signer)
-            else:
-                key = self.root
-                if env.kind is Kind.GRANT and e[1] == records.ROLE_REVOKER and type(e[0]) is bytes:
-                    self.added[env.seq] = e[0]
-            out.append(None if key is None else (key, crypto.RECORD_DOMAIN, env.body_bytes, env.signature))
-        return envs, out

@@ -15,7 +15,7 @@ import httpx
 from bench.harness import Chain
 from bench.harness import machine as bench_machine
 from device_sim.server_process import run_writ, writ_command
-from ledger import encoding, notes, records, tiles
+from ledger import checkpoints, encoding, records, tiles
 from ledger.crypto import SeedSigner
 from ledger.records import Grant
 from ledger.state import LedgerState
@@ -72,11 +72,11 @@ def fetch_records(client: httpx.Client, url: str, start: int = 0) -> list[bytes]
 
 def verify_checkpoint(
     client: httpx.Client, url: str, origin: str, log_key: bytes, size: int, root: bytes
-) -> notes.VerifiedCheckpoint:
+) -> checkpoints.VerifiedCheckpoint:
     """``GET /checkpoint`` verifies under ``log_key`` and names exactly (``size``, ``root``)."""
     r = client.get(f"{url}/checkpoint")
     r.raise_for_status()
-    vc = notes.verify_checkpoint(r.text, origin, [log_key])
+    vc = checkpoints.verify_checkpoint(r.text, origin, [log_key])
     if (vc.checkpoint.size, vc.checkpoint.root) != (size, root):
         raise AssertionError(
             f"torn checkpoint: it names size {vc.checkpoint.size}, the records make {size}"

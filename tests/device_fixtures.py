@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from ledger import compact, messages, notes, records, tiles
+from ledger import checkpoints, compact, messages, notes, records, tiles
 from ledger.crypto import SeedSigner, sha256
 from ledger.errors import WritError
 from ledger.records import Genesis, Grant, Revoke
@@ -121,13 +121,15 @@ class World:
         origin: str | None = None,
     ) -> str:
         n = self.size if size is None else size
-        cp = notes.Checkpoint(origin or self.origin, n, root if root is not None else self.root_at(n))
-        return notes.sign_checkpoint(cp, origin or self.origin, key if key is not None else self.log, ts)
+        cp = checkpoints.Checkpoint(origin or self.origin, n, root if root is not None else self.root_at(n))
+        return checkpoints.sign_checkpoint(
+            cp, origin or self.origin, key if key is not None else self.log, ts
+        )
 
     def plain_checkpoint(self, size: int | None = None) -> str:
         """Signed 0x01 only (no timestamp)."""
         n = self.size if size is None else size
-        cp = notes.Checkpoint(self.origin, n, self.root_at(n))
+        cp = checkpoints.Checkpoint(self.origin, n, self.root_at(n))
         return notes.sign_note(cp.body(), [(self.origin, self.log)])
 
     def bundle(self, start: int, ts: int, size: int | None = None) -> bytes:

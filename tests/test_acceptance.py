@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from device_sim.device import Device
-from ledger import notes
+from ledger import checkpoints, notes
 from ledger.acceptance import (
     MAX_AHEAD,
     MAX_EVIDENCE_DATA,
@@ -294,8 +294,8 @@ def _witness_world(n: int = 3) -> tuple[World, list[SeedSigner]]:
 
 def _cosigned(w: World, ts: int, stamps: list[tuple[int, SeedSigner, int]], size: int | None = None) -> str:
     n = w.size if size is None else size
-    cp = notes.Checkpoint(w.origin, n, w.root_at(n))
-    lines = [notes.cosign(cp, f"witness.example/{i}", k, t) for i, k, t in stamps]
+    cp = checkpoints.Checkpoint(w.origin, n, w.root_at(n))
+    lines = [checkpoints.cosign(cp, f"witness.example/{i}", k, t) for i, k, t in stamps]
     return notes.add_signatures(w.checkpoint(ts, n), lines)
 
 

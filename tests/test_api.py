@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 
 from api.config import Limits
 from api.service import LedgerService
-from ledger import compact, crypto, encoding, messages, notes, records, tiles, tree
+from ledger import checkpoints, compact, crypto, encoding, messages, records, tiles, tree
 from ledger.crypto import SeedSigner
 from ledger.errors import BadKeyFile, CorruptLedger, StorageError
 from ledger.records import Grant
@@ -101,7 +101,7 @@ async def test_empty_ledger_serves_size_zero_checkpoint(empty: tuple[httpx.Async
     assert r.status_code == 200
     assert r.headers["content-type"] == "text/plain; charset=utf-8"
     assert "max-age=2" in r.headers["cache-control"]
-    vc = notes.verify_checkpoint(r.text, V.origin, [service(app).signer.public_key])
+    vc = checkpoints.verify_checkpoint(r.text, V.origin, [service(app).signer.public_key])
     assert vc.checkpoint.size == 0
     assert vc.checkpoint.root == tree.EMPTY_ROOT
     assert vc.timestamp == T0 + 100
@@ -119,7 +119,9 @@ async def test_vectors_pushed_and_served_back_byte_for_byte(
     info = r.json()
     assert info["size"] == 10 and info["root"] == FINAL_ROOT.hex()
     assert info["origin"] == V.origin and info["anchor"] == V.anchor.hex()
-    assert (info["log_vkey"], info["cosig_vkey"]) == notes.checkpoint_vkeys(V.origin, svc.signer.public_key)
+    assert (info["log_vkey"], info["cosig_vkey"]) == checkpoints.checkpoint_vkeys(
+        V.origin, svc.signer.public_key
+    )
     assert info["log_public_key"] == svc.signer.public_key.hex()
 
     r = await client.get("/v1/records")
@@ -154,7 +156,7 @@ async def test_vectors_pushed_and_served_back_byte_for_byte(
         assert_problem(await client.get(bad), "bad-tile-path", 404)
 
     r = await client.get("/checkpoint")
-    vc = notes.verify_checkpoint(r.text, V.origin, [svc.signer.public_key])
+    vc = checkpoints.verify_checkpoint(r.text, V.origin, [svc.signer.public_key])
     assert (vc.checkpoint.size, vc.checkpoint.root) == (10, FINAL_ROOT)
     assert vc.timestamp is not None and vc.timestamp >= T0
 
@@ -427,7 +429,7 @@ async def test_storage_failure_after_commit_acknowledges_what_was_stored(tmp_pat
         armed["on"] = False
         svc = service(app)
         assert svc.size == 10 and svc.state.root == FINAL_ROOT  # reloaded: the records were stored
-        cp = notes.verify_checkpoint(
+        cp = checkpoints.verify_checkpoint(
             (await client.get("/checkpoint")).text, V.origin, [svc.signer.public_key]
         )
         assert cp.checkpoint.size == 10
@@ -563,7 +565,7 @@ async def test_sse_sends_a_checkpoint_event_per_append(empty: tuple[httpx.AsyncC
         assert (ev.event, ev.id) == ("checkpoint", "4")
         note = ev.data + "\n"
         assert note == (await client.get("/checkpoint")).text
-        notes.verify_checkpoint(note, V.origin, [service(app).signer.public_key])
+        checkpoints.verify_checkpoint(note, V.origin, [service(app).signer.public_key])
         assert (await post(client, V.records[4:])).status_code == 200
         ev = await stream.next_event()
         assert ev.event == "records" and json.loads(ev.data)["start"] == 4
@@ -621,7 +623,7 @@ async def test_sse_compact_format_one_event_per_checkpoint_encoded_once(
         assert type(json.loads(evs[0].data)) is str  # the delta form
         new = (await client.get("/checkpoint")).text
         assert compact.decode(served, 11, json.loads(evs[0].data)) == ([grant], new)
-        notes.verify_checkpoint(new, V.origin, [service(app).signer.public_key])
+        checkpoints.verify_checkpoint(new, V.origin, [service(app).signer.public_key])
         assert (await post(client, [revoke])).status_code == 200
         ev = await a.next_event()
         assert compact.decode(new, 12, json.loads(ev.data))[0] == [revoke]
@@ -676,10 +678,12 @@ async def test_sse_heartbeat_resign_and_connection_cap(tmp_path: Path) -> None:
             clock.t += 5
             ev = await stream.next_event(timeout=3)  # the re-signed checkpoint, same size, a new time
             assert (ev.event, ev.id) == ("checkpoint", "0")
-            t1 = notes.verify_checkpoint(
+            t1 = checkpoints.verify_checkpoint(
                 first.data + "\n", V.origin, [service(app).signer.public_key]
             ).timestamp
-            t2 = notes.verify_checkpoint(ev.data + "\n", V.origin, [service(app).signer.public_key]).timestamp
+            t2 = checkpoints.verify_checkpoint(
+                ev.data + "\n", V.origin, [service(app).signer.public_key]
+            ).timestamp
             assert t1 is not None and t2 is not None and t2 > t1
             served = (await client.get("/checkpoint")).text
             clock.t -= 1000  # the clock goes back: nothing is signed below t2 nor ahead of the clock
@@ -688,7 +692,9 @@ async def test_sse_heartbeat_resign_and_connection_cap(tmp_path: Path) -> None:
             assert (await client.get("/checkpoint")).text == served  # the last note, unchanged
             clock.t += 1001  # the clock passes t2: re-signing resumes
             ev = await stream.next_event(timeout=3)
-            t3 = notes.verify_checkpoint(ev.data + "\n", V.origin, [service(app).signer.public_key]).timestamp
+            t3 = checkpoints.verify_checkpoint(
+                ev.data + "\n", V.origin, [service(app).signer.public_key]
+            ).timestamp
             assert t3 is not None and t3 > t2
         metrics = (await client.get("/metrics")).text
         assert "writ_sse_clients 0.0" in metrics
@@ -807,14 +813,14 @@ async def test_a_cancelled_receipt_request_strands_no_other(tmp_path: Path) -> N
             )
             for i in range(4)
         ]
-        first = asyncio.create_task(svc._store_receipt(rows[0]))  # holds the transaction
+        first = asyncio.create_task(svc.receipt_writer.store(rows[0]))  # holds the transaction
         await asyncio.sleep(0)
-        leader = asyncio.create_task(svc._store_receipt(rows[1]))  # leads the next group
-        follower = asyncio.create_task(svc._store_receipt(rows[2]))  # joins it
+        leader = asyncio.create_task(svc.receipt_writer.store(rows[1]))  # leads the next group
+        follower = asyncio.create_task(svc.receipt_writer.store(rows[2]))  # joins it
         await asyncio.sleep(0)
         leader.cancel()
         await asyncio.wait_for(asyncio.gather(first, follower), 2)
-        await asyncio.wait_for(svc._store_receipt(rows[3]), 2)  # and later receipts still flow
+        await asyncio.wait_for(svc.receipt_writer.store(rows[3]), 2)  # and later receipts still flow
         kept = {r.device_grant_seq: r.time for r in await storage.receipts()}
         assert kept == {3: T0 + 3, 4: T0 + 2}
 
@@ -911,7 +917,7 @@ async def test_inclusion_and_consistency_proofs_verify(loaded: tuple[httpx.Async
     assert lines[:2] == ["c2sp.org/tlog-proof@v1", "index 3"]
     proof = [base64.b64decode(x) for x in lines[2:]]
     tree.verify_inclusion(tree.leaf_hash(V.records[3]), 3, 10, proof, FINAL_ROOT)
-    notes.verify_checkpoint(note, V.origin, [service(app).signer.public_key])
+    checkpoints.verify_checkpoint(note, V.origin, [service(app).signer.public_key])
     r = await client.get(
         "/v1/proof/inclusion", params={"index": 3, "size": 5}, headers={"accept": "text/plain"}
     )
@@ -1037,7 +1043,7 @@ async def test_restart_reloads_and_never_goes_back_in_time(tmp_path: Path) -> No
     ):
         svc = service(app)
         assert svc.size == 10 and svc.root == FINAL_ROOT
-        vc = notes.verify_checkpoint(
+        vc = checkpoints.verify_checkpoint(
             (await client.get("/checkpoint")).text, V.origin, [svc.signer.public_key]
         )
         assert vc.timestamp is not None and vc.timestamp >= t_before

@@ -27,9 +27,9 @@ import httpx
 import pytest
 
 from api.main import run
-from ledger import encoding, messages, notes, records
+from ledger import checkpoints, encoding, messages, records
 from ledger.cli import common
-from ledger.cli.keys import read_share_file
+from ledger.cli.root import read_share_file
 from ledger.crypto import SeedSigner, sha256
 from ledger.mirror import Mirror, default_dir
 from ledger.records import Grant
@@ -933,8 +933,8 @@ def test_fork_and_rollback_are_refused(writ: Writ, ledger: Ledger) -> None:
     assert (r.code, r.doc["error"]) == (3, "rollback")
     # fork: the log key signs another tree of the same size
     size = srv.size()
-    forged = notes.sign_checkpoint(
-        notes.Checkpoint(ORIGIN, size, b"\x42" * 32), ORIGIN, srv.log_signer(), int(time.time()) + 5
+    forged = checkpoints.sign_checkpoint(
+        checkpoints.Checkpoint(ORIGIN, size, b"\x42" * 32), ORIGIN, srv.log_signer(), int(time.time()) + 5
     )
     srv.pre_hooks[:] = [serve(forged)]
     f = writ("grant --server", srv.url, "--subject", "1a" * 32, "--role operator --name d", *ledger.key())

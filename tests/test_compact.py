@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ledger import compact, notes
+from ledger import checkpoints, compact, notes
 from ledger.errors import BadMessage, UntrustedCheckpoint
 from tests.device_fixtures import T0, World, signer
 
@@ -51,7 +51,7 @@ def test_a_delta_applied_to_the_wrong_size_yields_a_note_that_does_not_verify() 
     _, forged = compact.decode(prev, w.size + 1, data)
     assert forged != note
     with pytest.raises(UntrustedCheckpoint):
-        notes.verify_checkpoint(forged, w.origin, [w.log.public_key])
+        checkpoints.verify_checkpoint(forged, w.origin, [w.log.public_key])
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from ledger import acceptance, credential, messages, notes, records
+from ledger import acceptance, checkpoints, credential, messages, notes, records
 from ledger.acceptance import MAX_AHEAD
 from ledger.credential import DEFAULT_MAX_STALENESS, MAX_SKEW, REFUSALS, Freshness, Verdict
 from ledger.crypto import SeedSigner, sha256
@@ -368,8 +368,8 @@ def _witnessed_view(
 ) -> acceptance.AcceptedView:
     note = w.checkpoint(log_ts)
     if witness_ts is not None:
-        cp = notes.Checkpoint(w.origin, w.size, w.root_at())
-        note = notes.add_signatures(note, [notes.cosign(cp, "witness.example/w", witness, witness_ts)])
+        cp = checkpoints.Checkpoint(w.origin, w.size, w.root_at())
+        note = notes.add_signatures(note, [checkpoints.cosign(cp, "witness.example/w", witness, witness_ts)])
     return acceptance.accept(None, note, w.state, now=log_ts)
 
 

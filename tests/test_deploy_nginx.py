@@ -39,7 +39,7 @@ import pytest
 
 from api.main import build_parser
 from device_sim.server_process import stop_server as stop_process
-from ledger import encoding, messages, notes, records
+from ledger import checkpoints, encoding, messages, records
 from ledger.crypto import SeedSigner
 from tests.helpers.server import (
     Mirror,
@@ -262,7 +262,7 @@ def test_checkpoint_through_nginx_is_current_and_less_than_2s_stale(deployed: De
     assert via.status_code == 200
     assert via.text == direct.text
     assert via.headers["cache-control"] == "no-cache, max-age=2"
-    vc = notes.verify_checkpoint(via.text, ORIGIN, [srv_log_key(deployed)])
+    vc = checkpoints.verify_checkpoint(via.text, ORIGIN, [srv_log_key(deployed)])
     assert (vc.checkpoint.size, vc.checkpoint.root) == (
         deployed.mirror.state.size,
         deployed.mirror.state.root,
@@ -276,7 +276,8 @@ def test_checkpoint_through_nginx_is_current_and_less_than_2s_stale(deployed: De
     time.sleep(2.05)
     after = httpx.get(proxy + "/checkpoint", timeout=5)
     assert (
-        notes.verify_checkpoint(after.text, ORIGIN, [srv_log_key(deployed)]).checkpoint.size == m.state.size
+        checkpoints.verify_checkpoint(after.text, ORIGIN, [srv_log_key(deployed)]).checkpoint.size
+        == m.state.size
     )
 
 
@@ -357,7 +358,9 @@ def test_sse_events_arrive_through_nginx(deployed: Deployment) -> None:
     assert body["start"] == size and len(body["records"]) == 1
     assert cp["event"] == "checkpoint" and cp["id"] == str(size + 1)
     note = "\n".join(cp["data"]) + "\n"
-    assert notes.verify_checkpoint(note, ORIGIN, [srv_log_key(deployed)]).checkpoint.root == m.state.root
+    assert (
+        checkpoints.verify_checkpoint(note, ORIGIN, [srv_log_key(deployed)]).checkpoint.root == m.state.root
+    )
     assert elapsed < 2.0, f"the event took {elapsed:.2f} s through nginx (buffered?)"
 
 
@@ -570,7 +573,9 @@ def test_backup_script_copies_a_live_ledger_audits_it_and_the_copy_restores(tmp_
     back = start_server(restored)
     try:
         assert httpx.get(back.url + "/healthz", timeout=5).json() == {"ok": True, "size": audit["size"]}
-        cp = notes.verify_checkpoint(httpx.get(back.url + "/checkpoint").text, ORIGIN, [back.log_public_key])
+        cp = checkpoints.verify_checkpoint(
+            httpx.get(back.url + "/checkpoint").text, ORIGIN, [back.log_public_key]
+        )
         assert cp.checkpoint.root.hex() == audit["root"]
         assert back.log_public_key == srv.log_public_key
     finally:

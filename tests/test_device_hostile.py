@@ -24,9 +24,9 @@ from device_sim.sources import (
     HttpSource,
     SseSource,
     Update,
-    decode_event_json,
     sync,
 )
+from device_sim.sse import decode_event_json
 from ledger import messages, records, tiles
 from ledger.errors import (
     BadMessage,

@@ -23,7 +23,7 @@ import pytest
 
 from device_sim.device import Device
 from device_sim.sources import HttpSource, sync
-from ledger import audit, notes, records
+from ledger import audit, checkpoints, notes, records
 from ledger.crypto import SeedSigner
 from ledger.errors import FutureCheckpoint, UntrustedCheckpoint
 from ledger.mirror import Mirror as LocalMirror
@@ -41,8 +41,8 @@ THIEF = "http://thief.test"
 
 
 def thief_note(raws: Sequence[bytes], key: SeedSigner, ts: int) -> str:
-    cp = notes.Checkpoint(ORIGIN, len(raws), mth([leaf_hash(r) for r in raws]))
-    return notes.sign_checkpoint(cp, ORIGIN, key, ts)
+    cp = checkpoints.Checkpoint(ORIGIN, len(raws), mth([leaf_hash(r) for r in raws]))
+    return checkpoints.sign_checkpoint(cp, ORIGIN, key, ts)
 
 
 async def test_stolen_log_key_far_future_checkpoint_then_key_replaced_devices_refuse_the_tablet(
@@ -141,8 +141,8 @@ def test_witness_device_applies_a_revocation_without_cosignatures_but_is_not_fre
     dev = Device.create(w.root.public_key, w.origin, now=T, require_witnesses=1)
 
     def cosigned(ts: int) -> str:
-        cp = notes.Checkpoint(w.origin, w.size, w.root_at())
-        return notes.add_signatures(w.checkpoint(ts), [notes.cosign(cp, "witness.example/w", wit, ts)])
+        cp = checkpoints.Checkpoint(w.origin, w.size, w.root_at())
+        return notes.add_signatures(w.checkpoint(ts), [checkpoints.cosign(cp, "witness.example/w", wit, ts)])
 
     dev.apply_update(w.records, 0, cosigned(T), T)
     assert not dev.is_stale(T)

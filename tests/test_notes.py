@@ -1,4 +1,4 @@
-"""C2SP signed notes, checkpoints and cosignatures (ledger/notes.py, PROTOCOL section 5)."""
+"""C2SP signed notes, checkpoints and cosignatures (ledger/notes.py, ledger/checkpoints.py)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,15 @@ from tlog_scales.signing import (
 )
 from tlog_scales.tlog import Checkpoint as ScalesCheckpoint
 
+from ledger.checkpoints import (
+    Checkpoint,
+    checkpoint_verifiers,
+    checkpoint_vkeys,
+    cosign,
+    parse_checkpoint_body,
+    sign_checkpoint,
+    verify_checkpoint,
+)
 from ledger.crypto import SeedSigner
 from ledger.errors import (
     BadNote,
@@ -34,22 +43,15 @@ from ledger.notes import (
     MAX_SIGNATURES,
     SIG_ED25519,
     SIG_ED25519_COSIGNATURE,
-    Checkpoint,
     Note,
     NoteSignature,
     Verifier,
     add_signatures,
-    checkpoint_verifiers,
-    checkpoint_vkeys,
-    cosign,
     key_id,
-    parse_checkpoint_body,
     parse_note,
     parse_signature_line,
     parse_vkey,
-    sign_checkpoint,
     sign_note,
-    verify_checkpoint,
     verify_note,
     vkey,
 )

@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from ledger import credential, crypto, encoding, messages, notes, records, tiles
+from ledger import checkpoints, credential, crypto, encoding, messages, notes, records, tiles
 from ledger.errors import (
     BadMessage,
     BadNote,
@@ -41,8 +41,9 @@ from ledger.errors import (
     RecordRejected,
     WritError,
 )
+from ledger.layered import Layered
 from ledger.records import Grant, Kind, Revoke, Rotate
-from ledger.state import Layered, LedgerState
+from ledger.state import LedgerState
 from tests.helpers.vectors import check_vector_auth, vector_credential
 from tests.vectors_data import ledger_vectors
 
@@ -500,11 +501,11 @@ def test_note_parsers_raise_only_bad_note(data: bytes | str, more: st.DataObject
         text = data if isinstance(data, str) else data.decode()
         assert note.serialize() == text
     try:
-        vc = notes.verify_checkpoint(data, V.origin, [V.public("log")])
+        vc = checkpoints.verify_checkpoint(data, V.origin, [V.public("log")])
     except (BadNote, CheckpointRejected):
         pass
     else:
-        assert vc.checkpoint == notes.parse_checkpoint_body(notes.parse_note(note_text).body)
+        assert vc.checkpoint == checkpoints.parse_checkpoint_body(notes.parse_note(note_text).body)
     if isinstance(data, str):
         with contextlib.suppress(BadNote):
             notes.parse_vkey(data)

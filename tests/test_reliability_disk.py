@@ -27,7 +27,7 @@ import pytest
 from starlette.applications import Starlette
 
 from api.config import Limits
-from ledger import encoding, notes, records, tiles
+from ledger import checkpoints, encoding, records, tiles
 from ledger.crypto import SeedSigner, sha256
 from ledger.errors import StorageError
 from ledger.storage import FAULT_STEPS
@@ -102,7 +102,9 @@ async def assert_consistent(client: httpx.AsyncClient, app: Starlette, db: Path)
     assert svc.size == svc.state.size == len(got)
     root = mth([leaf_hash(r) for r in got])
     assert svc.state.root == root
-    cp = notes.verify_checkpoint((await client.get("/checkpoint")).text, ORIGIN, [svc.signer.public_key])
+    cp = checkpoints.verify_checkpoint(
+        (await client.get("/checkpoint")).text, ORIGIN, [svc.signer.public_key]
+    )
     assert (cp.checkpoint.size, cp.checkpoint.root) == (len(got), root)
     last = (len(got) - 1) // tiles.TILE_WIDTH
     width = len(got) - last * tiles.TILE_WIDTH
@@ -243,7 +245,7 @@ async def test_reads_failing_are_5xx_problems_never_torn_data(
         assert (await post_records(client, batch(m, 600, "many"))).status_code == 200
         good = await assert_consistent(client, app, db)
         svc = service(app)
-        svc._bundles.clear()  # cold cache: full bundles come from the disk
+        svc.record_cache.clear()  # cold cache: full bundles come from the disk
 
         async def broken(start: int, end: int) -> list[bytes]:
             raise StorageError("read failed: OSError: [Errno 5] Input/output error")

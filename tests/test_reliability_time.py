@@ -28,7 +28,7 @@ import pytest
 
 from api.service import LedgerService
 from device_sim.device import Device
-from ledger import encoding, notes, records
+from ledger import checkpoints, encoding, records
 from ledger.errors import FutureCheckpoint, StorageError, TimestampRegression, UnauthorizedSigner
 from ledger.records import Revoke
 from ledger.storage import MemoryStorage
@@ -154,11 +154,15 @@ def test_a_checkpoint_300_s_ahead_blocks_honest_ones_for_at_most_300_s() -> None
     assert story.ask(dev, now=T + 300, signed_at=T + 300) == (False, "revoked")
 
 
-async def served(c: httpx.AsyncClient, svc: LedgerService) -> notes.VerifiedCheckpoint:
-    return notes.verify_checkpoint((await c.get("/checkpoint")).text, svc.origin, [svc.signer.public_key])
+async def served(c: httpx.AsyncClient, svc: LedgerService) -> checkpoints.VerifiedCheckpoint:
+    return checkpoints.verify_checkpoint(
+        (await c.get("/checkpoint")).text, svc.origin, [svc.signer.public_key]
+    )
 
 
-async def wait_for_size(c: httpx.AsyncClient, svc: LedgerService, size: int) -> notes.VerifiedCheckpoint:
+async def wait_for_size(
+    c: httpx.AsyncClient, svc: LedgerService, size: int
+) -> checkpoints.VerifiedCheckpoint:
     for _ in range(200):
         vc = await served(c, svc)
         if vc.checkpoint.size == size:
@@ -251,7 +255,9 @@ async def test_a_stored_checkpoint_naming_no_head_stops_the_server(tmp_path: Pat
         m.grant(svc.signer.public_key, "log", "log")
         await post_records(c, m.records)
         data_dir = svc.config.data_dir
-        forged = notes.sign_checkpoint(notes.Checkpoint(origin, 2, bytes(32)), origin, svc.signer, T + 1)
+        forged = checkpoints.sign_checkpoint(
+            checkpoints.Checkpoint(origin, 2, bytes(32)), origin, svc.signer, T + 1
+        )
     storage._closed = False  # the same memory, as a restarted process would find it on disk
     await storage.put_checkpoint(2, forged)
     with pytest.raises(StorageError, match="does not name a head"):
@@ -303,8 +309,8 @@ async def test_a_revoker_grant_expiring_mid_scenario(tmp_path: Path) -> None:
         dev = Device.create(root.public_key, origin, now=T + 150)
         dev.apply_update(good, 0, (await c.get("/checkpoint")).text, T + 150)
         forged = [*good, late_raw]
-        note = notes.sign_checkpoint(
-            notes.Checkpoint(origin, len(forged), mth([leaf_hash(x) for x in forged])),
+        note = checkpoints.sign_checkpoint(
+            checkpoints.Checkpoint(origin, len(forged), mth([leaf_hash(x) for x in forged])),
             origin,
             svc.signer,
             T + 160,

@@ -18,7 +18,7 @@ from tlog_scales.backend import HttpBackend
 from tlog_scales.reader import TilesReader
 from tlog_scales.signing import Vkey
 
-from ledger import encoding, notes, records, tree
+from ledger import checkpoints, encoding, records, tree
 from ledger.crypto import SeedSigner
 from ledger.state import LedgerState
 from ledger.storage.load import load_ledger
@@ -52,7 +52,7 @@ def test_server_init_cli(tmp_path: Path) -> None:
     )
     assert code == 0
     pub = bytes.fromhex(doc["log_public_key"])
-    assert (doc["log_vkey"], doc["cosig_vkey"]) == notes.checkpoint_vkeys(V.origin, pub)
+    assert (doc["log_vkey"], doc["cosig_vkey"]) == checkpoints.checkpoint_vkeys(V.origin, pub)
     assert (data / "log.key").stat().st_mode & 0o777 == 0o600
     assert (data / "ledger.db").exists()
     code, doc, err = run_writ(
@@ -101,9 +101,13 @@ def test_vectors_served_back_and_verified_by_tlog_scales(tmp_path: Path) -> None
         proof.check(levels.root(4), cp.root_hash)
 
         # the 0x04 timestamp moves on with re-signing, the size does not
-        t1 = notes.verify_checkpoint(httpx.get(srv.url + "/checkpoint").text, V.origin, [srv.log_public_key])
+        t1 = checkpoints.verify_checkpoint(
+            httpx.get(srv.url + "/checkpoint").text, V.origin, [srv.log_public_key]
+        )
         time.sleep(2.2)
-        t2 = notes.verify_checkpoint(httpx.get(srv.url + "/checkpoint").text, V.origin, [srv.log_public_key])
+        t2 = checkpoints.verify_checkpoint(
+            httpx.get(srv.url + "/checkpoint").text, V.origin, [srv.log_public_key]
+        )
         assert t1.timestamp is not None and t2.timestamp is not None and t2.timestamp > t1.timestamp
         assert t2.checkpoint.size == 10
 
@@ -221,7 +225,9 @@ def test_sigkill_during_appends_loses_no_acknowledged_record(tmp_path: Path) -> 
         served = served_records(srv.url)
         for seq, raw in acked.items():
             assert served[seq] == raw, f"acknowledged record {seq} lost or changed after SIGKILL"
-        cp = notes.verify_checkpoint(httpx.get(srv.url + "/checkpoint").text, origin, [srv.log_public_key])
+        cp = checkpoints.verify_checkpoint(
+            httpx.get(srv.url + "/checkpoint").text, origin, [srv.log_public_key]
+        )
         assert cp.checkpoint.size == len(served)
         assert cp.checkpoint.root == tree.mth([tree.leaf_hash(x) for x in served])
     assert stop_server(srv) == 0

@@ -25,7 +25,7 @@ from api.witness import (
     logs_from_flags,
 )
 from api.witness_store import MemoryWitnessStore, SqliteWitnessStore, WitnessStore
-from ledger import notes
+from ledger import checkpoints, notes
 from ledger.crypto import SeedSigner
 from ledger.errors import UsageError, WitnessConflict, WritError
 
@@ -61,7 +61,7 @@ class Env:
     def verify(self, note: str, cosig: str) -> int:
         """The witness's cosignature verifies on the note; returns its timestamp."""
         full = notes.add_signatures(note, [cosig])
-        vc = notes.verify_checkpoint(
+        vc = checkpoints.verify_checkpoint(
             full, self.log.origin, [self.log.signer.public_key], [(WNAME, self.wpub)], require_witnesses=1
         )
         assert vc.cosigners == (WNAME,)
@@ -493,8 +493,8 @@ def test_bad_log_flag_is_a_usage_error(flag: str) -> None:
 
 def test_log_flags_group_several_keys_by_origin() -> None:
     a, b = SeedSigner.generate(), SeedSigner.generate()
-    va = notes.checkpoint_vkeys(ORIGIN, a.public_key)[0]
-    vb = notes.checkpoint_vkeys(ORIGIN, b.public_key)[0]
+    va = checkpoints.checkpoint_vkeys(ORIGIN, a.public_key)[0]
+    vb = checkpoints.checkpoint_vkeys(ORIGIN, b.public_key)[0]
     logs = logs_from_flags([f"{ORIGIN}={va}", f"{ORIGIN}={vb}", f"{ORIGIN}={va}"])
     assert [v.public_key for v in logs[ORIGIN]] == [a.public_key, b.public_key]
 

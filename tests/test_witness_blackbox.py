@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from ledger import encoding, messages, notes
+from ledger import checkpoints, encoding, messages
 from ledger.crypto import SeedSigner
 
 from .helpers.server import run_writ, start_server, stop_server, writ_command
@@ -92,7 +92,7 @@ def test_two_witnesses_a_real_server_and_devices_requiring_1_and_2(tmp_path: Pat
 
         _wait(lambda: cosigned(2), "both witnesses to cosign")
         note = httpx.get(url + "/checkpoint").text
-        vc = notes.verify_checkpoint(
+        vc = checkpoints.verify_checkpoint(
             note,
             ORIGIN,
             [srv.log_public_key],

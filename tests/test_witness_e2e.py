@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ledger import notes
+from ledger import checkpoints, notes
 
 from .helpers.server import run_writ
 from .helpers.witness import FakeLog, init_witness, running_witness, spec_body, start_witness, stop_witness
@@ -58,7 +58,7 @@ def test_real_witness_cosigns_a_growing_log_and_stops_on_sigterm(tmp_path: Path)
         r = httpx.post(w.url + "/add-checkpoint", content=spec_body(0, [], note))
         assert r.status_code == 200
         full = notes.add_signatures(note, [r.text])
-        vc = notes.verify_checkpoint(full, ORIGIN, [log.signer.public_key], [(WNAME, w.public_key)], 1)
+        vc = checkpoints.verify_checkpoint(full, ORIGIN, [log.signer.public_key], [(WNAME, w.public_key)], 1)
         assert vc.cosigners == (WNAME,)
     assert w.process.returncode == 0
 
@@ -92,7 +92,7 @@ def _hammer(
                 return
             if r.status_code == 200:
                 full = notes.add_signatures(note, [r.text])
-                notes.verify_checkpoint(full, ORIGIN, [lg.signer.public_key], [(WNAME, wpub)], 1)
+                checkpoints.verify_checkpoint(full, ORIGIN, [lg.signer.public_key], [(WNAME, wpub)], 1)
                 with lock:
                     cosigned.append((lg.size, lg.root(), lg))
                 old = lg.size

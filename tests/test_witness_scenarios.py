@@ -25,7 +25,7 @@ import pytest
 from api.witness import Witness
 from api.witness_store import MemoryWitnessStore
 from device_sim.device import Device
-from ledger import notes, records
+from ledger import checkpoints, notes, records
 from ledger.errors import Rollback
 from tests.device_fixtures import T0, World, signer
 from tests.helpers.witness import spec_body
@@ -46,7 +46,7 @@ class Story:
         self.witness = Witness(
             WNAME,
             self.wkey,
-            {self.w.origin: notes.checkpoint_verifiers(self.w.origin, self.w.log.public_key)[:1]},
+            {self.w.origin: checkpoints.checkpoint_verifiers(self.w.origin, self.w.log.public_key)[:1]},
             MemoryWitnessStore(),
             clock=lambda: self.clock[0],
         )

@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from api.witness import WitnessConfig, create_witness_app, init_witness_dir, logs_from_flags
 from api.witness_store import MemoryWitnessStore
 from api.witnessing import Witnessing
-from ledger import encoding, notes, records
+from ledger import checkpoints, encoding, notes, records
 from ledger.crypto import SeedSigner
 from ledger.storage import MemoryStorage
 
@@ -77,7 +77,8 @@ class Ledger:
                 note = await self.note()
                 have = {s.name for s in notes.parse_note(note).signatures}
                 if names <= have and (
-                    size is None or notes.parse_checkpoint_body(notes.parse_note(note).body).size == size
+                    size is None
+                    or checkpoints.parse_checkpoint_body(notes.parse_note(note).body).size == size
                 ):
                     return note
                 await asyncio.sleep(0.02)
@@ -122,7 +123,9 @@ async def test_checkpoint_is_served_with_every_witness_cosignature(tmp_path: Pat
     async with witnessed_ledger(tmp_path) as (ledger, wits, _):
         svc = ledger.app.state.service
         note = await ledger.wait_cosigned({w.name for w in wits})
-        vc = notes.verify_checkpoint(note, ORIGIN, [svc.signer.public_key], _keys(wits), require_witnesses=2)
+        vc = checkpoints.verify_checkpoint(
+            note, ORIGIN, [svc.signer.public_key], _keys(wits), require_witnesses=2
+        )
         assert set(vc.cosigners) == {w.name for w in wits}
         led = (await ledger.client.get("/v1/ledger")).json()
         assert [x["state"] for x in led["witnesses"]] == ["ok", "ok"]
@@ -133,7 +136,7 @@ async def test_checkpoint_is_served_with_every_witness_cosignature(tmp_path: Pat
         tablet = ledger.m.grant(SeedSigner.generate().public_key, "operator", "tablet")
         await ledger.push(tablet, ledger.m.revoke(ledger.m.state.size - 1, 2))
         note = await ledger.wait_cosigned({w.name for w in wits}, size=ledger.m.state.size)
-        notes.verify_checkpoint(note, ORIGIN, [svc.signer.public_key], _keys(wits), require_witnesses=2)
+        checkpoints.verify_checkpoint(note, ORIGIN, [svc.signer.public_key], _keys(wits), require_witnesses=2)
 
 
 async def test_cosignatures_stay_on_re_signed_notes_and_refresh(tmp_path: Path) -> None:
@@ -258,7 +261,9 @@ async def test_a_witness_sending_a_bad_cosignature_cannot_poison_the_note(tmp_pa
         note = await ledger.note()
         assert ledger.app.state.service.witnessing.peers[0].state == "bad-cosignature"
         assert "liar.example" not in note
-        notes.verify_checkpoint(note, ORIGIN, [svc.signer.public_key], [("liar.example/w", wkey.public_key)])
+        checkpoints.verify_checkpoint(
+            note, ORIGIN, [svc.signer.public_key], [("liar.example/w", wkey.public_key)]
+        )
 
 
 @pytest.mark.parametrize("url", ["ftp://x", "w.example", "http://", "http://x/?q=1"])

@@ -20,7 +20,7 @@ from .. import messages
 from .. import records as rec
 from ..errors import UsageError, WritError
 from ..state import LedgerState
-from . import common, keys
+from . import common, keys, root
 from .common import Client, add_key_source, check_on_copy, parse_hex, refuse, say
 from .intents import (
     ANCHOR_HELP,
@@ -124,7 +124,7 @@ def cmd_sign(args: argparse.Namespace) -> dict[str, Any]:
         revoker = revoker_args(args)
         revoke_builder(args, NoSigner(), revoker=revoker)
     else:
-        keys._check_rotate_source(args)
+        root.check_rotate_source(args)
     with contextlib.ExitStack() as stack:
         client = None if args.offline else stack.enter_context(Client(args.server))
         if args.offline:
@@ -150,17 +150,17 @@ def cmd_sign(args: argparse.Namespace) -> dict[str, Any]:
                     )
         extra: dict[str, Any] = {}
         if kind == "rotate":
-            succ = keys._RotateSigner(args, stack)
+            succ = root.RotateSigner(args, stack)
             pending = state.pending_digest
             if pending is None:
                 refuse(
                     "unauthorized-signer", "the ledger commits to no successor root: no rotation is possible"
                 )
             succ.get(pending)
-            with keys.new_successor(args, mirror.anchor.hex()) as (digest, sheets):
+            with root.new_successor(args, mirror.anchor.hex()) as (digest, sheets):
                 if args.successor_shares:
-                    keys._save_recovered(args, succ, mirror.anchor, digest)
-                raws = keys.rotate_builder(args, succ, digest)(state, common.now_for(state))
+                    root.save_recovered(args, succ, mirror.anchor, digest)
+                raws = root.rotate_builder(args, succ, digest)(state, common.now_for(state))
                 check_on_copy(state, raws)
                 common.confirm(state, raws, f"write to {args.out}", ask=not args.yes)
                 common.write_records_file(args.out, batch + raws)
@@ -279,13 +279,13 @@ def register(sub: Any) -> None:
     add_revoke_args(r)
     add_key_source(r)
     t = ss.add_parser("rotate", parents=[late], help="sign a rotate with the successor")
-    keys.add_successor_source(t)
-    t.add_argument("--cost", choices=keys._COSTS, help=keys._COST_HELP)
+    root.add_successor_source(t)
+    t.add_argument("--cost", choices=keys.KDF_COSTS, help=keys.KDF_COST_HELP)
     t.add_argument(
         "--new-key-out",
         dest="out_key",
         metavar="FILE",
         help="with --successor-shares: keep the new root here",
     )
-    keys._add_shares_out(t)
+    root.add_shares_out(t)
     p.set_defaults(handler=cmd_sign)

@@ -20,7 +20,7 @@ import argparse
 import time
 from typing import Any
 
-from .. import notes, records
+from .. import checkpoints, records
 from ..errors import BadProof, Fork, NotWitnessed, TransportError, WritError
 from ..state import LedgerState
 from ..tree import verify_consistency
@@ -66,7 +66,7 @@ def status(client: Client, state: LedgerState, seq: int) -> dict[str, Any]:
     """What the served checkpoint says about record ``seq`` of ``state`` (raises on a bad checkpoint)."""
     witnesses = _witnesses(state)
     assert state.origin is not None
-    vc = notes.verify_checkpoint(
+    vc = checkpoints.verify_checkpoint(
         client.checkpoint(), state.origin, state.active_keys(records.ROLE_LOG), witnesses
     )
     cp = vc.checkpoint

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ledger import notes
+from ledger import checkpoints, notes
 from ledger.crypto import SeedSigner
 from ledger.tree import MerkleLevels, leaf_hash
 
@@ -48,7 +48,7 @@ class FakeLog:
 
     @property
     def vkey(self) -> str:
-        return notes.checkpoint_vkeys(self.origin, self.signer.public_key)[0]
+        return checkpoints.checkpoint_vkeys(self.origin, self.signer.public_key)[0]
 
     def append(self, n: int = 1) -> None:
         for _ in range(n):
@@ -61,9 +61,9 @@ class FakeLog:
 
     def note(self, timestamp: int | None = None, size: int | None = None) -> str:
         size = self.size if size is None else size
-        cp = notes.Checkpoint(self.origin, size, self.root(size))
+        cp = checkpoints.Checkpoint(self.origin, size, self.root(size))
         ts = int(_time.time()) if timestamp is None else timestamp
-        return notes.sign_checkpoint(cp, self.origin, self.signer, ts)
+        return checkpoints.sign_checkpoint(cp, self.origin, self.signer, ts)
 
     def proof(self, old: int, new: int | None = None) -> list[bytes]:
         new = self.size if new is None else new
