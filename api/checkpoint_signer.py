@@ -2,7 +2,8 @@
 
 A checkpoint's 0x04 timestamp never goes back, not even across a restart
 (the last persisted checkpoint's timestamp is the floor: :func:`stored_checkpoint`
-reads it back), and is never ahead of the server's clock (PROTOCOL 1.1): while
+reads it back), and is never ahead of the server's clock (protocol revision 1.1,
+docs/protocol.md, "Checkpoints"): while
 the clock is behind the floor (it jumped back), :meth:`CheckpointSigner.sign`
 signs nothing and the caller keeps serving the last note. Publishing (storage,
 the event streams, witnesses) is :class:`api.service.LedgerService`'s.
@@ -51,7 +52,7 @@ class CheckpointSigner:
     def sign(self, size: int, root: bytes) -> CheckpointEvent | None:
         """A new checkpoint of (size, root) dated by the clock; ``None`` while the
         clock is behind the last timestamp signed: a timestamp is never below one
-        signed before, nor ahead of the clock (PROTOCOL 1.1)."""
+        signed before, nor ahead of the clock (protocol revision 1.1: docs/protocol.md, "Checkpoints")."""
         ts = int(self.clock())
         if ts < self.floor:
             if not self._behind_logged:

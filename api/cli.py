@@ -1,4 +1,4 @@
-"""``writ server init`` and ``writ serve`` (CONFORMANCE.md "Server").
+"""``writ server init`` and ``writ serve`` (the stable command contract: flags, JSON, exit codes).
 
 ``server init --data DIR --anchor HEX32 --origin ORIGIN`` creates DIR, the
 log key (``DIR/log.key``, 0600), the SQLite ledger and ``DIR/server.json``,

@@ -96,7 +96,7 @@ class Identity:
 
 
 def parse_origin(text: str) -> str:
-    """A valid origin (PROTOCOL 2), or a :class:`UsageError`."""
+    """A valid origin (docs/protocol.md, "Records"), or a :class:`UsageError`."""
     try:
         return records.check_origin(text)
     except InvalidField as exc:

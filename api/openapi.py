@@ -268,7 +268,7 @@ _PATHS: dict[str, Any] = {
                 "409": _problem("stale-head (with the current size and root), already-revoked"),
                 "413": _problem("payload-too-large, too-large"),
                 "415": _problem("unsupported-media-type"),
-                "422": _problem("A rule of PROTOCOL section 3"),
+                "422": _problem("A rule of docs/protocol.md, 'Validity rules'"),
                 "429": _problem("rate-limited (see Retry-After)"),
                 "503": _problem("storage-error, overloaded"),
             },

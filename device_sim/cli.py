@@ -1,7 +1,7 @@
 """`python -m device_sim`: one simulated device whose state is a directory.
 
 The commands, flags, JSON outputs and exit codes are the conformance
-contract (CONFORMANCE.md, "Device"). Every command prints one JSON object on
+contract (stable flags, JSON and exit codes). Every command prints one JSON object on
 stdout and never a traceback for a user error:
 
     0  success (check: accepted)
@@ -396,7 +396,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     state(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--server", metavar="URL")
-    src.add_argument("--bundle", metavar="FILE", help="a sync bundle (PROTOCOL section 7)")
+    src.add_argument("--bundle", metavar="FILE", help="a sync bundle (docs/protocol.md, 'Sync bundles')")
     now(p)
     timeout(p)
     p.set_defaults(handler=cmd_sync)

@@ -2,7 +2,7 @@
 
 A device is installed with two facts, the root's public key (the *anchor*)
 and the ledger's origin, and generates its own Ed25519 key. Everything else it
-learns from the ledger and verifies itself (PROTOCOL sections 3 to 5): it
+learns from the ledger and verifies itself (docs/protocol.md, "Validity rules" to "Checkpoints"): it
 applies records with the same :class:`~ledger.state.LedgerState` rules as the
 server, computes the tree, accepts a checkpoint only through
 :func:`ledger.acceptance.accept`, and judges credentials with
@@ -11,7 +11,7 @@ server, computes the tree, accepts a checkpoint only through
 State lives in a directory (the CLI device) or in memory (a fleet)::
 
     DIR/device.key      the private seed, hex, mode 0600; never sent, logged or exported
-    DIR/enroll.bin      the enrollment request (PROTOCOL section 7)
+    DIR/enroll.bin      the enrollment request (docs/protocol.md, "Enrollment requests")
     DIR/state.bin       config, the ledger state, the accepted view, the own grant
     DIR/evidence.json   the last evidence records (refused data), newest last
     DIR/challenge.bin   the challenge issued for the next check (single use)
@@ -316,7 +316,7 @@ class Device:
         made for an older device) change nothing but must be shown to be the
         very records the device applied (:class:`Overlap`). ``bundle``: the
         update comes from a sync bundle, so a checkpoint not newer than the
-        device's is "nothing new" rather than a rollback (PROTOCOL section 7).
+        device's is "nothing new" rather than a rollback (docs/protocol.md, "Sync bundles").
         On any failure the device keeps its state, adds an
         :class:`~ledger.acceptance.Evidence` and raises the error.
         """
@@ -426,7 +426,7 @@ class Device:
         )
 
     def receipt(self, now: int) -> bytes:
-        """The signed receipt of the accepted head (PROTOCOL section 6)."""
+        """The signed receipt of the accepted head (docs/protocol.md, "Receipts")."""
         g = self.own_grant
         if g is None:
             raise UsageError(

@@ -1,6 +1,6 @@
 """A credential holder: a technician's tablet (or laptop) with its own key.
 
-The holder's side of PROTOCOL section 4. It generates its Ed25519 key, asks
+The holder's side of docs/protocol.md, "Credentials on a device". It generates its Ed25519 key, asks
 for a grant with an enrollment request (section 7) and answers a device's
 challenge with the auth message that ``device check --auth`` verifies,
 carrying its own published grant record. The key is an OpenSSH key file, so

@@ -14,7 +14,7 @@ fetches and frames bytes, it never decides what is valid.
   standard ``?records=1`` events are read too), the records fetched as above
   when an event does not carry them; the event stream's framing and payloads
   are decoded by :mod:`device_sim.sse`.
-- :class:`BundleSource`: a PROTOCOL section 7 sync bundle file.
+- :class:`BundleSource`: a sync bundle file (docs/protocol.md, "Sync bundles").
 
 Every request goes through the one fetch layer, the async face of
 :mod:`ledger.client`, so a hostile server gets nothing for free: every
@@ -385,7 +385,7 @@ class HttpSource:
 
 
 class BundleSource:
-    """A sync bundle file (PROTOCOL section 7): applied with exactly the HTTP rules."""
+    """A sync bundle file (docs/protocol.md, "Sync bundles"): applied with exactly the HTTP rules."""
 
     def __init__(self, path: Path | str, *, max_bytes: int = MAX_BUNDLE_FILE) -> None:
         self.path = Path(path)

@@ -311,7 +311,7 @@ class PendingUpdate:
         return SyncResult(new.size, new.root, accepted.timestamp, previous, False)
 
     def _nothing_new(self) -> SyncResult:
-        """A bundle not newer than the device (PROTOCOL section 7): an old USB
+        """A bundle not newer than the device (docs/protocol.md, "Sync bundles"): an old USB
         stick is not an alarm, but its records were checked (:class:`Overlap`)
         and its checkpoint must be one the log signed over them.
 

@@ -1,4 +1,4 @@
-"""Fuzz the server's write endpoints through the ASGI app (PROTOCOL section 6).
+"""Fuzz the server's write endpoints through the ASGI app (docs/protocol.md, "HTTP").
 
 The app (``api.app.create_app`` on a :class:`~ledger.storage.MemoryStorage`,
 rate limits lifted, a fixed clock) holds the whole vector ledger. The first

@@ -1,4 +1,5 @@
-"""Fuzz the other signed messages (PROTOCOL sections 4, 6, 7) and the credential check.
+"""Fuzz the other signed messages and the credential check (docs/protocol.md, "Credentials on
+a device", "Receipts", "Enrollment requests", "Sync bundles").
 
 Every input goes through all four decoders, so one corpus serves them all.
 Oracles:

@@ -1,4 +1,4 @@
-"""Fuzz the C2SP signed-note, checkpoint and vkey parsers (PROTOCOL section 5).
+"""Fuzz the C2SP signed-note, checkpoint and vkey parsers (docs/protocol.md, "Checkpoints").
 
 Each input is a note (bytes, as fetched from ``<prefix>/checkpoint``). Oracles:
 

@@ -1,4 +1,4 @@
-"""Fuzz ``records.parse`` and ``LedgerState.apply`` (PROTOCOL sections 2 and 3).
+"""Fuzz ``records.parse`` and ``LedgerState.apply`` (docs/protocol.md, "Records" and "Validity rules").
 
 The first byte of an input picks a mode, the rest is the payload:
 

@@ -1,4 +1,4 @@
-"""Fuzz the tlog-tiles path parser and the tile formats (PROTOCOL section 6).
+"""Fuzz the tlog-tiles path parser and the tile formats (docs/protocol.md, "Receipts").
 
 Every input is read both as a path (one character per byte, as an HTTP router
 could hand it over after percent-decoding) and as a tile body. Oracles:

@@ -1,4 +1,4 @@
-"""Which checkpoint a device, an auditor or a signing tool may accept (PROTOCOL section 5).
+"""Which checkpoint a device, an auditor or a signing tool may accept (docs/protocol.md, "Checkpoints").
 
 A verifier that has accepted a view of the ledger moves to a new checkpoint
 only when every rule holds, checked in this order:
@@ -216,7 +216,7 @@ def _witness_keys(state: LedgerState) -> list[tuple[str, bytes]]:
 
 def check_not_ahead(timestamp: int | None, now: int) -> None:
     """Raise :class:`FutureCheckpoint` when a signed ``timestamp`` is more than
-    :data:`MAX_AHEAD` seconds ahead of ``now`` (PROTOCOL 1.1)."""
+    :data:`MAX_AHEAD` seconds ahead of ``now`` (protocol revision 1.1: docs/protocol.md, "Checkpoints")."""
     if timestamp is not None and timestamp > now + MAX_AHEAD:
         raise FutureCheckpoint(
             f"checkpoint timestamp {timestamp} is {timestamp - now} s ahead of this clock ({now});"

@@ -1,4 +1,4 @@
-"""tlog-checkpoint v1 notes as a Writ log signs them (PROTOCOL section 5).
+"""tlog-checkpoint v1 notes as a Writ log signs them (docs/protocol.md, "Checkpoints").
 
 Pure code on top of :mod:`ledger.notes` (the signed-note syntax, verifier
 keys and the cosignature format):
@@ -130,7 +130,7 @@ def _cosignature(name: str, signer: Signer, body: str, timestamp: int) -> NoteSi
 def sign_checkpoint(cp: Checkpoint, origin_name: str, log_signer: Signer, timestamp: int) -> str:
     """The checkpoint note signed by the log: type 0x01 then type 0x04, both named ``origin_name``.
 
-    PROTOCOL section 5: ``origin_name`` is the checkpoint origin.
+    docs/protocol.md, "Checkpoints": ``origin_name`` is the checkpoint origin.
     """
     body = cp.body()
     plain = _signature_line(
@@ -174,7 +174,7 @@ def verify_checkpoint(
     witness_keys: Sequence[tuple[str, bytes]] = (),
     require_witnesses: int = 0,
 ) -> VerifiedCheckpoint:
-    """Verify a checkpoint note signed by a Writ log (PROTOCOL section 5).
+    """Verify a checkpoint note signed by a Writ log (docs/protocol.md, "Checkpoints").
 
     - syntax (note or checkpoint text) -> :class:`BadNote`;
     - origin line other than ``origin`` -> :class:`WrongOrigin`;

@@ -1,4 +1,4 @@
-"""Is this credential valid on this device now? (PROTOCOL section 4)
+"""Is this credential valid on this device now? (docs/protocol.md, "Credentials on a device")
 
 A pure function of the device's verified state, the holder's auth message,
 the challenge the device issued and an explicit ``now``. It never raises for
@@ -52,7 +52,7 @@ class Freshness:
     required witnesses the k-th freshest witness timestamp on the device's
     tree). Fresh when it is at most ``max_staleness`` behind ``now``; a
     timestamp up to :data:`~ledger.acceptance.MAX_AHEAD` seconds ahead counts as
-    ``now``, one further ahead is never fresh (PROTOCOL 1.1).
+    ``now``, one further ahead is never fresh (protocol revision 1.1: docs/protocol.md, "Checkpoints").
     """
 
     checkpoint_time: int | None

@@ -1,4 +1,4 @@
-"""Ed25519 with domain separation (PROTOCOL sections 2.2, 4, 6, 7).
+"""Ed25519 with domain separation (docs/protocol.md, "Signatures and domain separation").
 
 Every signed message in Writ starts with its own prefix, so a signature made
 for one kind of message can never be replayed as another. Verification raises

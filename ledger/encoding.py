@@ -1,7 +1,7 @@
 """The wire format: the only module that imports msgpack.
 
 Writ bytes are MessagePack in the one canonical form that
-``msgpack.packb(value, use_bin_type=True)`` produces (PROTOCOL 2.1): the
+``msgpack.packb(value, use_bin_type=True)`` produces (docs/protocol.md, "Records"): the
 smallest form for every integer, ``bin`` for bytes, ``str`` for text, arrays
 only, no maps, floats, ext types, booleans or negative integers. A reader
 accepts bytes only when decoding them and encoding the result again gives back

@@ -9,7 +9,7 @@ bare bool.
 
     WritError                              (type "error")
     ├── VerificationError                  bytes failed a protocol rule
-    │   ├── RecordRejected                 a rule of PROTOCOL section 3 (carries .seq)
+    │   ├── RecordRejected                 a rule of docs/protocol.md, "Validity rules" (carries .seq)
     │   │   ├── TooLarge                   too-large
     │   │   ├── NotCanonical               not-canonical
     │   │   ├── UnsupportedVersion         unsupported-version
@@ -108,7 +108,7 @@ class VerificationError(WritError):
 
 
 class RecordRejected(VerificationError):
-    """A record failed a rule of PROTOCOL section 3."""
+    """A record failed a rule of docs/protocol.md, "Validity rules"."""
 
     type = "record-rejected"
 
@@ -252,7 +252,8 @@ class TimestampRegression(CheckpointRejected):
 
 
 class FutureCheckpoint(CheckpointRejected):
-    """A checkpoint timestamp more than 300 s ahead of the verifier's clock (PROTOCOL 1.1)."""
+    """A checkpoint timestamp more than 300 s ahead of the verifier's clock (protocol revision
+    1.1, docs/protocol.md, "Checkpoints")."""
 
     type = "future-checkpoint"
 

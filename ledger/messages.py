@@ -1,4 +1,5 @@
-"""The other signed messages (PROTOCOL sections 4, 6 and 7).
+"""The other signed messages (docs/protocol.md, "Credentials on a device", "Receipts",
+"Enrollment requests", "Sync bundles").
 
 Each has a body, a distinct domain prefix, and a strict decoder that raises
 :class:`~ledger.errors.BadMessage`. Bytes come in, frozen values go out.

@@ -1,4 +1,4 @@
-"""C2SP signed notes and Ed25519 cosignatures (PROTOCOL section 5).
+"""C2SP signed notes and Ed25519 cosignatures (docs/protocol.md, "Checkpoints").
 
 The note layer, pure code, no I/O (checkpoints, the note text a log signs,
 are in :mod:`ledger.checkpoints`):

@@ -1,4 +1,4 @@
-"""Typed ledger records (PROTOCOL section 2).
+"""Typed ledger records (docs/protocol.md, "Records").
 
 Three layers, each a frozen value:
 
@@ -141,13 +141,13 @@ def check_role(value: object) -> str:
 
 
 def valid_between(not_before: int, not_after: int, now: int) -> bool:
-    """A grant's validity window (PROTOCOL 2): ``not_before <= now``, and before
+    """A grant's validity window (docs/protocol.md, "Records"): ``not_before <= now``, and before
     ``not_after`` unless that is 0 (no expiry)."""
     return not_before <= now and (not_after == 0 or now < not_after)
 
 
 def in_scope(credential_scope: str, device_scope: str) -> bool:
-    """PROTOCOL 2: a credential of scope s is in scope on a device of scope d."""
+    """docs/protocol.md, "Records": a credential of scope s is in scope on a device of scope d."""
     s, d = credential_scope, device_scope
     return s == "" or s == d or d.startswith(s + "/")
 
@@ -172,7 +172,8 @@ class _Header:
         raise NotImplementedError
 
     def _head(self, signer: int) -> list[Any]:
-        """The fields every body opens with (PROTOCOL 2): version, kind, seq, prev, time, signer."""
+        """The fields every body opens with (docs/protocol.md, "Records"): version, kind, seq,
+        prev, time, signer."""
         return [VERSION, int(self.KIND), self.seq, self.prev, self.time, signer]
 
     def encode(self) -> bytes:
@@ -306,7 +307,7 @@ class Envelope:
 
 
 def parse(raw: bytes) -> Envelope:
-    """Steps 1-6 of PROTOCOL section 3, in order."""
+    """Steps 1-6 of docs/protocol.md, "Validity rules", in order."""
 
     body, sig, f = encoding.split_record(raw)  # steps 1, 2
     version, kind = f[0], f[1]

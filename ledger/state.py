@@ -1,4 +1,4 @@
-"""The validity rules of PROTOCOL section 3 as one state machine.
+"""The validity rules of docs/protocol.md, "Validity rules" as one state machine.
 
 ``LedgerState.apply(record_bytes)`` is the single implementation of the
 table; the server (before it appends), the signing tool (on its verified
@@ -132,7 +132,7 @@ class LedgerState:
         return found
 
     def is_root_key(self, key: bytes) -> bool:
-        """A root key, current or past (PROTOCOL step 12)."""
+        """A root key, current or past (docs/protocol.md, "Validity rules", step 12)."""
         return any(k == key for _, k in self.roots)
 
     def is_grant(self, seq: int) -> bool:

@@ -1,4 +1,4 @@
-"""Every C2SP tlog-tiles path and format, in one place (PROTOCOL section 6).
+"""Every C2SP tlog-tiles path and format, in one place (docs/protocol.md, "HTTP").
 
 Paths (relative to the log's prefix)::
 

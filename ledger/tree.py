@@ -1,4 +1,4 @@
-"""The RFC 6962 / RFC 9162 Merkle tree of the ledger (PROTOCOL section 2.3).
+"""The RFC 6962 / RFC 9162 Merkle tree of the ledger (docs/protocol.md, "The tree and `prev` chaining").
 
 SHA-256, leaf hashes ``SHA-256(0x00 || data)``, interior nodes
 ``SHA-256(0x01 || left || right)``, and the tree of size 0 hashes to

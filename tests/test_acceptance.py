@@ -1,4 +1,4 @@
-"""ledger.acceptance: which checkpoint a device or auditor may accept (PROTOCOL section 5).
+"""ledger.acceptance: which checkpoint a device or auditor may accept (docs/protocol.md, "Checkpoints").
 
 Each rule is played by the attacker it stops."""
 

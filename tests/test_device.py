@@ -1,4 +1,4 @@
-"""device_sim.device: the firmware model (PROTOCOL sections 4 to 7).
+"""device_sim.device: the firmware model (docs/protocol.md, "Credentials on a device" to "Sync bundles").
 
 Credentials: one test per refusal reason and the acceptance; persistence,
 atomic writes, bundles, receipts, status; the sources (HTTP tiles, SSE push,

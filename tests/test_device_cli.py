@@ -1,4 +1,4 @@
-"""`python -m device_sim device ...` exactly as CONFORMANCE.md ("Device"),
+"""`python -m device_sim device ...` exactly as the command contract says,
 run as subprocesses against the test log served by a real uvicorn server."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A hostile log against a device (THREATS.md: network attacker, stolen server).
+"""A hostile log against a device (docs/threats.md: network attacker, stolen server).
 
 Each attack: the sync raises the right error type, the device's state file is
 byte for byte what it was, the in-memory device did not move, evidence is

@@ -3,7 +3,7 @@
 Scenarios, small N: the lost tablet over SSE (relay and one-socket-per-device
 models) and by polling; devices offline during the revoke and late starters
 catching up; a server restart while the revoke is pushed; a site synced only
-by sync bundles; clock drift; the ``fleet`` command as CONFORMANCE.md runs
+by sync bundles; clock drift; the ``fleet`` command as the command contract runs
 it; and a hostile log against which every device of a small fleet refuses
 and keeps its evidence.
 """

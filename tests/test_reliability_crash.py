@@ -1,4 +1,4 @@
-"""SIGKILL the real server at random moments of a stream of appends (THREATS.md:
+"""SIGKILL the real server at random moments of a stream of appends (docs/threats.md:
 power loss or kill -9): no acknowledged record is lost, nothing torn is served,
 an unacknowledged batch is all or nothing, the ledger audits clean.
 

@@ -1,4 +1,4 @@
-"""A failing disk under the server (THREATS.md: power loss, a dying disk).
+"""A failing disk under the server (docs/threats.md: power loss, a dying disk).
 
 The server runs in process on a real :class:`SqliteStorage` whose ``fault``
 hook raises ``OSError(EIO)`` at a step of the append transaction (``begin``,

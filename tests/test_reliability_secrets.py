@@ -1,4 +1,4 @@
-"""No private key byte leaves its key file (THREATS.md: whoever steals the server
+"""No private key byte leaves its key file (docs/threats.md: whoever steals the server
 or its database, or listens on the wire, gets only public data).
 
 One whole scenario through the real programs: ``writ root init`` with 2-of-3

@@ -1,4 +1,4 @@
-"""Time going wrong (THREATS.md: a device's own clock; a log that signs the future).
+"""Time going wrong (docs/threats.md: a device's own clock; a log that signs the future).
 
 - Devices whose clock is skewed forward or backward (±1 h, ±1 day) against an
   honest log and an honest tablet: what freshness and the 300 s auth window

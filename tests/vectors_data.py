@@ -1,4 +1,4 @@
-"""Loading the protocol vectors copied into tests/vectors/ (never ../shared)."""
+"""Loading the protocol vectors copied into tests/vectors/ (the tests read only this copy)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The server's routes, one module per concern (see /tmp/http_contract.md)."""
+"""The server's routes, one module per concern (see docs/protocol.md, "HTTP")."""
 
 from __future__ import annotations
 

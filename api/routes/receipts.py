@@ -12,7 +12,8 @@ from . import _common as c
 
 
 async def post_receipt(request: Request) -> Response:
-    """Accept a receipt (PROTOCOL 6) from an unrevoked device grant for a head of this ledger."""
+    """Accept a receipt (docs/protocol.md, "Receipts") from an unrevoked device grant for a head
+    of this ledger."""
     svc = c.service(request)
     lim = c.config(request).limits
     c.rate_limit(request, request.app.state.receipt_buckets)

@@ -1,6 +1,6 @@
 """Root key commands: ``writ root init|recover``, ``writ rotate``.
 
-Root custody follows PROTOCOL section 1's pre-rotation: ``root init`` makes
+Root custody follows the pre-rotation of docs/protocol.md, "Keys and roles": ``root init`` makes
 the root *and* its successor; only SHA-256 of the successor's public key goes
 into the genesis (``next_root_digest``), and the successor's private half
 exists only as k-of-n SLIP-39 share sheets, never whole on disk. ``root

@@ -64,7 +64,7 @@ class Meta:
 
 @dataclass(frozen=True, slots=True)
 class ReceiptRow:
-    """The latest receipt of one device (PROTOCOL section 6, ``POST /v1/receipts``)."""
+    """The latest receipt of one device (docs/protocol.md, "Receipts", ``POST /v1/receipts``)."""
 
     device_grant_seq: int
     size: int

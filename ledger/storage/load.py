@@ -7,7 +7,7 @@ executor), checks each stored leaf hash against the record's bytes, and checks
 that the stored head is the size and root those records make. Anything else is
 :class:`~ledger.errors.CorruptLedger` naming the first bad seq and a cause:
 
-- a rejection type of PROTOCOL section 3 (``bad-signature``, ``stale-head``,
+- a rejection type of docs/protocol.md, "Validity rules" (``bad-signature``, ``stale-head``,
   ``not-canonical``, ...): the record at that seq does not verify;
 - ``leaf-hash-mismatch``: the stored leaf hash is not SHA-256(0x00 || record);
 - ``missing-record``: a seq below the head has no record (``duplicate-record``:
