@@ -37,7 +37,7 @@ from ledger.errors import (
     WrongOrigin,
 )
 from ledger.state import LedgerState
-from tests.device_fixtures import T0, World, signer
+from tests.helpers.device import T0, World, signer
 
 NOW = T0 + 1000  # the verifier's clock
 

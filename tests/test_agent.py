@@ -34,7 +34,7 @@ from device_sim.agent import Agent
 from device_sim.device import Device
 from ledger import records, sshkey
 from ledger.crypto import SeedSigner
-from tests.device_fixtures import T0, FakeLog, Reply, World
+from tests.helpers.device import T0, FakeLog, Reply, World
 from tests.helpers.server import Mirror, running_server, start_server, stop_server
 
 NOW = T0 + 1000

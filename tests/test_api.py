@@ -25,7 +25,7 @@ from ledger.records import Grant
 from ledger.state import LedgerState
 from ledger.storage import Head, MemoryStorage, ReceiptRow
 from tests.helpers.server import Mirror, inprocess_server, make_ledger, sse_stream
-from tests.vectors_data import ledger_vectors
+from tests.helpers.vectors_data import ledger_vectors
 
 V = ledger_vectors()
 #: a little after the vector ledger's last record (2026-01-01), so time-in-future does not fire.

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from ledger import checkpoints, compact, notes
 from ledger.errors import BadMessage, UntrustedCheckpoint
-from tests.device_fixtures import T0, World, signer
+from tests.helpers.device import T0, World, signer
 
 TS = T0 + 900
 

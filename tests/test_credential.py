@@ -23,7 +23,7 @@ from ledger.crypto import SeedSigner, sha256
 from ledger.errors import CredentialRefusal
 from ledger.records import Genesis, Revoke
 from ledger.state import LedgerState
-from tests.device_fixtures import T0, World, signer
+from tests.helpers.device import T0, World, signer
 from tests.helpers.lost_tablet import LostTablet
 from tests.helpers.vectors import check_vector_auth, vector_credential
 

@@ -30,7 +30,7 @@ from ledger.errors import (
     UsageError,
 )
 from ledger.state import LedgerState
-from tests.device_fixtures import ORIGIN, T0, FakeLog, World, signer
+from tests.helpers.device import ORIGIN, T0, FakeLog, World, signer
 
 NOW = T0 + 1000
 TS = T0 + 900  # the checkpoint's timestamp

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from ledger import messages, records
-from tests.device_fixtures import T0, FakeLog, World, free_port, serve_in_thread, signer
+from tests.helpers.device import T0, FakeLog, World, free_port, serve_in_thread, signer
 
 NOW = T0 + 1000
 TS = T0 + 900

@@ -47,7 +47,7 @@ from ledger.errors import (
     WrongLedger,
     WrongOrigin,
 )
-from tests.device_fixtures import T0, FakeLog, World, free_port, signer
+from tests.helpers.device import T0, FakeLog, World, free_port, signer
 
 NOW = T0 + 1000
 TS = T0 + 900
@@ -388,7 +388,7 @@ def _garbage_tiles(log: FakeLog, entries: list[bytes]) -> None:
         if path.startswith("/tile/entries/"):
             log.requests.append(path)
             t = tiles.parse_tile_path(path.lstrip("/"))
-            from tests.device_fixtures import Reply
+            from tests.helpers.device import Reply
 
             return Reply(200, tiles.encode_entry_bundle((entries * t.width)[: t.width]))
         return await honest(method, path, headers, content)

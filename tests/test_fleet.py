@@ -47,7 +47,7 @@ from ledger.errors import (
     WritError,
 )
 from ledger.signers.file import write_key_file
-from tests.device_fixtures import T0, FakeLog, World, signer
+from tests.helpers.device import T0, FakeLog, World, signer
 from tests.helpers.server import RunningServer, running_server, start_server, stop_server
 
 ORIGIN = "fleet.test.example/plant-9"

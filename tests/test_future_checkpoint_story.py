@@ -29,7 +29,7 @@ from ledger.errors import FutureCheckpoint, UntrustedCheckpoint
 from ledger.mirror import Mirror as LocalMirror
 from ledger.state import LedgerState
 from ledger.tree import leaf_hash, mth
-from tests.device_fixtures import T0, FakeLog, World, signer
+from tests.helpers.device import T0, FakeLog, World, signer
 from tests.helpers.lost_tablet import LostTablet, ask
 from tests.helpers.server import BASE_URL, Clock, Mirror, inprocess_server, post_records, service
 from tests.helpers.sources import ListSource

@@ -30,7 +30,7 @@ from device_sim.holder import Candidate, Holder, pick_grant, read_grant_file
 from ledger import encoding, messages, sshkey
 from ledger.crypto import SeedSigner
 from ledger.errors import BadKeyFile, BadMessage, BadSshKey, UsageError
-from tests.device_fixtures import T0, World
+from tests.helpers.device import T0, World
 from tests.helpers.server import running_server, writ_command
 from tests.test_device_cli import cli as device_cli
 

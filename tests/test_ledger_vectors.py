@@ -16,7 +16,7 @@ from ledger.records import Grant, Revoke, Rotate
 from ledger.state import LedgerState
 from ledger.tree import leaf_hash
 from tests.helpers.vectors import state_fingerprint, vector_state
-from tests.vectors_data import ledger_vectors
+from tests.helpers.vectors_data import ledger_vectors
 
 V = ledger_vectors()
 

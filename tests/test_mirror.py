@@ -1,7 +1,7 @@
 """``ledger.mirror.Mirror``: the signing tool's verified local mirror.
 
 A mirror syncs from a source (here :class:`tests.helpers.sources.ListSource`
-over a :class:`tests.device_fixtures.World`), or is extended by a bundle; it
+over a :class:`tests.helpers.device.World`), or is extended by a bundle; it
 applies records with the same rules as everyone and accepts the checkpoint
 with ``ledger.acceptance``; anything that fails raises, keeps evidence, and leaves
 the mirror's files byte for byte as they were. The CLI's use of it
@@ -33,7 +33,7 @@ from ledger.errors import (
 )
 from ledger.mirror import Mirror, default_dir, origin_of
 from ledger.state import LedgerState
-from tests.device_fixtures import T0, World, signer
+from tests.helpers.device import T0, World, signer
 from tests.helpers.lost_tablet import LostTablet
 from tests.helpers.sources import ListSource
 

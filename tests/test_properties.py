@@ -45,7 +45,7 @@ from ledger.layered import Layered
 from ledger.records import Grant, Kind, Revoke, Rotate
 from ledger.state import LedgerState
 from tests.helpers.vectors import check_vector_auth, vector_credential
-from tests.vectors_data import ledger_vectors
+from tests.helpers.vectors_data import ledger_vectors
 
 V = ledger_vectors()
 RECORDS = V.records

@@ -18,7 +18,7 @@ import pytest
 
 from ledger import crypto, encoding, errors, records
 from ledger.records import Envelope, Genesis, Grant, Kind, Revoke, Rotate, SignedRecord
-from tests.vectors_data import ledger_vectors
+from tests.helpers.vectors_data import ledger_vectors
 
 V = ledger_vectors()
 PREV = records.EMPTY_HASH

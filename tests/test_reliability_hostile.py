@@ -3,7 +3,7 @@
 ``python -m device_sim device sync`` runs as a subprocess, exactly as an
 integrator's test rig would run firmware, against
 
-- the hostile test log of ``tests/device_fixtures.py`` (``FakeLog``) on a real
+- the hostile test log of ``tests/helpers/device.py`` (``FakeLog``) on a real
   uvicorn server, playing every attack of ``tests/test_device_hostile.py``
   (forged, replayed, reordered, truncated, forked, oversized, endless...)
   through the CLI instead of in process, plus a frozen view and a slow loris;
@@ -59,7 +59,7 @@ from reliability.hostile import (
     response_head,
     sse_event,
 )
-from tests.device_fixtures import FakeLog, World, serve_in_thread, signer
+from tests.helpers.device import FakeLog, World, serve_in_thread, signer
 from tests.helpers.server import writ_command
 from tests.test_device_hostile import ATTACKS, NOW, TS, Attack, Ctx, _setup
 

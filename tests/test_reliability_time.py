@@ -33,7 +33,7 @@ from ledger.errors import FutureCheckpoint, StorageError, TimestampRegression, U
 from ledger.records import Revoke
 from ledger.storage import MemoryStorage
 from ledger.tree import leaf_hash, mth
-from tests.device_fixtures import T0, signer
+from tests.helpers.device import T0, signer
 from tests.helpers.lost_tablet import LostTablet
 from tests.helpers.server import Clock, Mirror, inprocess_server, post_records, service
 

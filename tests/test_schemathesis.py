@@ -16,7 +16,7 @@ import pytest
 
 from ledger import encoding
 from tests.helpers.server import running_server
-from tests.vectors_data import ledger_vectors
+from tests.helpers.vectors_data import ledger_vectors
 
 schemathesis = pytest.importorskip("schemathesis")
 from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402

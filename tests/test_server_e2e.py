@@ -32,7 +32,7 @@ from tests.helpers.server import (
     start_server,
     stop_server,
 )
-from tests.vectors_data import ledger_vectors
+from tests.helpers.vectors_data import ledger_vectors
 
 pytestmark = pytest.mark.e2e
 

@@ -21,10 +21,10 @@ from ledger import crypto, encoding, errors, records
 from ledger.crypto import SeedSigner
 from ledger.records import Grant, Kind, Revoke, Rotate
 from ledger.state import MAX_FUTURE, LedgerState
-from tests.device_fixtures import T0, World, signer
+from tests.helpers.device import T0, World, signer
 from tests.helpers.lost_tablet import LostTablet
 from tests.helpers.vectors import state_fingerprint, vector_state
-from tests.vectors_data import ledger_vectors
+from tests.helpers.vectors_data import ledger_vectors
 
 V = ledger_vectors()
 RECORDS = V.records

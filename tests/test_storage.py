@@ -45,7 +45,7 @@ from ledger.storage import EMPTY_HEAD, FAULT_STEPS, Fault, Head, MemoryStorage, 
 from ledger.storage.load import load_ledger
 from ledger.storage.sqlite import APPLICATION_ID, SCHEMA_VERSION, SqliteStorage, schema_sql
 from ledger.tree import MerkleLevels, leaf_hash
-from tests.vectors_data import ledger_vectors
+from tests.helpers.vectors_data import ledger_vectors
 
 V = ledger_vectors()
 SIGNERS = {V.public(name): V.signer(name) for name in V.raw["keys"]}

@@ -27,7 +27,7 @@ from api.witness_store import MemoryWitnessStore
 from device_sim.device import Device
 from ledger import checkpoints, notes, records
 from ledger.errors import Rollback
-from tests.device_fixtures import T0, World, signer
+from tests.helpers.device import T0, World, signer
 from tests.helpers.witness import spec_body
 
 WNAME = "witness.example/w1"

@@ -1,6 +1,6 @@
 """The lost-tablet story, built once for every test that tells it.
 
-A ledger (:class:`tests.device_fixtures.World`: genesis, the log grant, a
+A ledger (:class:`tests.helpers.device.World`: genesis, the log grant, a
 revoker), an operator tablet granted on it, devices synced to it, the tablet
 revoked, the devices refusing it. Tests build the parts they need here
 instead of each writing the same genesis-grant-revoke sequence:
@@ -37,7 +37,7 @@ from typing import Any
 from device_sim.device import Device
 from ledger import messages, records
 from ledger.crypto import SeedSigner
-from tests.device_fixtures import T0, World
+from tests.helpers.device import T0, World
 
 NAME = "tablet-07"
 T = T0 + 1000  # a time after every record of a new World

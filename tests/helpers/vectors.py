@@ -16,7 +16,7 @@ from typing import Any
 
 from ledger import credential, messages, records
 from ledger.state import LedgerState
-from tests.vectors_data import ledger_vectors
+from tests.helpers.vectors_data import ledger_vectors
 
 
 @cache

@@ -10,7 +10,7 @@ from typing import Any
 
 from ledger.crypto import SeedSigner
 
-VECTORS = Path(__file__).parent / "vectors"
+VECTORS = Path(__file__).resolve().parent.parent / "vectors"
 
 
 @dataclass(frozen=True)
