@@ -24,6 +24,7 @@ runs (the server loads before it listens).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -79,40 +80,20 @@ async def load_ledger(
     state = LedgerState(anchor, origin=meta.origin)
     levels = MerkleLevels()
 
-    async for rows in storage.scan(batch):
-        raws: list[bytes] = []
-        bad: CorruptLedger | None = None
-        for i, (seq, raw, stored_hash) in enumerate(rows):
-            pos = state.size + i
-            if seq != pos:
-                cause = "missing-record" if seq > pos else "duplicate-record"
-                bad = CorruptLedger(f"storage has no record {pos} (next is {seq})", seq=pos, cause=cause)
-                break
-            raws.append(raw)
-            if stored_hash != leaf_hash(raw):
-                # apply it first: if its bytes were damaged, the rejection is the better cause
-                bad = CorruptLedger(
-                    f"the stored leaf hash of record {pos} is not the hash of its bytes",
-                    seq=pos,
-                    cause="leaf-hash-mismatch",
-                )
-                break
-        try:
-            # the in-order rules run in a worker thread: a reload inside a serving
-            # process must not stall its event loop
-            applied = await asyncio.to_thread(state.apply_all, raws, executor=executor)
-        except WritError as exc:
-            # records before the bad one stay applied: state.size is the bad position
-            raise CorruptLedger(
-                f"stored record {state.size} does not verify: {exc.type}: {exc.message}",
-                seq=state.size,
-                cause=exc.type,
-            ) from None
-        levels.extend(rec.leaf_hash for rec in applied)
-        if bad is not None:
-            raise bad
-        if progress is not None:
-            progress(state.size, head.size)
+    scan = storage.scan(batch).__aiter__()
+    # the next batch is read while this one is verified (reading and verifying overlap)
+    ahead: asyncio.Future[list[tuple[int, bytes, bytes]] | None] = asyncio.ensure_future(anext(scan, None))
+    try:
+        while (rows := await ahead) is not None:
+            ahead = asyncio.ensure_future(anext(scan, None))
+            await _load_batch(state, levels, rows, executor)
+            if progress is not None:
+                progress(state.size, head.size)
+    finally:
+        if not ahead.done():
+            ahead.cancel()
+            with contextlib.suppress(BaseException):
+                await ahead
 
     if state.size < head.size:
         raise CorruptLedger(
@@ -133,6 +114,60 @@ async def load_ledger(
             cause="head-mismatch",
         )
     return Loaded(meta, state, levels, head)
+
+
+async def _load_batch(
+    state: LedgerState,
+    levels: MerkleLevels,
+    rows: list[tuple[int, bytes, bytes]],
+    executor: Executor | None,
+) -> None:
+    """Apply one scanned batch; the first thing wrong in it raises :class:`CorruptLedger`."""
+    base = state.size
+    raws: list[bytes] = []
+    bad: CorruptLedger | None = None
+    for i, (seq, raw, _) in enumerate(rows):
+        pos = base + i
+        if seq != pos:
+            cause = "missing-record" if seq > pos else "duplicate-record"
+            bad = CorruptLedger(f"storage has no record {pos} (next is {seq})", seq=pos, cause=cause)
+            break
+        raws.append(raw)
+
+    def mismatch(upto: int, hashes: list[bytes]) -> CorruptLedger | None:
+        """The first stored leaf hash (of the first ``upto`` rows) that is not its record's."""
+        for i in range(upto):
+            if rows[i][2] != hashes[i]:
+                return CorruptLedger(
+                    f"the stored leaf hash of record {base + i} is not the hash of its bytes",
+                    seq=base + i,
+                    cause="leaf-hash-mismatch",
+                )
+        return None
+
+    try:
+        # the in-order rules run in a worker thread: a reload inside a serving
+        # process must not stall its event loop
+        applied = await asyncio.to_thread(state.apply_all, raws, executor=executor)
+    except WritError as exc:
+        # records before the bad one stay applied: state.size is the bad position; a
+        # damaged stored leaf hash before it is the earlier fault
+        done = state.size - base
+        earlier = mismatch(done, [leaf_hash(r) for r in raws[:done]])
+        if earlier is not None:
+            raise earlier from None
+        raise CorruptLedger(
+            f"stored record {state.size} does not verify: {exc.type}: {exc.message}",
+            seq=state.size,
+            cause=exc.type,
+        ) from None
+    hashes = [rec.leaf_hash for rec in applied]  # computed once, by the rules
+    wrong = mismatch(len(applied), hashes)
+    if wrong is not None:
+        raise wrong
+    levels.extend(hashes)
+    if bad is not None:
+        raise bad
 
 
 __all__ = ["Loaded", "load_ledger"]
