@@ -65,6 +65,7 @@ __all__ = [
     "MAX_CHECKPOINT",
     "MAX_ENTRY_BUNDLE",
     "MAX_EVENT_DEPTH",
+    "MAX_REPLY",
     "MAX_SSE_EVENT",
     "BundleSource",
     "HttpSource",
@@ -72,8 +73,6 @@ __all__ = [
     "SseSource",
     "Update",
     "decode_event_json",
-    "fetch_bytes",
-    "post_bytes",
     "sync",
 ]
 
@@ -145,32 +144,6 @@ def _in_place(raw: bytes, seq: int) -> bool:
         return parse_record(raw).seq == seq
     except WritError:
         return False
-
-
-async def fetch_bytes(
-    client: httpx.AsyncClient,
-    url: str,
-    *,
-    limit: int,
-    timeout: float = DEFAULT_TIMEOUT,
-    headers: dict[str, str] | None = None,
-) -> bytes:
-    """GET ``url``: the body of a 2xx answer, at most ``limit`` bytes, within ``timeout`` seconds
-    (:meth:`ledger.client.AsyncClient.get` over ``client``)."""
-    return await AsyncClient(http=client, timeout=timeout).get(url, cap=limit, headers=headers)
-
-
-async def post_bytes(
-    client: httpx.AsyncClient,
-    url: str,
-    content: bytes,
-    content_type: str,
-    *,
-    timeout: float = DEFAULT_TIMEOUT,
-) -> tuple[int, Any]:
-    """POST ``content``: (status, decoded JSON answer or None)
-    (:meth:`ledger.client.AsyncClient.post` over ``client``)."""
-    return await AsyncClient(http=client, timeout=timeout).post(url, content, content_type, cap=MAX_REPLY)
 
 
 def _decode_note(data: bytes) -> str:
