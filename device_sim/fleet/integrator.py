@@ -75,12 +75,15 @@ class Integrator:
         self.writer: Writer | None = None
 
     def close(self) -> None:
-        if self._owns:
-            self.client.close()
-        if self.mirror is not None:
-            self.mirror.close()
-            shutil.rmtree(self.mirror.path, ignore_errors=True)
-            self.mirror = self.writer = None
+        """Close the client (when ours) and remove the temporary mirror."""
+        mirror, self.mirror, self.writer = self.mirror, None, None
+        try:
+            if self._owns:
+                self.client.close()
+        finally:
+            if mirror is not None:
+                mirror.close()
+                shutil.rmtree(mirror.path, ignore_errors=True)
 
     @property
     def origin(self) -> str:
@@ -125,6 +128,11 @@ class Integrator:
         if self.writer is None:
             self._open()
         self._writer().sync()
+        st = self.state
+        if st is not None and st.origin not in (None, self.origin):
+            raise UsageError(
+                f"the ledger's genesis names origin {st.origin!r}, not {self.origin!r} (GET /v1/ledger)"
+            )
 
     def _open(self) -> None:
         """First sync: the server's ledger must be anchored on our root key, with a valid origin."""
