@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from ledger import notes, records
-from ledger.errors import BadNote, TransportError, WritError
-from ledger.transport import IDENTITY, BoundedBody
+from ledger.client import AsyncClient
+from ledger.errors import BadNote, TransportError, UsageError, WritError
 
 from .broadcast import CheckpointEvent
 
@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("writ.api.witnessing")
 
+#: how the log names itself to witnesses.
+USER_AGENT = "writ-log/0.1"
 #: seconds one add-checkpoint request may take.
 REQUEST_TIMEOUT = 5.0
 #: the longest answer read from a witness.
@@ -118,7 +120,7 @@ class Witnessing:
         self.clock = clock
         self.timeout = timeout
         self._transport = transport
-        self._client: httpx.AsyncClient | None = None
+        self._client: AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._cosigs: dict[bytes, _Cosig] = {}  # witness public key -> its latest cosignature
         self._base: CheckpointEvent = service.checkpoint  # the latest note as the log signed it
@@ -126,12 +128,8 @@ class Witnessing:
     # -- life cycle ------------------------------------------------------------------
 
     def start(self) -> None:
-        self._client = httpx.AsyncClient(
-            transport=self._transport,
-            timeout=httpx.Timeout(self.timeout),
-            headers=IDENTITY,
-            follow_redirects=False,
-        )
+        # the one fetch layer's async face: a total deadline and a byte cap per request
+        self._client = AsyncClient(transport=self._transport, timeout=self.timeout, user_agent=USER_AGENT)
         self._base = self.service.checkpoint
         for peer in self.peers:
             peer.wake.set()
@@ -312,19 +310,19 @@ class Witnessing:
         return False
 
     async def _post(self, url: str, body: bytes) -> tuple[int, httpx.Headers, str]:
+        """One ``add-checkpoint`` exchange: (status, headers, text); a witness that cannot be
+        reached, is too slow or answers too much raises :class:`TransportError` (it is down)."""
         client = self._client
         if client is None:
             raise TransportError("witnessing is not started")
         try:
-            async with client.stream(
-                "POST", url, content=body, headers={"Content-Type": "text/plain; charset=utf-8"}
-            ) as resp:
-                acc = BoundedBody(resp.headers.get("content-encoding"), MAX_ANSWER, "the witness's answer")
-                async for chunk in resp.aiter_raw():
-                    acc.feed(chunk)
-                data = acc.finish()
-                return resp.status_code, resp.headers, data.decode("utf-8", "replace")
-        except httpx.TimeoutException:
-            raise TransportError(f"{url} did not answer in {self.timeout} s") from None
-        except httpx.HTTPError as exc:
-            raise TransportError(f"{url}: {type(exc).__name__}") from None
+            status, headers, data = await client.exchange(
+                "POST",
+                url,
+                cap=MAX_ANSWER,
+                headers={"Content-Type": "text/plain; charset=utf-8"},
+                content=body,
+            )
+        except UsageError as exc:  # a URL no request can go to: the witness is down for us
+            raise TransportError(f"{url}: {exc.message}") from None
+        return status, headers, data.decode("utf-8", "replace")

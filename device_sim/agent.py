@@ -47,10 +47,11 @@ from typing import IO, Any, Literal
 import httpx
 
 from ledger.acceptance import Evidence
+from ledger.client import AsyncClient
 from ledger.errors import HTTPStatusError, TransportError, UsageError, VerificationError, WritError
 
 from .device import Device, SyncResult
-from .sources import DEFAULT_TIMEOUT, HttpSource, SseSource, Update, post_bytes, sync
+from .sources import DEFAULT_TIMEOUT, MAX_REPLY, HttpSource, SseSource, Update, sync
 
 __all__ = [
     "POLL_FALLBACK_PERIOD",
@@ -215,7 +216,7 @@ class Agent:
 
     # -- receipts ------------------------------------------------------------
 
-    async def _receipts(self, client: httpx.AsyncClient) -> None:
+    async def _receipts(self, http: AsyncClient) -> None:
         delay = self.backoff[0]
         while True:
             await self._receipt_wanted.wait()
@@ -227,9 +228,7 @@ class Agent:
                 continue
             body = self.device.receipt(self._now())
             try:
-                status, answer = await post_bytes(
-                    client, self.server + "/v1/receipts", body, "application/msgpack", timeout=self.timeout
-                )
+                status, answer = await http.post("v1/receipts", body, "application/msgpack", cap=MAX_REPLY)
             except TransportError as exc:
                 status, answer = 0, {"type": exc.type, "detail": exc.message}
             if status == 200:
@@ -249,11 +248,13 @@ class Agent:
     async def run(self) -> None:
         """Follow until cancelled. Only usage errors (a bad URL) end it."""
         async with contextlib.AsyncExitStack() as stack:
-            client = self._client
-            if client is None:
-                client = await stack.enter_async_context(httpx.AsyncClient())
+            # the one fetch layer's async face (its own httpx client unless one was given)
+            http = await stack.enter_async_context(
+                AsyncClient(self.server, http=self._client, timeout=self.timeout)
+            )
+            client = http.http
             tiles = HttpSource(client, self.server, timeout=self.timeout)
-            receipts = asyncio.create_task(self._receipts(client))
+            receipts = asyncio.create_task(self._receipts(http))
             stack.callback(receipts.cancel)
             self._stale = self.device.is_stale(self._now())
             self.log("started", server=self.server, push=self.push, size=self.device.size)

@@ -96,14 +96,14 @@ def cmd_init(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _sync(dev: Device, args: argparse.Namespace, now: int) -> SyncResult:
-    import httpx  # only the network commands pay for importing httpx
+    from ledger.client import AsyncClient  # only the network commands pay for importing httpx
 
     from .sources import BundleSource, HttpSource, sync
 
     if args.bundle is not None:
         return await sync(dev, BundleSource(args.bundle), now)
-    async with httpx.AsyncClient() as client:
-        return await sync(dev, HttpSource(client, args.server, timeout=args.timeout), now)
+    async with AsyncClient(args.server, timeout=args.timeout) as http:
+        return await sync(dev, HttpSource(http.http, args.server, timeout=args.timeout), now)
 
 
 def cmd_sync(args: argparse.Namespace) -> dict[str, Any]:

@@ -35,7 +35,7 @@ import random
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import httpx
 
@@ -61,14 +61,13 @@ __all__ = [
     "MAX_BUNDLE_FILE",
     "MAX_CHECKPOINT",
     "MAX_ENTRY_BUNDLE",
+    "MAX_REPLY",
     "MAX_SSE_EVENT",
     "BundleSource",
     "HttpSource",
     "Source",
     "SseSource",
     "Update",
-    "fetch_bytes",
-    "post_bytes",
     "sync",
 ]
 
@@ -139,32 +138,6 @@ def _in_place(raw: bytes, seq: int) -> bool:
         return parse_record(raw).seq == seq
     except WritError:
         return False
-
-
-async def fetch_bytes(
-    client: httpx.AsyncClient,
-    url: str,
-    *,
-    limit: int,
-    timeout: float = DEFAULT_TIMEOUT,
-    headers: dict[str, str] | None = None,
-) -> bytes:
-    """GET ``url``: the body of a 2xx answer, at most ``limit`` bytes, within ``timeout`` seconds
-    (:meth:`ledger.client.AsyncClient.get` over ``client``)."""
-    return await AsyncClient(http=client, timeout=timeout).get(url, cap=limit, headers=headers)
-
-
-async def post_bytes(
-    client: httpx.AsyncClient,
-    url: str,
-    content: bytes,
-    content_type: str,
-    *,
-    timeout: float = DEFAULT_TIMEOUT,
-) -> tuple[int, Any]:
-    """POST ``content``: (status, decoded JSON answer or None)
-    (:meth:`ledger.client.AsyncClient.post` over ``client``)."""
-    return await AsyncClient(http=client, timeout=timeout).post(url, content, content_type, cap=MAX_REPLY)
 
 
 def _decode_note(data: bytes) -> str:

@@ -239,13 +239,16 @@ class BaseClient:
         """A transport failure (httpx's or the OS's) as our error."""
         if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol):
             return UsageError(f"bad server URL: {clean(exc, 120)}")
+        server = (
+            f"the server at {self.shown}" if self.shown else "the server"
+        )  # no base: ``what`` names the URL
         if isinstance(exc, httpx.TimeoutException | TimeoutError):
-            return TransportError(f"{what}: the server at {self.shown} did not answer in time")
+            return TransportError(f"{what}: {server} did not answer in time")
         if isinstance(exc, httpx.HTTPError):
             return TransportError(
-                f"{what}: the server at {self.shown} is unreachable ({type(exc).__name__}: {clean(exc, 120)})"
+                f"{what}: {server} is unreachable ({type(exc).__name__}: {clean(exc, 120)})"
             )
-        return TransportError(f"{what}: the server at {self.shown} is unreachable ({clean(exc, 120)})")
+        return TransportError(f"{what}: {server} is unreachable ({clean(exc, 120)})")
 
     @staticmethod
     def retry_wait(

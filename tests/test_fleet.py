@@ -35,12 +35,15 @@ from device_sim.fleet import (
     percentile,
     run_lost_tablet,
 )
+from device_sim.fleet.integrator import grant_maker
 from ledger import encoding, messages, records
+from ledger.client import Client
 from ledger.crypto import SeedSigner, sha256
 from ledger.errors import (
     BadSignature,
     Fork,
     Rollback,
+    TransportError,
     UntrustedCheckpoint,
     UsageError,
     VerificationError,
@@ -251,6 +254,79 @@ async def test_a_site_synced_only_by_bundles(server: RunningServer) -> None:
 
 def _grant(subject: bytes, role: str, name: str) -> Callable[[int, bytes, int], records.Body]:
     return lambda s, p, t: records.Grant(s, p, t, subject, role, "", name, 0, 0)
+
+
+# --- the integrator's pushes go through the one writer engine ---------------------------------
+
+
+class _LosingClient(Client):
+    """The integrator's client whose POST lands but whose answer is lost on the way back."""
+
+    posts = 0
+
+    def post_records(self, raws: list[bytes]) -> dict[str, Any]:
+        self.posts += 1
+        super().post_records(raws)
+        raise TransportError("the answer was lost")
+
+
+class _RacingClient(Client):
+    """Before the integrator's first POST lands, another writer appends a record."""
+
+    def __init__(self, server: str, other: Integrator) -> None:
+        super().__init__(server)
+        self.other: Integrator | None = other
+        self.posts = 0
+
+    def post_records(self, raws: list[bytes]) -> dict[str, Any]:
+        self.posts += 1
+        if self.other is not None:
+            other, self.other = self.other, None
+            asyncio.run(
+                other.push([(grant_maker(SeedSigner.generate().public_key, "device", "racer"), ROOT)])
+            )
+        return super().post_records(raws)
+
+
+@pytest.mark.e2e
+async def test_a_lost_answer_to_the_integrators_push_is_checked_back_not_sent_twice(
+    server: RunningServer,
+) -> None:
+    client = _LosingClient(server.url)
+    integ = Integrator(server.url, ROOT, client=client)
+    try:
+        await integ.ensure_ready()
+        size = integ.state.size if integ.state is not None else -1
+        key = SeedSigner.generate().public_key
+        pushed = await integ.push([(grant_maker(key, "device", "lost-answer"), ROOT)])
+        assert client.posts == 1  # checked back, never re-sent
+        assert pushed.seqs == [size] and integ.state is not None and integ.state.size == size + 1
+        mirror = integ.mirror.path if integ.mirror is not None else None
+        assert mirror is not None and mirror.is_dir()
+    finally:
+        integ.close()
+        client.close()
+    assert not mirror.exists()  # the integrator's temporary mirror is removed on close
+
+
+@pytest.mark.e2e
+async def test_another_writer_between_sync_and_push_makes_the_integrator_re_sign_once(
+    server: RunningServer,
+) -> None:
+    other = Integrator(server.url, ROOT)
+    await other.ensure_ready()
+    client = _RacingClient(server.url, other)
+    integ = Integrator(server.url, ROOT, client=client)
+    try:
+        await integ.ensure_ready()
+        size = integ.state.size if integ.state is not None else -1
+        pushed = await integ.push([(grant_maker(SeedSigner.generate().public_key, "device", "raced"), ROOT)])
+        assert client.posts == 2  # stale-head, re-synced, re-signed on the new head
+        assert pushed.seqs == [size + 1]  # the racer's record took seq ``size``
+    finally:
+        integ.close()
+        other.close()
+        client.close()
 
 
 # --- the command --------------------------------------------------------------------------

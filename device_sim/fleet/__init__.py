@@ -1,15 +1,16 @@
 """A simulated fleet in one asyncio process, and the lost-tablet measurement.
 
 ``python -m device_sim fleet --server URL --devices N --key FILE --passphrase-env VAR``
-(CONFORMANCE.md, "Device") plays the story the ledger exists for: an
+(the stable command contract) plays the story the ledger exists for: an
 operator's tablet is lost, the integrator revokes it, and we measure how long
 each of N field devices keeps honouring it.
 
 1. The :class:`Integrator` (the root key holder) syncs and verifies the whole
-   ledger with only the anchor, makes the log grant when it is missing, and
-   grants every device (from its own enrollment request) and one operator
-   tablet, in batches of at most 1000 records whose ``seq``/``prev`` come from
-   its verified :class:`~ledger.state.LedgerState`, never from the server.
+   ledger with only the anchor (into a :class:`ledger.mirror.Mirror`), makes
+   the log grant when it is missing, and grants every device (from its own
+   enrollment request) and one operator tablet, in batches of at most 1000
+   records pushed by the one writer engine (:class:`ledger.writer.Writer`),
+   whose ``seq``/``prev`` come from the verified state, never from the server.
 2. The :class:`Fleet` boots the devices. **Bootstrap model ("template")**: a
    device cannot afford to apply the whole ledger N times over in one
    simulation process, so ONE template device syncs and verifies the whole
@@ -36,7 +37,8 @@ each of N field devices keeps honouring it.
    The tiles go through a shared single-flight :class:`TileCache`, as they
    would through any HTTP cache in front of the origin (tiles are
    immutable), and every request through :class:`FastTransport`, a small
-   HTTP/1.1 transport under the same ``httpx.AsyncClient`` API: httpcore's
+   HTTP/1.1 transport under the same ``httpx.AsyncClient`` API (and so under
+   the one fetch layer, :class:`ledger.client.AsyncClient`): httpcore's
    pool costs milliseconds of CPU per request, which this single process
    would otherwise report as propagation time.
 5. Each device is given an auth the tablet signed, before the revoke, for an

@@ -130,7 +130,7 @@ def _description() -> str | None:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``fleet`` command (CONFORMANCE.md)."""
+    """Add the ``fleet`` command (the stable command contract)."""
     from ledger.cli.common import add_key_source
 
     p = subparsers.add_parser(

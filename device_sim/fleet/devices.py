@@ -22,12 +22,13 @@ import httpx
 
 from ledger import messages, records
 from ledger.acceptance import Evidence
+from ledger.client import AsyncClient
 from ledger.crypto import Signer
 from ledger.errors import BadMessage, TransportError, UsageError, VerificationError, WritError
 
 from ..device import Device
 from ..measure import percentile
-from ..sources import BundleSource, HttpSource, Update, post_bytes, sync
+from ..sources import MAX_REPLY, BundleSource, HttpSource, Update, sync
 from .cache import TileCache
 from .model import DEFAULT_CONNECTIONS, Clock, FleetOptions, FleetResult, Member
 from .owngrant import device_grants, verify_own_by_leaf, verify_own_by_proof
@@ -81,6 +82,8 @@ class Fleet:
             client = httpx.AsyncClient(transport=transport, trust_env=False)
             self._owned.append(client)
         self.client = client
+        #: the one fetch layer's async face over ``client`` (the fast transport and tile cache under it)
+        self.http = AsyncClient(self.url, http=client, timeout=self.options.timeout)
         self._sse_client = sse_client
         self.members: list[Member] = []
         self.relays: list[Relay] = []
@@ -208,7 +211,7 @@ class Fleet:
             async def one(m: Member) -> None:
                 async with sem:
                     try:
-                        await verify_own_by_proof(m, found, self.client, self.url, self.options.timeout)
+                        await verify_own_by_proof(m, found, self.http)
                     except WritError as exc:
                         failed[exc.type] += 1
 
@@ -339,7 +342,7 @@ class Fleet:
         return list(await asyncio.gather(*(one(m) for m in ms)))
 
     def apply_bundle(self, data: bytes, members: Iterable[Member]) -> list[Any]:
-        """A sync bundle (PROTOCOL 7) carried to a site: each device applies it
+        """A sync bundle (docs/protocol.md, "Sync bundles") carried to a site: each device applies it
         with the rules of any other update. Returns results or errors."""
         out: list[Any] = []
         for m in members:
@@ -468,11 +471,10 @@ class Fleet:
         except WritError as exc:
             m.receipt_error = exc.type
             return False
-        url = self.url + "/v1/receipts"
         for attempt in range(8):
             try:
-                status, answer = await post_bytes(
-                    self.client, url, body, "application/msgpack", timeout=self.options.timeout
+                status, answer = await self.http.post(
+                    "v1/receipts", body, "application/msgpack", cap=MAX_REPLY
                 )
             except TransportError as exc:
                 m.receipt_error = exc.type

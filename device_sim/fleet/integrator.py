@@ -1,26 +1,35 @@
-"""The root key holder's side of the fleet runs: a verified local state and strict pushes.
+"""The root key holder's side of the fleet runs: a verified local mirror and strict pushes.
 
 Step 1 of the lost-tablet story (:mod:`device_sim.fleet`): the
-:class:`Integrator` syncs and verifies the whole ledger with only the anchor,
-makes the log grant when it is missing, and appends records in batches of at
-most 1000 whose ``seq``/``prev`` come from its verified
-:class:`~ledger.state.LedgerState`, never from the server.
+:class:`Integrator` syncs and verifies the whole ledger with only the anchor
+into a :class:`ledger.mirror.Mirror` (in a temporary directory, removed on
+:meth:`Integrator.close`), makes the log grant when it is missing, and
+appends records in batches of at most 1000 through the one writer engine
+(:class:`ledger.writer.Writer`, strict): each batch is signed on the verified
+state, checked on a copy, pushed, re-signed once on ``stale-head``, an
+uncertain outcome checked back, and the mirror synced after it, so
+``seq``/``prev`` always come from the verified state, never from the server.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from ledger import acceptance, records
+from ledger import records
 from ledger.acceptance import AcceptedView
+from ledger.client import Client
 from ledger.crypto import Signer
-from ledger.errors import BadMessage, InvalidField, StaleHead, UsageError
+from ledger.errors import InvalidField, UsageError
+from ledger.mirror import Mirror
 from ledger.records import Genesis, Grant, Revoke
 from ledger.state import LedgerState
+from ledger.writer import Writer, now_for
 
 __all__ = ["BATCH", "BodyMaker", "Integrator", "Pushed", "grant_maker", "revoke_maker"]
 
@@ -34,7 +43,7 @@ BodyMaker = Callable[[int, bytes, int], records.Body]
 @dataclass(frozen=True, slots=True)
 class Pushed:
     """Records a push appended, and when the server acknowledged the last batch
-    (``time.monotonic()`` taken as its 200 arrived)."""
+    (``time.monotonic()`` taken as its answer arrived)."""
 
     records: list[bytes]
     seqs: list[int]
@@ -48,27 +57,33 @@ class Pushed:
 
 
 class Integrator:
-    """The root key holder's side: a verified local state and strict pushes.
+    """The root key holder's side: a verified local mirror and strict pushes.
 
-    Talks to the server with the CLI's synchronous :class:`ledger.cli.common.Client`
-    from worker threads (``asyncio.to_thread``): the POST of a revoke is then
-    timed by a thread that is not waiting behind thousands of simulated devices.
+    Talks to the server with the one fetch layer's synchronous
+    :class:`ledger.client.Client`, through :meth:`ledger.writer.Writer.apush`
+    (a worker thread): the POST of a revoke is then timed by a thread that is
+    not waiting behind thousands of simulated devices.
     """
 
-    def __init__(self, server: str, root: Signer, *, client: Any = None) -> None:
-        from ledger.cli.common import Client
-
+    def __init__(self, server: str, root: Signer, *, client: Client | None = None) -> None:
         self.server = server
         self.root = root
         self.client = client if client is not None else Client(server)
         self._owns = client is None
         self.info: dict[str, Any] = {}
-        self.state: LedgerState | None = None
-        self.view: AcceptedView | None = None
+        self.mirror: Mirror | None = None
+        self.writer: Writer | None = None
 
     def close(self) -> None:
-        if self._owns:
-            self.client.close()
+        """Close the client (when ours) and remove the temporary mirror."""
+        mirror, self.mirror, self.writer = self.mirror, None, None
+        try:
+            if self._owns:
+                self.client.close()
+        finally:
+            if mirror is not None:
+                mirror.close()
+                shutil.rmtree(mirror.path, ignore_errors=True)
 
     @property
     def origin(self) -> str:
@@ -77,6 +92,16 @@ class Integrator:
     @property
     def anchor(self) -> bytes:
         return self.root.public_key
+
+    @property
+    def state(self) -> LedgerState | None:
+        """The verified state (None before the first sync)."""
+        return None if self.mirror is None else self.mirror.state
+
+    @property
+    def view(self) -> AcceptedView | None:
+        """The accepted checkpoint (None before the log grant)."""
+        return None if self.mirror is None else self.mirror.view
 
     @property
     def log_key(self) -> bytes:
@@ -89,10 +114,10 @@ class Integrator:
             raise UsageError("the server reports no valid log_public_key in GET /v1/ledger")
         return key
 
-    def _state(self) -> LedgerState:
-        if self.state is None:
+    def _writer(self) -> Writer:
+        if self.writer is None:
             raise UsageError("sync the integrator first")
-        return self.state
+        return self.writer
 
     # -- sync ------------------------------------------------------------------
 
@@ -100,79 +125,62 @@ class Integrator:
         await asyncio.to_thread(self._sync)
 
     def _sync(self) -> None:
-        if self.state is None:
-            info = self.client.ledger()
-            anchor = info.get("anchor")
-            if anchor != self.anchor.hex():
-                raise UsageError(
-                    f"the server's ledger is anchored on {str(anchor)[:16]}…, not on this key"
-                    f" ({self.anchor.hex()[:16]}…): give the root key of that ledger"
-                )
-            origin = info.get("origin")
-            try:
-                records.check_origin(origin)
-            except InvalidField:
-                raise UsageError("GET /v1/ledger reports no valid origin") from None
-            self.info = info
-            self.state = LedgerState(self.anchor, origin=str(origin))
-        note = self.client.checkpoint()
-        size = acceptance.checkpoint_size(note)
-        new = self._state().copy()
-        while new.size < size:
-            raws = self.client.records(new.size, min(BATCH, size - new.size))
-            if not raws:
-                raise BadMessage(f"GET /v1/records gave nothing at {new.size} below the checkpoint's {size}")
-            new.apply_all(raws[: size - new.size])
-        if new.active_keys(records.ROLE_LOG):
-            self.view = acceptance.accept(self.view, note, new, now=int(time.time()))
-        self.state = new
+        if self.writer is None:
+            self._open()
+        self._writer().sync()
+        st = self.state
+        if st is not None and st.origin not in (None, self.origin):
+            raise UsageError(
+                f"the ledger's genesis names origin {st.origin!r}, not {self.origin!r} (GET /v1/ledger)"
+            )
+
+    def _open(self) -> None:
+        """First sync: the server's ledger must be anchored on our root key, with a valid origin."""
+        info = self.client.ledger()
+        anchor = info.get("anchor")
+        if anchor != self.anchor.hex():
+            raise UsageError(
+                f"the server's ledger is anchored on {str(anchor)[:16]}…, not on this key"
+                f" ({self.anchor.hex()[:16]}…): give the root key of that ledger"
+            )
+        origin = info.get("origin")
+        try:
+            records.check_origin(origin)
+        except InvalidField:
+            raise UsageError("GET /v1/ledger reports no valid origin") from None
+        self.info = info
+        self.mirror = Mirror.open(Path(tempfile.mkdtemp(prefix="writ-fleet-")), self.anchor)
+        self.writer = Writer(self.mirror, self.client, strict=True)
 
     # -- writing ---------------------------------------------------------------
 
     async def push(self, makers: Sequence[tuple[BodyMaker, Signer]]) -> Pushed:
-        """Sign and append ``makers`` in order, in batches of at most 1000.
-
-        Each record is checked on a copy of the verified state before it is
-        sent; on ``stale-head`` (another writer) the integrator re-syncs and
-        re-signs what is left, up to three times."""
-        return await asyncio.to_thread(self._push, list(makers))
-
-    def _push(self, makers: list[tuple[BodyMaker, Signer]]) -> Pushed:
+        """Sign and append ``makers`` in order, in batches of at most 1000, each
+        through the writer engine (:meth:`ledger.writer.Writer.apush`, strict):
+        signed on the verified state, checked on a copy, re-signed once on
+        ``stale-head``, an uncertain outcome checked back."""
+        writer = self._writer()
+        makers = list(makers)
         out: list[bytes] = []
         seqs: list[int] = []
-        acked = time.monotonic()
-        post_s = 0.0
-        i, retries = 0, 0
-        while i < len(makers):
+        acked, post_s = 0.0, 0.0
+        for i in range(0, len(makers), BATCH):
             chunk = makers[i : i + BATCH]
-            st = self._state().copy()
-            first = st.size
-            raws = []
-            for make, signer in chunk:
-                t = max(int(time.time()), st.last_time)
-                raw = records.sign(make(st.size, st.root, t), signer)
-                st.apply(raw)
-                raws.append(raw)
-            t0 = time.monotonic()
-            try:
-                answer = self.client.post_records(raws)
-            except StaleHead:
-                retries += 1
-                if retries > 3:
-                    raise
-                self._sync()
-                continue
-            acked = time.monotonic()
-            post_s = acked - t0
-            if answer.get("size") != st.size or answer.get("root") != st.root.hex():
-                raise StaleHead(
-                    "the server's head after our records is not the one computed from them",
-                    size=answer.get("size"),
-                )
-            self.state = st
-            out.extend(raws)
-            seqs.extend(range(first, first + len(raws)))
-            i += len(chunk)
+
+            def build(
+                state: LedgerState, now: int, chunk: list[tuple[BodyMaker, Signer]] = chunk
+            ) -> list[bytes]:
+                st, raws = state.copy(), []
+                for make, signer in chunk:
+                    raw = records.sign(make(st.size, st.root, now_for(st, now)), signer)
+                    st.apply(raw)
+                    raws.append(raw)
+                return raws
+
+            p = await writer.apush(build, sync_first=i == 0)
+            out += p.records
+            seqs += p.seqs
+            acked, post_s = p.acked_at, p.acked_at - p.posted_at
         return Pushed(out, seqs, acked, post_s)
 
     async def ensure_ready(
@@ -182,7 +190,8 @@ class Integrator:
         missing, using ``GET /v1/ledger``'s log key. Returns what it did."""
         await self.sync()
         did: list[str] = []
-        st = self._state()
+        st = self.state
+        assert st is not None
         makers: list[tuple[BodyMaker, Signer]] = []
         if st.size == 0:
             if not genesis:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import httpx
-
 from ledger import crypto, records, tree
+from ledger.client import AsyncClient
 from ledger.errors import BadMessage, BadProof
 from ledger.records import Grant, Kind
 
 from ..device import OwnGrant
-from ..sources import Update, fetch_bytes
+from ..sources import Update
 from .model import Member
 
 __all__ = ["Found", "device_grants", "verify_own_by_leaf", "verify_own_by_proof"]
@@ -82,22 +81,17 @@ def verify_own_by_leaf(m: Member, found: dict[bytes, Found]) -> None:
     m.device.own_grants = [OwnGrant(f.seq, f.scope, f.name)]
 
 
-async def verify_own_by_proof(
-    m: Member, found: dict[bytes, Found], client: httpx.AsyncClient, url: str, timeout: float
-) -> None:
-    """``own_grant="proof"``: an inclusion proof from the server at ``url``,
+async def verify_own_by_proof(m: Member, found: dict[bytes, Found], http: AsyncClient) -> None:
+    """``own_grant="proof"``: an inclusion proof from ``http``'s server,
     checked against the device's own accepted checkpoint."""
     raw, f = _own_record(m, found)
     leaf = tree.leaf_hash(raw) if raw else f.leaf_hash
     accepted = m.device.view
     if accepted is None:
         raise BadMessage("no accepted checkpoint to check an inclusion proof against")
-    proof_url = f"{url}/v1/proof/inclusion?index={f.seq}&size={accepted.size}"
-    body = await fetch_bytes(
-        client,
-        proof_url,
-        limit=65536,
-        timeout=timeout,
+    body = await http.get(
+        f"v1/proof/inclusion?index={f.seq}&size={accepted.size}",
+        cap=65536,
         headers={"Accept": "application/json"},
     )
     m.own_bytes += len(body)
