@@ -47,7 +47,6 @@ from ledger.errors import (
     StorageError,
     UsageError,
     VerificationError,
-    WritError,
 )
 from ledger.fileio import create_private, read_capped, write_atomic
 from ledger.state import LedgerState
@@ -61,6 +60,7 @@ from .values import (
     SyncResult,
     UpdateLike,
     grants_from_list,
+    named_enrollment,
     view_from_list,
     view_to_list,
 )
@@ -201,12 +201,7 @@ class Device:
             require_witnesses,
         )
         signer = signer if signer is not None else SeedSigner.generate()
-        label = name if name is not None else f"device-{signer.public_key.hex()[:8]}"
-        try:
-            records.check_text("name", label, records.MAX_NAME)
-            enroll = messages.make_enroll(signer, label, now)
-        except WritError:
-            raise UsageError("the device name is 0..64 bytes of text with no control characters") from None
+        _, enroll = named_enrollment(signer, name, "device", now)
         d = None if directory is None else Path(directory)
         dev = cls(signer, config, directory=d, enroll_request=enroll)
         if d is not None:

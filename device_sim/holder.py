@@ -32,6 +32,7 @@ from ledger.errors import BadKeyFile, BadMessage, BadSshKey, UsageError, WritErr
 from ledger.fileio import create_private
 
 from .device import atomic_write
+from .values import named_enrollment
 
 __all__ = ["GRANT_FILE", "KEY_FILE", "Holder", "pick_grant", "read_grant_file"]
 
@@ -80,12 +81,7 @@ class Holder:
         """A new key in ``directory`` (created 0700; an existing holder is refused)."""
         d = Path(directory)
         signer = SeedSigner.generate()
-        label = name if name is not None else f"holder-{signer.public_key.hex()[:8]}"
-        try:
-            records.check_text("name", label, records.MAX_NAME)
-            enroll = messages.make_enroll(signer, label, now)
-        except WritError:
-            raise UsageError("the holder name is 0..64 bytes of text with no control characters") from None
+        label, enroll = named_enrollment(signer, name, "holder", now)
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
         if (d / KEY_FILE).exists():
             raise UsageError(f"{d} already holds a holder key; use another directory")

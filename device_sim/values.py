@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ledger import credential, records
+from ledger import credential, messages, records
 from ledger.acceptance import AcceptedView
+from ledger.crypto import SeedSigner
 from ledger.errors import BadMessage, UsageError, WritError
 
 __all__ = [
@@ -156,3 +157,15 @@ class UpdateLike(Protocol):
 
     @property
     def note(self) -> str: ...
+
+
+def named_enrollment(signer: SeedSigner, name: str | None, who: str, now: int) -> tuple[str, bytes]:
+    """The label (``name``, or ``WHO-<key prefix>``) and the signed enrollment request a
+    new device or holder key asks to be granted under; a name that cannot be a grant's
+    name is a :class:`UsageError` before anything is written."""
+    label = name if name is not None else f"{who}-{signer.public_key.hex()[:8]}"
+    try:
+        records.check_text("name", label, records.MAX_NAME)
+        return label, messages.make_enroll(signer, label, now)
+    except WritError:
+        raise UsageError(f"the {who} name is 0..64 bytes of text with no control characters") from None
