@@ -34,11 +34,10 @@ from typing import Protocol
 
 import aiosqlite
 
-from ledger.crypto import sha256
 from ledger.errors import StorageError, WitnessConflict
+from ledger.tree import EMPTY_ROOT
 
 #: the root of the empty tree: the head of a log the witness never cosigned.
-EMPTY_ROOT = sha256(b"")
 #: refused checkpoints kept per log as evidence (the oldest go first).
 MAX_EVIDENCE = 64
 #: at most this many characters of a refused request are kept.

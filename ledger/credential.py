@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from . import crypto, messages, records
+from . import crypto, messages, records, tree
 from .acceptance import MAX_AHEAD, AcceptedView
 from .errors import CredentialRefusal, WritError
 from .state import GrantInfo, LedgerState
@@ -112,7 +112,7 @@ def check_credential(
         return Verdict(False, CredentialRefusal.BAD_SIGNATURE)
 
     kept = state.grants.get(body.seq)
-    leaf = crypto.sha256(b"\x00" + auth.grant_record)
+    leaf = tree.leaf_hash(auth.grant_record)
     if body.seq >= state.size or kept is None or kept.leaf_hash != leaf:
         return Verdict(False, CredentialRefusal.UNPUBLISHED, body.seq, body.name, body.role)
     return judge_grant(

@@ -23,9 +23,10 @@ from typing import Any, ClassVar
 
 from . import crypto, encoding
 from .errors import InvalidField, NotCanonical, UnknownKind, UnsupportedVersion
+from .tree import EMPTY_ROOT, leaf_hash
 
 VERSION = 1
-EMPTY_HASH = crypto.sha256(b"")
+EMPTY_HASH = EMPTY_ROOT  # the tree of no records (ledger/tree.py)
 
 ROLE_PATTERN = re.compile(r"[a-z][a-z0-9-]{0,31}")
 # Roles that the protocol gives power to; any other matching name has none.
@@ -341,7 +342,7 @@ class SignedRecord:
 
     def __post_init__(self) -> None:
         if not self.leaf_hash:
-            object.__setattr__(self, "leaf_hash", crypto.sha256(b"\x00" + self.raw))
+            object.__setattr__(self, "leaf_hash", leaf_hash(self.raw))
 
     @property
     def seq(self) -> int:
