@@ -96,7 +96,7 @@ def device(*args: str | Path, timeout: float = 60.0, as_limit: int | None = DEVI
 
     t = time.monotonic()
     p = subprocess.Popen(
-        [sys.executable, "-m", "device_sim", *map(str, args)],
+        [sys.executable, "-c", _MEASURED, *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         preexec_fn=limit,
@@ -122,10 +122,33 @@ def device(*args: str | Path, timeout: float = 60.0, as_limit: int | None = DEVI
     if expired:
         raise AssertionError(f"the device did not finish within {timeout} s: {args}")
     stderr = pipes["err"].decode(errors="replace")
+    # the device's own peak RSS (VmHWM of its own memory map): rusage's ru_maxrss would also
+    # count this test process's pages, which a forked child inherits until it execs
+    peak = [int(x.split()[1]) for x in stderr.splitlines() if x.startswith(_HWM)]
+    stderr = "\n".join(x for x in stderr.splitlines() if not x.startswith(_HWM))
     lines = pipes["out"].decode(errors="replace").strip().splitlines()
     assert "Traceback" not in stderr, stderr[-3000:]
     assert len(lines) == 1, (pipes["out"], stderr[-3000:])
-    return Run(p.returncode, json.loads(lines[0]), stderr, time.monotonic() - t, usage.ru_maxrss * 1024)
+    rss = peak[-1] * 1024 if peak else usage.ru_maxrss * 1024
+    return Run(p.returncode, json.loads(lines[0]), stderr, time.monotonic() - t, rss)
+
+
+_HWM = "WRIT-TEST-VMHWM-KB "
+#: ``python -m device_sim ARGS`` that reports its own peak RSS (VmHWM) on stderr as it exits
+_MEASURED = f"""
+import atexit, runpy, sys
+
+def _report():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                sys.__stderr__.write("\\n{_HWM}" + line.split()[1] + "\\n")
+                sys.__stderr__.flush()
+
+atexit.register(_report)
+sys.argv[0] = "device_sim"
+runpy.run_module("device_sim", run_name="__main__", alter_sys=True)
+"""
 
 
 def sync(d: Path, url: str, *extra: str, now: int = NOW) -> Run:
