@@ -39,8 +39,7 @@ from ..describe import describe as describe
 from ..describe import utc_iso as utc_iso
 from ..encoding import MAX_RECORD, pack_records, unpack_records
 from ..errors import BadMessage, Declined, RecordRejected, UsageError, WeakPassphrase, WritError
-from ..fileio import create_private, read_capped
-from ..fileio import write_atomic as write_atomic  # re-exported for the command modules
+from ..fileio import read_capped, write_atomic
 from ..progress import stage
 from ..redact import redact
 from ..signers.file import MIN_PASSPHRASE
@@ -355,18 +354,9 @@ def pub_hex(doc: dict[str, Any] | None, field: str) -> bytes | None:
 # --- files --------------------------------------------------------------------
 
 
-def write_new(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Create ``path`` (refusing an existing file) with ``mode``."""
-    create_private(path, data, mode=mode)
-
-
-def read_file(path: str, what: str, limit: int) -> bytes:
-    return read_capped(path, limit, what=what)
-
-
 def read_records_file(path: str) -> list[bytes]:
     """A records file: a MessagePack array of record ``bin`` values (1..1000)."""
-    data = read_file(path, "records file", PAGE * MAX_RECORD + 16 * 1024)
+    data = read_capped(path, PAGE * MAX_RECORD + 16 * 1024, what="records file")
     raws = unpack_records(data, max_count=PAGE, error=BadMessage)
     if not raws:
         raise UsageError(f"the records file {path} holds no record")

@@ -19,6 +19,7 @@ from .. import records as rec
 from ..credential_status import credential
 from ..crypto import Signer
 from ..errors import BadValidity, UnknownRole, UsageError, WritError
+from ..fileio import read_capped
 from ..records import EMPTY_HASH, Genesis, Grant, Reason, Revoke
 from ..state import GrantInfo, LedgerState
 from . import common
@@ -154,7 +155,7 @@ def grant_subject(args: argparse.Namespace) -> tuple[bytes, str]:
     if getattr(args, "ssh_public_key", None) is not None:
         return _ssh_subject(args)
     if args.request is not None:
-        data = common.read_file(args.request, "enrollment request", messages.MAX_MESSAGE)
+        data = read_capped(args.request, messages.MAX_MESSAGE, what="enrollment request")
         enroll = messages.parse_enroll(data)  # verifies the proof of possession
         name = args.name if args.name is not None else enroll.name
         if args.name is not None and args.name != enroll.name:
@@ -171,7 +172,7 @@ def _ssh_subject(args: argparse.Namespace) -> tuple[bytes, str]:
     from .. import sshkey
 
     key = sshkey.parse_public_key_file(
-        common.read_file(args.ssh_public_key, "SSH public key", sshkey.MAX_LINE)
+        read_capped(args.ssh_public_key, sshkey.MAX_LINE, what="SSH public key")
     )
     name = args.name if args.name is not None else key.comment
     try:

@@ -19,6 +19,7 @@ from typing import Any
 from .. import messages
 from .. import records as rec
 from ..errors import UsageError, WritError
+from ..fileio import read_capped, write_atomic
 from ..state import LedgerState
 from . import common, keys, root
 from .common import Client, add_key_source, check_on_copy, parse_hex, refuse, say
@@ -56,7 +57,7 @@ def cmd_bundle_export(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"--start {start} is beyond the ledger's {mirror.state.size} records")
         raws = mirror.read_records(start)
         data = messages.make_bundle(start, raws, mirror.view.note)
-        common.write_atomic(Path(args.out), data, mode=0o644)
+        write_atomic(Path(args.out), data, mode=0o644)
         return {
             "out": args.out,
             "start": start,
@@ -72,7 +73,7 @@ def cmd_bundle_export(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_mirror_import(args: argparse.Namespace) -> dict[str, Any]:
     from ..mirror import Mirror
 
-    data = common.read_file(args.bundle, "bundle", messages.MAX_BUNDLE_RECORDS * 700 + 65536)
+    data = read_capped(args.bundle, messages.MAX_BUNDLE_RECORDS * 700 + 65536, what="bundle")
     bundle = messages.parse_bundle(data)
     anchor = parse_hex(args.anchor, 32, "--anchor") if args.anchor else common.default_anchor(args)
     with Mirror.open(Path(args.mirror), anchor) as mirror:

@@ -19,6 +19,7 @@ from typing import Any
 
 from .. import messages
 from ..errors import TransportError, WritError
+from ..fileio import read_capped
 from . import common
 from .common import Client, say
 from .main import CommandFailed, exit_code
@@ -47,7 +48,7 @@ def cmd_receipts_import(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 continue
             try:
-                raw = common.read_file(path, "receipt", messages.MAX_MESSAGE)
+                raw = read_capped(path, messages.MAX_MESSAGE, what="receipt")
                 receipt = messages.parse_receipt(raw)  # a file that is not a receipt is not sent
                 answer = _post(client, raw)
             except WritError as exc:

@@ -27,6 +27,7 @@ from typing import Any
 from .. import records as rec
 from ..crypto import SeedSigner, Signer, sha256
 from ..errors import Declined, MissingSuccessor, UsageError, WritError
+from ..fileio import create_private, read_capped
 from ..records import Rotate
 from ..redact import redact
 from ..state import LedgerState
@@ -41,7 +42,6 @@ from .common import (
     read_secret,
     refuse,
     say,
-    write_new,
     write_pub_json,
 )
 from .keys import KDF_COST_HELP, KDF_COSTS, add_new_passphrase
@@ -54,7 +54,7 @@ _CELL = re.compile(r"(\d{1,2})\.\s+([a-z]+)")
 
 def read_share_file(path: str) -> str:
     """The mnemonic of a share sheet (``root init`` output) or of a file of bare words."""
-    text = common.read_file(path, "share file", 64 * 1024).decode("utf-8", errors="replace")
+    text = read_capped(path, 64 * 1024, what="share file").decode("utf-8", errors="replace")
     _head, sep, words_part = text.partition("\nWords")
     if sep:
         cells = sorted((int(n), w) for n, w in _CELL.findall(words_part.split("\n", 1)[-1]))
@@ -113,7 +113,7 @@ def new_successor(
             raise UsageError(f"cannot create the share directory {out_dir}: {exc.strerror}") from None
         for i, (p, m) in enumerate(zip(paths, mnemonics, strict=True), start=1):
             sheet = signers.share_sheet(m, i, k, n, anchor_hex or "0" * 64, digest.hex())
-            write_new(p, sheet.encode("utf-8"), mode=0o600)
+            create_private(p, sheet.encode("utf-8"), mode=0o600)
             written.append(p)
         yield digest, [str(p) for p in written]
     except BaseException as exc:
