@@ -18,6 +18,7 @@ from . import acceptance, checkpoints, records
 from .errors import Fork, RecordRejected, Rollback
 from .records import Kind
 from .state import LedgerState
+from .verifier import ProcessVerifier
 
 
 @dataclass
@@ -80,26 +81,26 @@ def audit(
     anchor: bytes,
     origin: str | None = None,
     executor: Executor | None = None,
+    verifier: ProcessVerifier | None = None,
     progress: Callable[[int], None] | None = None,
     state: LedgerState | None = None,
 ) -> tuple[LedgerState, AuditReport]:
     """Apply every record of ``chunks`` (in order) to a fresh full state.
 
     Raises the first :class:`RecordRejected`, its ``seq`` set to the position
-    of the bad record (which is what the record *should* have had).
+    of the bad record (which is what the record *should* have had). The chunks
+    flow through one pipeline (:meth:`LedgerState.apply_stream`): with an
+    ``executor`` or a ``verifier``, signatures are checked ahead in parallel
+    (worker processes for long ledgers, see :mod:`ledger.verifier`).
     """
 
     st = state if state is not None else LedgerState(anchor, origin=origin)
-    for chunk in chunks:
-        base = st.size
-        try:
-            st.apply_all(chunk, executor=executor)
-        except RecordRejected as exc:
-            exc.seq = st.size
-            exc.detail["seq"] = st.size
-            raise
-        if progress is not None:
-            progress(st.size - base)
+    try:
+        st.apply_stream(chunks, executor=executor, verifier=verifier, on_span=progress)
+    except RecordRejected as exc:
+        exc.seq = st.size
+        exc.detail["seq"] = st.size
+        raise
     return st, report(st)
 
 

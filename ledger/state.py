@@ -21,12 +21,14 @@ guess that lets :meth:`LedgerState.apply_all` check signatures ahead in
 from __future__ import annotations
 
 import copy as _copy
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
 from . import crypto, encoding, records
+from . import verifier as verify
 from .errors import (
     AlreadyRevoked,
     BadMessage,
@@ -45,6 +47,7 @@ from .keyguess import KeyGuess, PrecheckItem
 from .layered import Bits, Layered
 from .records import Envelope, Genesis, Grant, Kind, Revoke, Rotate, SignedRecord
 from .tree import CompactRange
+from .verifier import ProcessVerifier, Results
 
 MAX_FUTURE = 300
 ALWAYS_KEPT = frozenset({records.ROLE_REVOKER, records.ROLE_LOG, records.ROLE_WITNESS})
@@ -352,53 +355,92 @@ class LedgerState:
         raws: Sequence[bytes],
         *,
         executor: Executor | None = None,
+        verifier: ProcessVerifier | None = None,
         now: int | None = None,
         on_record: Callable[[SignedRecord], None] | None = None,
         chunk: int = 1024,
     ) -> list[SignedRecord]:
-        """Apply ``raws`` in order, checking signatures ahead in parallel.
+        """Apply ``raws`` in order, checking signatures ahead in parallel
+        (:meth:`apply_stream` over one run); returns the applied records."""
+
+        out: list[SignedRecord] = []
+
+        def keep(rec: SignedRecord) -> None:
+            out.append(rec)
+            if on_record is not None:
+                on_record(rec)
+
+        self.apply_stream((raws,), executor=executor, verifier=verifier, now=now, on_record=keep, chunk=chunk)
+        return out
+
+    def apply_stream(
+        self,
+        runs: Iterable[Sequence[bytes]],
+        *,
+        executor: Executor | None = None,
+        verifier: ProcessVerifier | None = None,
+        now: int | None = None,
+        on_record: Callable[[SignedRecord], None] | None = None,
+        on_span: Callable[[int], None] | None = None,
+        chunk: int = 1024,
+    ) -> int:
+        """Apply every record of ``runs`` in order; returns how many were applied.
 
         A pipeline: this thread parses a span of records and guesses each one's
         key from the records themselves (:class:`KeyGuess`), hands the span's
-        signatures to ``executor``, and runs the rules in order over an earlier
-        span while the pool checks the later ones. ``apply`` still decides which
-        key each record needs and uses a pre-check only for that very key, so a
-        wrong guess costs time, never correctness. On a rejection, the records
-        before the bad one stay applied; callers that need all or nothing apply
-        to a :meth:`copy`.
+        signatures to be checked elsewhere (:func:`ledger.verifier.submit`: the
+        worker processes of ``verifier``, or when none is given and ``executor``
+        is, the shared ones of :func:`ledger.verifier.shared` for long runs,
+        ``executor``'s threads for short ones), and runs the rules in order over
+        an earlier span while the later ones are checked. Spans run across the
+        boundaries of ``runs``, so a paged source keeps the pipeline full.
+        ``apply`` still decides which key each record needs and uses a
+        pre-check only for that very key, so a wrong guess costs time, never
+        correctness. On a rejection, the records before the bad one stay
+        applied; callers that need all or nothing apply to a :meth:`copy`.
+        ``on_span`` gets the number of records of each span once applied.
         """
 
-        # small spans first, so this thread starts applying while the pool is
-        # still checking the rest (no pipeline bubble at the start of a call)
-        spans: list[tuple[int, int]] = []
-        a, size = 0, min(64, chunk)
-        while a < len(raws):
-            spans.append((a, min(a + size, len(raws))))
-            a, size = a + size, min(size * 2, chunk)
-
         guess = KeyGuess(self)
-        ahead: list[tuple[list[Envelope | None], list[PrecheckItem | None], Future[list[bool]] | None]] = []
+        source = _Spans(runs, chunk)
+        parallel = executor is not None or verifier is not None
+        depth = 3 if parallel else 1  # spans parsed and submitted ahead of the rules
+        ahead: deque[tuple[Sequence[bytes], list[Envelope | None], list[PrecheckItem | None], Results]] = (
+            deque()
+        )
+        procs = verifier
 
-        def submit(k: int) -> None:
-            a, b = spans[k]
-            envs, items = guess.span(raws[a:b])
-            ahead.append((envs, items, executor.submit(crypto.check_batch, items) if executor else None))
+        def fill() -> None:
+            nonlocal procs
+            while len(ahead) < depth:
+                raws = source.next()
+                if raws is None:
+                    return
+                if procs is None and executor is not None and source.seen >= verify.PROCESS_MIN:
+                    procs = verify.shared()
+                envs, items = guess.span(raws)
+                ahead.append((raws, envs, items, verify.submit(items, executor=executor, verifier=procs)))
 
-        depth = 3 if executor is not None else 1  # spans parsed and submitted ahead of the rules
-        out: list[SignedRecord] = []
-        for k, (a, _b) in enumerate(spans):
-            while len(ahead) < depth and k + len(ahead) < len(spans):
-                submit(k + len(ahead))
-            envs, items, fut = ahead.pop(0)
-            results = fut.result() if fut is not None else crypto.check_batch(items)
-            for j, it in enumerate(items):
-                rec = self.apply(
-                    raws[a + j], now=now, env=envs[j], prechecked=None if it is None else (it[0], results[j])
-                )
-                out.append(rec)
-                if on_record is not None:
-                    on_record(rec)
-        return out
+        applied = 0
+        try:
+            fill()
+            while ahead:
+                raws, envs, items, results = ahead.popleft()
+                fill()  # keep the checkers busy while this span's rules run
+                ok = results()
+                for j, it in enumerate(items):
+                    rec = self.apply(
+                        raws[j], now=now, env=envs[j], prechecked=None if it is None else (it[0], ok[j])
+                    )
+                    applied += 1
+                    if on_record is not None:
+                        on_record(rec)
+                if on_span is not None:
+                    on_span(len(raws))
+        finally:
+            for *_, results in ahead:
+                verify.cancel(results)
+        return applied
 
     def copy(self) -> LedgerState:
         """An independent copy (for all-or-nothing batches). It does not change
@@ -535,3 +577,42 @@ class LedgerState:
         if st.frontier.size != st.size or st.frontier.root() != st.root:
             raise BadMessage("damaged state snapshot (frontier does not match the root)")
         return st
+
+
+#: a span in flight: its records, their envelopes and pre-check items, its results
+_Ahead = tuple[Sequence[bytes], list[Envelope | None], list[PrecheckItem | None], Results]
+
+
+class _Spans:
+    """Cuts a stream of runs into spans for :meth:`LedgerState.apply_stream`:
+    small ones first (64, 128, ... up to ``chunk``), so the rules start while the
+    checkers work on the rest, and across run boundaries."""
+
+    __slots__ = ("_at", "_buf", "_it", "_size", "chunk", "seen")
+
+    def __init__(self, runs: Iterable[Sequence[bytes]], chunk: int) -> None:
+        self._it = iter(runs)
+        self._buf: Sequence[bytes] = ()
+        self._at = 0
+        self.chunk = max(1, chunk)
+        self._size = min(64, self.chunk)
+        self.seen = 0
+
+    def next(self) -> Sequence[bytes] | None:
+        want = self._size
+        self._size = min(self._size * 2, self.chunk)
+        out: list[bytes] = []
+        while len(out) < want:
+            if self._at >= len(self._buf):
+                run = next(self._it, None)
+                if run is None:
+                    break
+                self._buf, self._at = run, 0
+                continue
+            end = self._at + want - len(out)
+            out.extend(self._buf[self._at : end])
+            self._at = min(end, len(self._buf))
+        if not out:
+            return None
+        self.seen += len(out)
+        return out

@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .. import acceptance
+from .. import acceptance, verifier
 from .. import audit as core_audit
 from .. import records as rec
 from ..errors import (
@@ -197,6 +197,8 @@ def run_audit(
     ``keep`` collects the record bytes as they are verified."""
     note = source.checkpoint()
     cp_size = acceptance.checkpoint_size(note) if note is not None else None
+    if cp_size is not None and cp_size >= verifier.PROCESS_MIN:
+        verifier.shared()  # the workers start while the first records are read
 
     def pages(start: int, end: int | None) -> Iterator[list[bytes]]:
         for page in source.pages(start, end):

@@ -1,9 +1,9 @@
 """Loading a stored ledger: a full audit before the first byte is served.
 
 :func:`load_ledger` reads every record back, re-applies it with
-:meth:`LedgerState.apply_all <ledger.state.LedgerState.apply_all>` (the same
-rules as any device or auditor, signatures checked in parallel on the
-executor), checks each stored leaf hash against the record's bytes, and checks
+:meth:`LedgerState.apply_stream <ledger.state.LedgerState.apply_stream>` (the
+same rules as any device or auditor, signatures checked ahead in parallel, see
+:mod:`ledger.verifier`), checks each stored leaf hash against the record's bytes, and checks
 that the stored head is the size and root those records make. Anything else is
 :class:`~ledger.errors.CorruptLedger` naming the first bad seq and a cause:
 
@@ -25,13 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from ..errors import CorruptLedger, WritError, WrongAnchor
+from ..errors import CorruptLedger, StorageError, WritError, WrongAnchor
+from ..records import SignedRecord
 from ..state import LedgerState
-from ..tree import MerkleLevels, leaf_hash
+from ..tree import MerkleLevels
 from . import Head, Meta, Storage
 
 
@@ -79,21 +83,9 @@ async def load_ledger(
     head = await storage.head()
     state = LedgerState(anchor, origin=meta.origin)
     levels = MerkleLevels()
-
-    scan = storage.scan(batch).__aiter__()
-    # the next batch is read while this one is verified (reading and verifying overlap)
-    ahead: asyncio.Future[list[tuple[int, bytes, bytes]] | None] = asyncio.ensure_future(anext(scan, None))
-    try:
-        while (rows := await ahead) is not None:
-            ahead = asyncio.ensure_future(anext(scan, None))
-            await _load_batch(state, levels, rows, executor)
-            if progress is not None:
-                progress(state.size, head.size)
-    finally:
-        if not ahead.done():
-            ahead.cancel()
-            with contextlib.suppress(BaseException):
-                await ahead
+    await _stream(
+        storage, state, levels, executor, batch, None if progress is None else (progress, head.size)
+    )
 
     if state.size < head.size:
         raise CorruptLedger(
@@ -116,58 +108,120 @@ async def load_ledger(
     return Loaded(meta, state, levels, head)
 
 
-async def _load_batch(
+class _Feed:
+    """Scanned batches handed from the event loop to the thread running the rules.
+
+    The loop reads ahead (at most two batches wait); the thread cuts them into
+    runs of consecutive seqs and remembers each record's stored leaf hash. A
+    gap in the seqs ends the stream after the records before it."""
+
+    def __init__(self) -> None:
+        self.q: queue.Queue[list[tuple[int, bytes, bytes]] | BaseException | None] = queue.Queue(maxsize=2)
+        self.stopped = threading.Event()
+        self.stored: deque[bytes] = deque()
+        self.gap: CorruptLedger | None = None
+
+    def put(self, item: list[tuple[int, bytes, bytes]] | BaseException | None) -> bool:
+        """Hand over one item (blocking, in a worker thread); False once the reader stopped."""
+        while not self.stopped.is_set():
+            try:
+                self.q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _get(self) -> list[tuple[int, bytes, bytes]] | BaseException | None:
+        while True:
+            try:
+                return self.q.get(timeout=0.05)
+            except queue.Empty:
+                if self.stopped.is_set():  # the load was abandoned (cancelled)
+                    return StorageError("the load was abandoned")
+
+    def runs(self, base: int) -> Iterator[list[bytes]]:
+        pos = base
+        while (item := self._get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            raws: list[bytes] = []
+            for seq, raw, stored in item:
+                if seq != pos:
+                    cause = "missing-record" if seq > pos else "duplicate-record"
+                    self.gap = CorruptLedger(
+                        f"storage has no record {pos} (next is {seq})", seq=pos, cause=cause
+                    )
+                    break
+                raws.append(raw)
+                self.stored.append(stored)
+                pos += 1
+            if raws:
+                yield raws
+            if self.gap is not None:
+                return
+
+
+async def _stream(
+    storage: Storage,
     state: LedgerState,
     levels: MerkleLevels,
-    rows: list[tuple[int, bytes, bytes]],
     executor: Executor | None,
+    batch: int,
+    progress: tuple[Callable[[int, int], None], int] | None,
 ) -> None:
-    """Apply one scanned batch; the first thing wrong in it raises :class:`CorruptLedger`."""
-    base = state.size
-    raws: list[bytes] = []
-    bad: CorruptLedger | None = None
-    for i, (seq, raw, _) in enumerate(rows):
-        pos = base + i
-        if seq != pos:
-            cause = "missing-record" if seq > pos else "duplicate-record"
-            bad = CorruptLedger(f"storage has no record {pos} (next is {seq})", seq=pos, cause=cause)
-            break
-        raws.append(raw)
+    """Apply every stored record in one pipeline (:meth:`LedgerState.apply_stream`,
+    signatures checked ahead in parallel, across batch boundaries). The rules run
+    in a worker thread, so a reload inside a serving process never stalls its
+    event loop; the first thing wrong raises :class:`CorruptLedger`."""
+    feed = _Feed()
+    loop = asyncio.get_running_loop()
 
-    def mismatch(upto: int, hashes: list[bytes]) -> CorruptLedger | None:
-        """The first stored leaf hash (of the first ``upto`` rows) that is not its record's."""
-        for i in range(upto):
-            if rows[i][2] != hashes[i]:
-                return CorruptLedger(
-                    f"the stored leaf hash of record {base + i} is not the hash of its bytes",
-                    seq=base + i,
-                    cause="leaf-hash-mismatch",
-                )
-        return None
+    async def read() -> None:
+        try:
+            async for rows in storage.scan(batch):
+                if not await asyncio.to_thread(feed.put, rows):
+                    return
+        except BaseException as exc:  # handed to the reader, which raises it
+            await asyncio.to_thread(feed.put, exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            await asyncio.to_thread(feed.put, None)
 
+    def check(rec: SignedRecord) -> None:
+        if feed.stored.popleft() != rec.leaf_hash:  # computed once, by the rules
+            raise CorruptLedger(
+                f"the stored leaf hash of record {rec.seq} is not the hash of its bytes",
+                seq=rec.seq,
+                cause="leaf-hash-mismatch",
+            )
+        levels.append(rec.leaf_hash)
+
+    def told(_n: int) -> None:
+        if progress is not None:
+            fn, total = progress
+            loop.call_soon_threadsafe(fn, state.size, total)
+
+    def run() -> None:
+        try:
+            state.apply_stream(feed.runs(state.size), executor=executor, on_record=check, on_span=told)
+        finally:
+            feed.stopped.set()
+
+    reader = asyncio.ensure_future(read())
     try:
-        # the in-order rules run in a worker thread: a reload inside a serving
-        # process must not stall its event loop
-        applied = await asyncio.to_thread(state.apply_all, raws, executor=executor)
+        await asyncio.to_thread(run)
+    except (CorruptLedger, StorageError):
+        raise
     except WritError as exc:
-        # records before the bad one stay applied: state.size is the bad position; a
-        # damaged stored leaf hash before it is the earlier fault
-        done = state.size - base
-        earlier = mismatch(done, [leaf_hash(r) for r in raws[:done]])
-        if earlier is not None:
-            raise earlier from None
         raise CorruptLedger(
             f"stored record {state.size} does not verify: {exc.type}: {exc.message}",
             seq=state.size,
             cause=exc.type,
         ) from None
-    hashes = [rec.leaf_hash for rec in applied]  # computed once, by the rules
-    wrong = mismatch(len(applied), hashes)
-    if wrong is not None:
-        raise wrong
-    levels.extend(hashes)
-    if bad is not None:
-        raise bad
-
-
-__all__ = ["Loaded", "load_ledger"]
+    finally:
+        feed.stopped.set()
+        with contextlib.suppress(BaseException):
+            await reader
+    if feed.gap is not None:
+        raise feed.gap
