@@ -361,8 +361,12 @@ class LedgerState:
         chunk: int = 1024,
     ) -> list[SignedRecord]:
         """Apply ``raws`` in order, checking signatures ahead in parallel
-        (:meth:`apply_stream` over one run); returns the applied records."""
+        (:meth:`apply_stream` over one run); returns the applied records. With an
+        ``executor``, a run of at least ``ledger.verifier.PROCESS_MIN`` records
+        is checked in the shared worker processes from its first span."""
 
+        if verifier is None and executor is not None and len(raws) >= verify.PROCESS_MIN:
+            verifier = verify.shared()
         out: list[SignedRecord] = []
 
         def keep(rec: SignedRecord) -> None:

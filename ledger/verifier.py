@@ -37,7 +37,8 @@ __all__ = ["PrecheckItem", "ProcessVerifier", "Results", "shared", "submit"]
 #: call it to wait for a submitted batch's results (one bool per item, in order)
 Results = Callable[[], Sequence[bool]]
 
-#: runs shorter than this are checked in threads (a worker round trip costs ~0.1 ms)
+#: a run given only an executor moves to the shared workers once this long (a round trip
+#: to a worker costs about 0.1 ms, and the first use starts them: about 70 ms of CPU each)
 PROCESS_MIN = 512
 _MAX_KEYS = 254
 _ENV = "WRIT_VERIFY_PROCESSES"
