@@ -614,7 +614,19 @@ def profile_command(cmd: list[str], out: Path, rate: int = 250, timeout: float =
     if exe is None:
         return False
     proc = subprocess.run(
-        [exe, "record", "--rate", str(rate), "--format", "raw", "--output", str(out), "--", *cmd],
+        [
+            exe,
+            "record",
+            "--subprocesses",
+            "--rate",
+            str(rate),
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+            "--",
+            *cmd,
+        ],
         capture_output=True,
         timeout=timeout,
         check=False,
