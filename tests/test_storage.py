@@ -733,8 +733,10 @@ CORRUPTIONS = [
 ]
 
 
+@pytest.mark.parametrize("batch", [5000, 4, 7])
 @pytest.mark.parametrize("case", CORRUPTIONS, ids=[c.name for c in CORRUPTIONS])
-async def test_corruption_is_never_served(backend: Backend, case: Corruption) -> None:
+async def test_corruption_is_never_served(backend: Backend, case: Corruption, batch: int) -> None:
+    """Whatever the read batches (the first bad seq on a batch boundary or inside one)."""
     store = await backend.open()
     chain = await loaded_chain(store, grants=10)
     assert chain.state.size == 20
@@ -761,7 +763,7 @@ async def test_corruption_is_never_served(backend: Backend, case: Corruption) ->
         case "head-root-wrong":
             s = await backend.set_head(s, Head(20, _flip(chain.state.root, 31)))
     with pytest.raises(CorruptLedger) as info:
-        await load_ledger(s, anchor=V.anchor, origin=V.origin)
+        await load_ledger(s, anchor=V.anchor, origin=V.origin, batch=batch)
     assert info.value.seq == case.seq
     assert info.value.cause == case.cause
     assert info.value.type == "corrupt-ledger"
@@ -776,6 +778,27 @@ async def test_read_over_a_missing_row_is_corrupt_ledger(backend: Backend) -> No
         with pytest.raises(CorruptLedger) as info:
             await call
         assert (info.value.seq, info.value.cause) == (4, "missing-record")
+
+
+async def test_a_cancelled_load_leaves_no_thread_behind(store: AnyStorage) -> None:
+    """A server stopped while it loads: the rules thread waiting for the next batch
+    gives up instead of blocking the process's exit."""
+    await loaded_chain(store, grants=30)
+    real_scan = store.scan
+
+    async def slow_scan(batch: int) -> AsyncIterator[list[tuple[int, bytes, bytes]]]:
+        async for rows in real_scan(batch):
+            yield rows
+            await asyncio.sleep(30)
+
+    store.scan = slow_scan  # type: ignore[method-assign]
+    task = asyncio.ensure_future(load_ledger(store, anchor=V.anchor, origin=V.origin, batch=8))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # every worker thread (the rules thread included) finishes
+    await asyncio.wait_for(asyncio.get_running_loop().shutdown_default_executor(), 5)
 
 
 async def test_load_refuses_another_ledgers_storage(store: AnyStorage) -> None:

@@ -221,6 +221,8 @@ async def _stream(
         ) from None
     finally:
         feed.stopped.set()
+        if not reader.done():
+            reader.cancel()
         with contextlib.suppress(BaseException):
             await reader
     if feed.gap is not None:
