@@ -786,12 +786,12 @@ async def test_a_cancelled_load_leaves_no_thread_behind(store: AnyStorage) -> No
     await loaded_chain(store, grants=30)
     real_scan = store.scan
 
-    async def slow_scan(batch: int) -> AsyncIterator[list[tuple[int, bytes, bytes]]]:
+    async def slow_scan(batch: int = 5000) -> AsyncIterator[list[tuple[int, bytes, bytes]]]:
         async for rows in real_scan(batch):
             yield rows
             await asyncio.sleep(30)
 
-    store.scan = slow_scan  # type: ignore[method-assign]
+    store.scan = slow_scan  # type: ignore[method-assign,assignment]
     task = asyncio.ensure_future(load_ledger(store, anchor=V.anchor, origin=V.origin, batch=8))
     await asyncio.sleep(0.2)
     task.cancel()
