@@ -791,7 +791,7 @@ async def test_a_cancelled_load_leaves_no_thread_behind(store: AnyStorage) -> No
             yield rows
             await asyncio.sleep(30)
 
-    store.scan = slow_scan  # type: ignore[method-assign,assignment]
+    store.scan = slow_scan  # type: ignore[method-assign]
     task = asyncio.ensure_future(load_ledger(store, anchor=V.anchor, origin=V.origin, batch=8))
     await asyncio.sleep(0.2)
     task.cancel()
