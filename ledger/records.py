@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from . import crypto, encoding
 from .errors import InvalidField, NotCanonical, UnknownKind, UnsupportedVersion
@@ -40,6 +40,7 @@ PROTOCOL_ROLES = frozenset({ROLE_DEVICE, ROLE_OPERATOR, ROLE_REVOKER, ROLE_LOG, 
 MAX_SCOPE = 64
 MAX_NAME = 64
 MAX_ORIGIN = 128
+_U64 = 1 << 64
 
 
 class Kind(IntEnum):
@@ -50,6 +51,8 @@ class Kind(IntEnum):
 
 
 ARITY = {Kind.GENESIS: 9, Kind.GRANT: 12, Kind.REVOKE: 8, Kind.ROTATE: 8}
+# the members as plain module names: ``Kind.GRANT`` goes through the enum class's lookup each time
+_GENESIS, _GRANT, _REVOKE = Kind.GENESIS, Kind.GRANT, Kind.REVOKE
 
 
 class Reason(IntEnum):
@@ -98,13 +101,15 @@ def _has_control(text: str) -> bool:
 def check_text(what: str, value: object, max_bytes: int, *, min_bytes: int = 0) -> str:
     if type(value) is not str:
         raise InvalidField(f"{what} must be text")
+    ascii = value.isascii()
     try:
-        n = len(value) if value.isascii() else len(value.encode("utf-8"))
+        n = len(value) if ascii else len(value.encode("utf-8"))
     except UnicodeEncodeError:
         raise InvalidField(f"{what} must be valid UTF-8 text") from None
     if n > max_bytes or n < min_bytes:
         raise InvalidField(f"{what} must be {min_bytes} to {max_bytes} bytes")
-    if _has_control(value):
+    # in ASCII, the non-printable characters are exactly the Cc ones (U+0000..U+001F, U+007F)
+    if (not value.isprintable()) if ascii else _has_control(value):
         raise InvalidField(f"{what} must not contain control characters")
     return value
 
@@ -136,7 +141,7 @@ def check_uint(what: str, value: object) -> int:
 
 
 def check_role(value: object) -> str:
-    if type(value) is not str or ROLE_PATTERN.fullmatch(value) is None:
+    if type(value) is not str or (value not in PROTOCOL_ROLES and ROLE_PATTERN.fullmatch(value) is None):
         raise InvalidField("role must match ^[a-z][a-z0-9-]{0,31}$")
     return value
 
@@ -211,6 +216,42 @@ class Grant(_Header):
     KIND: ClassVar[Kind] = Kind.GRANT
 
     def __post_init__(self) -> None:
+        # the common case in one expression: when it holds, every check below passes;
+        # anything else runs them in order, and the first that fails names the field
+        seq, time, nb, na, scope, name = (
+            self.seq,
+            self.time,
+            self.not_before,
+            self.not_after,
+            self.scope,
+            self.name,
+        )
+        if (
+            type(seq) is int
+            and type(time) is int
+            and type(nb) is int
+            and type(na) is int
+            and 0 <= seq < _U64
+            and 0 <= time < _U64
+            and 0 <= nb < _U64
+            and 0 <= na < _U64
+            and (na == 0 or na > nb)
+            and type(self.prev) is bytes
+            and len(self.prev) == 32
+            and type(self.subject) is bytes
+            and len(self.subject) == 32
+            and type(self.role) is str
+            and self.role in PROTOCOL_ROLES
+            and type(scope) is str
+            and type(name) is str
+            and len(scope) <= MAX_SCOPE
+            and len(name) <= MAX_NAME
+            and scope.isascii()
+            and name.isascii()
+            and scope.isprintable()
+            and name.isprintable()
+        ):
+            return
         self._check_header()
         check_key("subject", self.subject)
         check_role(self.role)
@@ -278,10 +319,12 @@ Body = Genesis | Grant | Revoke | Rotate
 # --- envelope (steps 1-6) ---------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
+class Envelope(NamedTuple):
     """A record that passed steps 1-6: canonical, known version and kind, right
-    arity, typed header. ``extra`` holds the kind's fields, not yet checked."""
+    arity, typed header. ``extra`` holds the kind's fields, not yet checked.
+
+    A named tuple, not a frozen dataclass: one is made per record on the
+    in-order path, and a tuple is built in one step, not a field at a time."""
 
     raw: bytes
     body_bytes: bytes
@@ -296,11 +339,12 @@ class Envelope:
     def typed(self) -> Body:
         """Step 12's stateless part: the kind's fields, or InvalidField."""
         e = self.extra
-        if self.kind is Kind.GENESIS:
-            return Genesis(self.seq, self.prev, self.time, e[0], e[1], e[2], self.signer)
-        if self.kind is Kind.GRANT:
+        kind = self.kind
+        if kind is _GRANT:
             return Grant(self.seq, self.prev, self.time, e[0], e[1], e[2], e[3], e[4], e[5], self.signer)
-        if self.kind is Kind.REVOKE:
+        if kind is _GENESIS:
+            return Genesis(self.seq, self.prev, self.time, e[0], e[1], e[2], self.signer)
+        if kind is _REVOKE:
             if type(e[0]) is not int and type(e[0]) is not bytes:
                 raise InvalidField("target must be a uint or bin(32)")
             return Revoke(self.seq, self.prev, self.time, self.signer, e[0], e[1])
@@ -316,19 +360,22 @@ def parse(raw: bytes) -> Envelope:
         raise UnsupportedVersion(f"version {version!r} is not supported")
     if type(kind) is not int or kind not in _KINDS:  # step 4
         raise UnknownKind(f"kind {kind!r} is unknown")
-    k = _KINDS[kind]
-    if len(f) != ARITY[k]:  # step 5
-        raise NotCanonical(f"a {k.name.lower()} body has {ARITY[k]} elements, not {len(f)}")
+    k, arity = _KINDS[kind]
+    if len(f) != arity:  # step 5
+        raise NotCanonical(f"a {k.name.lower()} body has {arity} elements, not {len(f)}")
     seq, prev, time, signer = f[2], f[3], f[4], f[5]  # step 6
-    seq_n = seq if type(seq) is int else None
     if type(seq) is not int or type(time) is not int or type(signer) is not int:
-        raise InvalidField("seq, time and signer must be unsigned integers", seq=seq_n)
+        raise InvalidField(
+            "seq, time and signer must be unsigned integers", seq=seq if type(seq) is int else None
+        )
     if type(prev) is not bytes or len(prev) != 32:
         raise InvalidField("prev must be 32 bytes", seq=seq)
-    return Envelope(raw, body, sig, k, seq, prev, time, signer, tuple(f[6:]))
+    # tuple.__new__: Envelope's own __new__ is a Python function around this very call
+    return _new_tuple(Envelope, (raw, body, sig, k, seq, prev, time, signer, tuple(f[6:])))
 
 
-_KINDS = {int(k): k for k in Kind}
+_KINDS = {int(k): (k, ARITY[k]) for k in Kind}
+_new_tuple = tuple.__new__
 
 
 @dataclass(frozen=True, slots=True)
