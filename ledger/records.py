@@ -17,13 +17,15 @@ Three layers, each a frozen value:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, ClassVar, NamedTuple
 
 from . import crypto, encoding
 from .errors import InvalidField, NotCanonical, UnknownKind, UnsupportedVersion
-from .tree import EMPTY_ROOT, leaf_hash
+from .tree import EMPTY_ROOT
+from .tree import leaf_hash as _leaf_hash
 
 VERSION = 1
 EMPTY_HASH = EMPTY_ROOT  # the tree of no records (ledger/tree.py)
@@ -204,7 +206,7 @@ class Genesis(_Header):
         return [*self._head(self.signer), self.origin, self.root, self.next_root_digest]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Grant(_Header):
     subject: bytes
     role: str
@@ -215,33 +217,50 @@ class Grant(_Header):
     signer: int = 0
     KIND: ClassVar[Kind] = Kind.GRANT
 
-    def __post_init__(self) -> None:
-        # the common case in one expression: when it holds, every check below passes;
+    def __init__(
+        self,
+        seq: int,
+        prev: bytes,
+        time: int,
+        subject: bytes,
+        role: str,
+        scope: str,
+        name: str,
+        not_before: int,
+        not_after: int,
+        signer: int = 0,
+    ) -> None:
+        # the generated frozen __init__, with the fields set through their slots directly
+        # (one grant per record on the in-order path: this halves its cost)
+        s = _GRANT_SLOTS
+        s[0](self, seq)
+        s[1](self, prev)
+        s[2](self, time)
+        s[3](self, subject)
+        s[4](self, role)
+        s[5](self, scope)
+        s[6](self, name)
+        s[7](self, not_before)
+        s[8](self, not_after)
+        s[9](self, signer)
+        # the common case in one expression: when it holds, every check of _check passes;
         # anything else runs them in order, and the first that fails names the field
-        seq, time, nb, na, scope, name = (
-            self.seq,
-            self.time,
-            self.not_before,
-            self.not_after,
-            self.scope,
-            self.name,
-        )
-        if (
+        if not (
             type(seq) is int
             and type(time) is int
-            and type(nb) is int
-            and type(na) is int
+            and type(not_before) is int
+            and type(not_after) is int
             and 0 <= seq < _U64
             and 0 <= time < _U64
-            and 0 <= nb < _U64
-            and 0 <= na < _U64
-            and (na == 0 or na > nb)
-            and type(self.prev) is bytes
-            and len(self.prev) == 32
-            and type(self.subject) is bytes
-            and len(self.subject) == 32
-            and type(self.role) is str
-            and self.role in PROTOCOL_ROLES
+            and 0 <= not_before < _U64
+            and 0 <= not_after < _U64
+            and (not_after == 0 or not_after > not_before)
+            and type(prev) is bytes
+            and len(prev) == 32
+            and type(subject) is bytes
+            and len(subject) == 32
+            and type(role) is str
+            and role in PROTOCOL_ROLES
             and type(scope) is str
             and type(name) is str
             and len(scope) <= MAX_SCOPE
@@ -251,7 +270,9 @@ class Grant(_Header):
             and scope.isprintable()
             and name.isprintable()
         ):
-            return
+            self._check()
+
+    def _check(self) -> None:
         self._check_header()
         check_key("subject", self.subject)
         check_role(self.role)
@@ -378,22 +399,36 @@ _KINDS = {int(k): (k, ARITY[k]) for k in Kind}
 _new_tuple = tuple.__new__
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class SignedRecord:
     """A verified record: its exact bytes and typed body."""
 
     raw: bytes
     body: Body
     signature: bytes
-    leaf_hash: bytes = field(default=b"")
+    leaf_hash: bytes = b""
 
-    def __post_init__(self) -> None:
-        if not self.leaf_hash:
-            object.__setattr__(self, "leaf_hash", leaf_hash(self.raw))
+    def __init__(self, raw: bytes, body: Body, signature: bytes, leaf_hash: bytes = b"") -> None:
+        # the generated frozen __init__, with the fields set through their slots directly
+        s = _SIGNED_SLOTS
+        s[0](self, raw)
+        s[1](self, body)
+        s[2](self, signature)
+        s[3](self, leaf_hash or _leaf_hash(raw))
 
     @property
     def seq(self) -> int:
         return self.body.seq
+
+
+def _slot_setters(cls: type, names: str) -> tuple[Callable[[object, Any], None], ...]:
+    """The ``__set__`` of the slots ``names`` of ``cls``: what a frozen dataclass's generated
+    __init__ reaches through ``object.__setattr__`` one lookup at a time, bound once."""
+    return tuple(getattr(cls, n).__set__ for n in names.split())
+
+
+_GRANT_SLOTS = _slot_setters(Grant, "seq prev time subject role scope name not_before not_after signer")
+_SIGNED_SLOTS = _slot_setters(SignedRecord, "raw body signature leaf_hash")
 
 
 def sign(body: Body, signer: crypto.Signer) -> bytes:

@@ -23,8 +23,7 @@ from __future__ import annotations
 import copy as _copy
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import crypto, encoding, records
 from .errors import (
@@ -54,8 +53,11 @@ ALWAYS_KEPT = frozenset({records.ROLE_REVOKER, records.ROLE_LOG, records.ROLE_WI
 _GRANT_ROW = (int, bytes, str, str, str, int, int, int, bytes)
 
 
-@dataclass(frozen=True, slots=True)
-class GrantInfo:
+class GrantInfo(NamedTuple):
+    """A kept grant. It and :class:`Revocation` are named tuples, not frozen
+    dataclasses: one is made per record on the in-order path, and a tuple is
+    built in one step, not a field at a time."""
+
     seq: int
     subject: bytes
     role: str
@@ -70,8 +72,7 @@ class GrantInfo:
         return records.valid_between(self.not_before, self.not_after, now)
 
 
-@dataclass(frozen=True, slots=True)
-class Revocation:
+class Revocation(NamedTuple):
     seq: int  # the revoke record
     target: int | bytes
     reason: int

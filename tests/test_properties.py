@@ -793,7 +793,7 @@ def test_state_copies_share_nothing_that_either_writes() -> None:
     before = base.snapshot()
     state = base.copy()
     for i in range(3000):  # enough grants to make Layered.copy fold its top at least once
-        state.grants[10_000 + i] = dataclasses.replace(next(iter(base.grants.values())), seq=10_000 + i)
+        state.grants[10_000 + i] = next(iter(base.grants.values()))._replace(seq=10_000 + i)
         state = state.copy()
     snap = state.snapshot()
     other = state.copy()
