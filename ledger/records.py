@@ -298,14 +298,42 @@ class Grant(_Header):
         return valid_between(self.not_before, self.not_after, now)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Revoke(_Header):
     signer: int
     target: int | bytes
     reason: int
     KIND: ClassVar[Kind] = Kind.REVOKE
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self, seq: int, prev: bytes, time: int, signer: int, target: int | bytes, reason: int
+    ) -> None:
+        # as Grant.__init__: the slots set directly, the common case checked in one expression
+        s = _REVOKE_SLOTS
+        s[0](self, seq)
+        s[1](self, prev)
+        s[2](self, time)
+        s[3](self, signer)
+        s[4](self, target)
+        s[5](self, reason)
+        if not (
+            type(seq) is int
+            and type(time) is int
+            and type(signer) is int
+            and type(reason) is int
+            and 0 <= seq < _U64
+            and 0 <= time < _U64
+            and 0 <= signer < _U64
+            and 0 <= reason < _U64
+            and type(prev) is bytes
+            and len(prev) == 32
+            and (
+                (type(target) is int and 0 <= target < _U64) or (type(target) is bytes and len(target) == 32)
+            )
+        ):
+            self._check()
+
+    def _check(self) -> None:
         self._check_header()
         check_uint("signer", self.signer)
         if type(self.target) is int:
@@ -428,6 +456,7 @@ def _slot_setters(cls: type, names: str) -> tuple[Callable[[object, Any], None],
 
 
 _GRANT_SLOTS = _slot_setters(Grant, "seq prev time subject role scope name not_before not_after signer")
+_REVOKE_SLOTS = _slot_setters(Revoke, "seq prev time signer target reason")
 _SIGNED_SLOTS = _slot_setters(SignedRecord, "raw body signature leaf_hash")
 
 

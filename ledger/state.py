@@ -51,6 +51,7 @@ _GENESIS, _GRANT, _REVOKE, _ROTATE = Kind.GENESIS, Kind.GRANT, Kind.REVOKE, Kind
 ALWAYS_KEPT = frozenset({records.ROLE_REVOKER, records.ROLE_LOG, records.ROLE_WITNESS})
 #: the field types of a kept grant in a snapshot (GrantInfo's order); integers are never negative there
 _GRANT_ROW = (int, bytes, str, str, str, int, int, int, bytes)
+_new_tuple = tuple.__new__
 
 
 class GrantInfo(NamedTuple):
@@ -273,9 +274,9 @@ class LedgerState:
             if crypto.sha256(new_root) != self.pending_digest:
                 raise UnauthorizedSigner("new_root is not the committed successor", seq=seq)
             return new_root
-        key = self.root_key
-        assert key is not None  # n > 0 here, so a genesis was applied
-        return key
+        roots = self.roots
+        assert roots  # n > 0 here, so a genesis was applied
+        return roots[-1][1]  # the root in force (self.root_key)
 
     # The body classes are disjoint, so the order of the isinstance tests below
     # (the most frequent kind first) changes nothing but the time they take.
@@ -325,16 +326,20 @@ class LedgerState:
                 self.revokers[seq] = body.subject
             keep = self.keep_roles
             if keep is None or role in ALWAYS_KEPT or role in keep:
-                self.grants[seq] = GrantInfo(
-                    seq,
-                    body.subject,
-                    role,
-                    body.scope,
-                    body.name,
-                    body.not_before,
-                    body.not_after,
-                    body.time,
-                    rec.leaf_hash,
+                # tuple.__new__: the named tuple's own __new__ is a Python function around this call
+                self.grants[seq] = _new_tuple(
+                    GrantInfo,
+                    (
+                        seq,
+                        body.subject,
+                        role,
+                        body.scope,
+                        body.name,
+                        body.not_before,
+                        body.not_after,
+                        body.time,
+                        rec.leaf_hash,
+                    ),
                 )
         elif isinstance(body, Genesis):
             self.origin = body.origin

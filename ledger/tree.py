@@ -43,8 +43,9 @@ MAX_TREE_SIZE: Final = (1 << 64) - 1
 
 _LEAF_PREFIX: Final = b"\x00"
 _NODE_PREFIX: Final = b"\x01"
-#: a fresh SHA-256 already fed the interior-node prefix: copying it is cheaper than
-#: starting one and concatenating ``0x01 || left || right`` first
+#: fresh SHA-256s already fed the leaf and interior-node prefixes: copying one is cheaper
+#: than starting one and concatenating ``0x01 || left || right`` first
+_leaf_ctx: Final = _sha256(_LEAF_PREFIX).copy
 _node_ctx: Final = _sha256(_NODE_PREFIX).copy
 #: tlog-tiles: a tile is 2**8 hashes wide and spans 8 tree levels.
 _TILE_HEIGHT: Final = 8
@@ -53,7 +54,9 @@ _TILE_WIDTH: Final = 1 << _TILE_HEIGHT
 
 def leaf_hash(data: bytes) -> bytes:
     """``SHA-256(0x00 || data)``: the hash of one leaf (one record)."""
-    return _sha256(_LEAF_PREFIX + data).digest()
+    c = _leaf_ctx()
+    c.update(data)
+    return c.digest()
 
 
 def node_hash(left: bytes, right: bytes) -> bytes:
