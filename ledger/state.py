@@ -231,9 +231,7 @@ class LedgerState:
             body = env.typed()
         except InvalidField as exc:
             raise InvalidField(exc.message, seq=seq) from None
-        self._step12_state(body)
-        # steps 13, 14
-        self._step13_14(body)
+        self._steps12_14(body)  # and steps 13, 14
         if now is not None and env.time > now + MAX_FUTURE:
             raise TimeInFuture(f"record time is more than {MAX_FUTURE} s ahead of the server", seq=seq)
         rec = SignedRecord(raw, body, env.signature, leaf_hash(raw))
@@ -278,38 +276,34 @@ class LedgerState:
         assert roots  # n > 0 here, so a genesis was applied
         return roots[-1][1]  # the root in force (self.root_key)
 
-    # The body classes are disjoint, so the order of the isinstance tests below
-    # (the most frequent kind first) changes nothing but the time they take.
-
-    def _step12_state(self, body: records.Body) -> None:
+    def _steps12_14(self, body: records.Body) -> None:
+        """Step 12's part that needs the state, then steps 13 and 14, for one body (the
+        kinds are disjoint, so testing the most frequent first changes nothing but time)."""
         seq = body.seq
         if isinstance(body, Grant):
-            if self.is_root_key(body.subject):
+            if self.is_root_key(body.subject):  # step 12
                 raise InvalidField("a root key cannot be granted a role", seq=seq)
-        elif isinstance(body, Genesis):
+            if body.subject in self.revoked_keys:  # steps 13, 14
+                raise AlreadyRevoked("that key was revoked and can never be granted again", seq=seq)
+        elif isinstance(body, Revoke):
+            t = body.target
+            if isinstance(t, int):  # step 12 has nothing to say about a target seq
+                if t >= self.size or not self.is_grant(t):
+                    raise UnknownTarget(f"seq {t} is not a grant", seq=seq)
+                if t in self.revoked:
+                    raise AlreadyRevoked(f"grant {t} is already revoked", seq=seq)
+            else:
+                if self.is_root_key(t):  # step 12
+                    raise InvalidField("a root key cannot be revoked; rotate it", seq=seq)
+                if t in self.revoked_keys:  # steps 13, 14
+                    raise AlreadyRevoked("that key is already revoked", seq=seq)
+        elif isinstance(body, Genesis):  # step 12; a genesis and a rotate have no steps 13, 14
             if body.root != self.anchor:
                 raise InvalidField("genesis root is not the anchor", seq=seq)
             if self.expected_origin is not None and body.origin != self.expected_origin:
                 raise InvalidField(
                     f"genesis origin {body.origin!r} is not this ledger's {self.expected_origin!r}", seq=seq
                 )
-        elif isinstance(body, Revoke) and isinstance(body.target, bytes) and self.is_root_key(body.target):
-            raise InvalidField("a root key cannot be revoked; rotate it", seq=seq)
-
-    def _step13_14(self, body: records.Body) -> None:
-        seq = body.seq
-        if isinstance(body, Grant):
-            if body.subject in self.revoked_keys:
-                raise AlreadyRevoked("that key was revoked and can never be granted again", seq=seq)
-        elif isinstance(body, Revoke):
-            t = body.target
-            if isinstance(t, int):
-                if t >= self.size or not self.is_grant(t):
-                    raise UnknownTarget(f"seq {t} is not a grant", seq=seq)
-                if t in self.revoked:
-                    raise AlreadyRevoked(f"grant {t} is already revoked", seq=seq)
-            elif t in self.revoked_keys:
-                raise AlreadyRevoked("that key is already revoked", seq=seq)
 
     def _mutate(self, rec: SignedRecord) -> None:
         body = rec.body
