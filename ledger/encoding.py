@@ -26,14 +26,12 @@ Value = int | bytes | str | None | list["Value"]
 
 _Packer = msgpack.Packer
 _unpackb = msgpack.unpackb
-#: the packer's first buffer: a record fits, larger values grow it by doubling
-_PACK_BUF = 1024
 
 
 def pack(value: Any) -> bytes:
     """Encode ``value`` canonically (what ``msgpack.packb(value, use_bin_type=True)`` does,
-    without its keyword-argument wrapper and its 1 MiB starting buffer)."""
-    out = _Packer(use_bin_type=True, buf_size=_PACK_BUF).pack(value)
+    without its keyword-argument wrapper)."""
+    out = _Packer(use_bin_type=True).pack(value)
     assert type(out) is bytes
     return out
 
@@ -138,7 +136,7 @@ def _flat_fast(data: bytes) -> list[Any] | None:
     bytes to the strict path, which decides and names what is wrong."""
     try:
         value = _unpackb(data, raw=False, use_list=True, strict_map_key=True, timestamp=0)
-        if _flat_ok(value) and _Packer(use_bin_type=True, buf_size=_PACK_BUF).pack(value) == data:
+        if _flat_ok(value) and _Packer(use_bin_type=True).pack(value) == data:
             return value  # type: ignore[no-any-return]
     except Exception:  # any failure takes the strict path, which names it
         return None
