@@ -387,17 +387,16 @@ class Envelope(NamedTuple):
 
     def typed(self) -> Body:
         """Step 12's stateless part: the kind's fields, or InvalidField."""
-        e = self.extra
-        kind = self.kind
+        _, _, _, kind, seq, prev, time, signer, e = self
         if kind is _GRANT:
-            return Grant(self.seq, self.prev, self.time, e[0], e[1], e[2], e[3], e[4], e[5], self.signer)
+            return Grant(seq, prev, time, e[0], e[1], e[2], e[3], e[4], e[5], signer)
         if kind is _GENESIS:
-            return Genesis(self.seq, self.prev, self.time, e[0], e[1], e[2], self.signer)
+            return Genesis(seq, prev, time, e[0], e[1], e[2], signer)
         if kind is _REVOKE:
             if type(e[0]) is not int and type(e[0]) is not bytes:
                 raise InvalidField("target must be a uint or bin(32)")
-            return Revoke(self.seq, self.prev, self.time, self.signer, e[0], e[1])
-        return Rotate(self.seq, self.prev, self.time, e[0], e[1], self.signer)
+            return Revoke(seq, prev, time, signer, e[0], e[1])
+        return Rotate(seq, prev, time, e[0], e[1], signer)
 
 
 def parse(raw: bytes) -> Envelope:

@@ -196,16 +196,16 @@ class LedgerState:
 
         if env is None or env.raw is not raw:
             env = records.parse(raw)  # steps 1-6
+        _, body_bytes, signature, kind, seq, prev, time, _, _ = env
         n = self.size
-        seq = env.seq
         # step 7
-        if (env.kind is _GENESIS) != (n == 0):
+        if (kind is _GENESIS) != (n == 0):
             raise MisplacedGenesis(
                 "a genesis only opens an empty ledger" if n else "an empty ledger opens with a genesis",
                 seq=seq,
             )
         # step 8
-        if seq != n or env.prev != self.root:
+        if seq != n or prev != self.root:
             raise StaleHead(
                 f"record is for seq {seq} but the ledger has {n} records"
                 if seq != n
@@ -215,7 +215,7 @@ class LedgerState:
                 root=self.root.hex(),
             )
         # step 9
-        if n and env.time < self.last_time:
+        if n and time < self.last_time:
             raise TimeRegression("time goes back before the previous record's", seq=seq)
         # step 10
         key = self._step10_signer(env)
@@ -223,7 +223,7 @@ class LedgerState:
         if prechecked is not None and prechecked[0] == key:
             ok = prechecked[1]
         else:
-            ok = crypto.check(key, crypto.RECORD_DOMAIN, env.body_bytes, env.signature)
+            ok = crypto.check(key, crypto.RECORD_DOMAIN, body_bytes, signature)
         if not ok:
             raise BadSignature(f"signature does not verify under {key.hex()[:16]}…", seq=seq)
         # step 12
@@ -232,9 +232,9 @@ class LedgerState:
         except InvalidField as exc:
             raise InvalidField(exc.message, seq=seq) from None
         self._steps12_14(body)  # and steps 13, 14
-        if now is not None and env.time > now + MAX_FUTURE:
+        if now is not None and time > now + MAX_FUTURE:
             raise TimeInFuture(f"record time is more than {MAX_FUTURE} s ahead of the server", seq=seq)
-        rec = SignedRecord(raw, body, env.signature, leaf_hash(raw))
+        rec = SignedRecord(raw, body, signature, leaf_hash(raw))
         self._mutate(rec)
         return rec
 
