@@ -26,10 +26,11 @@ class Bits:
         return byte < len(self._b) and bool(self._b[byte] & (1 << (i & 7)))
 
     def add(self, i: int) -> None:
+        b = self._b
         byte = i >> 3
-        if byte >= len(self._b):
-            self._b.extend(bytes(byte + 1 - len(self._b)))
-        self._b[byte] |= 1 << (i & 7)
+        if byte >= len(b):
+            b.extend(bytes(byte + 1 - len(b)))
+        b[byte] |= 1 << (i & 7)
 
     def __iter__(self) -> Iterator[int]:
         for byte, v in enumerate(self._b):

@@ -24,8 +24,7 @@ import copy as _copy
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import crypto, encoding, records
 from . import verifier as verify
@@ -46,17 +45,23 @@ from .errors import (
 from .keyguess import KeyGuess, PrecheckItem
 from .layered import Bits, Layered
 from .records import Envelope, Genesis, Grant, Kind, Revoke, Rotate, SignedRecord
-from .tree import CompactRange
+from .tree import CompactRange, leaf_hash
 from .verifier import ProcessVerifier, Results
 
 MAX_FUTURE = 300
+# the kinds as plain module names: ``Kind.GRANT`` goes through the enum class's lookup each time
+_GENESIS, _GRANT, _REVOKE, _ROTATE = Kind.GENESIS, Kind.GRANT, Kind.REVOKE, Kind.ROTATE
 ALWAYS_KEPT = frozenset({records.ROLE_REVOKER, records.ROLE_LOG, records.ROLE_WITNESS})
 #: the field types of a kept grant in a snapshot (GrantInfo's order); integers are never negative there
 _GRANT_ROW = (int, bytes, str, str, str, int, int, int, bytes)
+_new_tuple = tuple.__new__
 
 
-@dataclass(frozen=True, slots=True)
-class GrantInfo:
+class GrantInfo(NamedTuple):
+    """A kept grant. It and :class:`Revocation` are named tuples, not frozen
+    dataclasses: one is made per record on the in-order path, and a tuple is
+    built in one step, not a field at a time."""
+
     seq: int
     subject: bytes
     role: str
@@ -71,8 +76,7 @@ class GrantInfo:
         return records.valid_between(self.not_before, self.not_after, now)
 
 
-@dataclass(frozen=True, slots=True)
-class Revocation:
+class Revocation(NamedTuple):
     seq: int  # the revoke record
     target: int | bytes
     reason: int
@@ -136,7 +140,10 @@ class LedgerState:
 
     def is_root_key(self, key: bytes) -> bool:
         """A root key, current or past (docs/protocol.md, "Validity rules", step 12)."""
-        return any(k == key for _, k in self.roots)
+        for _, k in self.roots:  # noqa: SIM110 - one or a few roots: a loop costs less than any()
+            if k == key:
+                return True
+        return False
 
     def is_grant(self, seq: int) -> bool:
         return seq in self.grant_bits
@@ -192,16 +199,16 @@ class LedgerState:
 
         if env is None or env.raw is not raw:
             env = records.parse(raw)  # steps 1-6
+        _, body_bytes, signature, kind, seq, prev, time, _, _ = env
         n = self.size
-        seq = env.seq
         # step 7
-        if (env.kind is Kind.GENESIS) != (n == 0):
+        if (kind is _GENESIS) != (n == 0):
             raise MisplacedGenesis(
                 "a genesis only opens an empty ledger" if n else "an empty ledger opens with a genesis",
                 seq=seq,
             )
         # step 8
-        if seq != n or env.prev != self.root:
+        if seq != n or prev != self.root:
             raise StaleHead(
                 f"record is for seq {seq} but the ledger has {n} records"
                 if seq != n
@@ -211,7 +218,7 @@ class LedgerState:
                 root=self.root.hex(),
             )
         # step 9
-        if n and env.time < self.last_time:
+        if n and time < self.last_time:
             raise TimeRegression("time goes back before the previous record's", seq=seq)
         # step 10
         key = self._step10_signer(env)
@@ -219,7 +226,7 @@ class LedgerState:
         if prechecked is not None and prechecked[0] == key:
             ok = prechecked[1]
         else:
-            ok = crypto.check(key, crypto.RECORD_DOMAIN, env.body_bytes, env.signature)
+            ok = crypto.check(key, crypto.RECORD_DOMAIN, body_bytes, signature)
         if not ok:
             raise BadSignature(f"signature does not verify under {key.hex()[:16]}…", seq=seq)
         # step 12
@@ -227,32 +234,30 @@ class LedgerState:
             body = env.typed()
         except InvalidField as exc:
             raise InvalidField(exc.message, seq=seq) from None
-        self._step12_state(body)
-        # steps 13, 14
-        self._step13_14(body)
-        if now is not None and env.time > now + MAX_FUTURE:
+        self._steps12_14(body)  # and steps 13, 14
+        if now is not None and time > now + MAX_FUTURE:
             raise TimeInFuture(f"record time is more than {MAX_FUTURE} s ahead of the server", seq=seq)
-        rec = SignedRecord(raw, body, env.signature)
+        rec = SignedRecord(raw, body, signature, leaf_hash(raw))
         self._mutate(rec)
         return rec
 
     def _step10_signer(self, env: Envelope) -> bytes:
-        seq = env.seq
-        if env.kind is Kind.REVOKE and env.signer != 0:
-            g = self.grant_active(env.signer, env.time)
-            if g is None or not self.is_grant(env.signer) or g.role != records.ROLE_REVOKER:
+        seq, kind, signer = env.seq, env.kind, env.signer
+        if kind is _REVOKE and signer != 0:
+            g = self.grant_active(signer, env.time)
+            if g is None or not self.is_grant(signer) or g.role != records.ROLE_REVOKER:
                 raise UnauthorizedSigner(
-                    f"signer {env.signer} is not an active revoker grant at this time", seq=seq
+                    f"signer {signer} is not an active revoker grant at this time", seq=seq
                 )
             return g.subject
         new_root: bytes = b""
-        if env.kind is Kind.ROTATE:  # step 10 for a rotate: new_root's type, signer == 0, the digest
+        if kind is _ROTATE:  # step 10 for a rotate: new_root's type, signer == 0, the digest
             if type(env.extra[0]) is not bytes or len(env.extra[0]) != 32:
                 raise InvalidField("new_root must be 32 bytes", seq=seq)
             new_root = env.extra[0]
-        if env.signer != 0:
+        if signer != 0:
             raise UnauthorizedSigner("only a revoke may name a signer other than the root", seq=seq)
-        if env.kind is Kind.GENESIS:
+        if kind is _GENESIS:
             root = env.extra[1]
             if type(root) is bytes and root != self.anchor:
                 # named before the signature rule: a wrong anchor is a configuration mistake
@@ -264,75 +269,82 @@ class LedgerState:
                     genesis_root=root.hex(),
                 )
             return self.anchor
-        if env.kind is Kind.ROTATE:
+        if kind is _ROTATE:
             if self.pending_digest is None:
                 raise UnauthorizedSigner("no successor root is committed: no rotation is possible", seq=seq)
             if crypto.sha256(new_root) != self.pending_digest:
                 raise UnauthorizedSigner("new_root is not the committed successor", seq=seq)
             return new_root
-        key = self.root_key
-        assert key is not None  # n > 0 here, so a genesis was applied
-        return key
+        roots = self.roots
+        assert roots  # n > 0 here, so a genesis was applied
+        return roots[-1][1]  # the root in force (self.root_key)
 
-    def _step12_state(self, body: records.Body) -> None:
+    def _steps12_14(self, body: records.Body) -> None:
+        """Step 12's part that needs the state, then steps 13 and 14, for one body (the
+        kinds are disjoint, so testing the most frequent first changes nothing but time)."""
         seq = body.seq
-        if isinstance(body, Genesis):
+        if isinstance(body, Grant):
+            if self.is_root_key(body.subject):  # step 12
+                raise InvalidField("a root key cannot be granted a role", seq=seq)
+            if body.subject in self.revoked_keys:  # steps 13, 14
+                raise AlreadyRevoked("that key was revoked and can never be granted again", seq=seq)
+        elif isinstance(body, Revoke):
+            t = body.target
+            if isinstance(t, int):  # step 12 has nothing to say about a target seq
+                if t >= self.size or not self.is_grant(t):
+                    raise UnknownTarget(f"seq {t} is not a grant", seq=seq)
+                if t in self.revoked:
+                    raise AlreadyRevoked(f"grant {t} is already revoked", seq=seq)
+            else:
+                if self.is_root_key(t):  # step 12
+                    raise InvalidField("a root key cannot be revoked; rotate it", seq=seq)
+                if t in self.revoked_keys:  # steps 13, 14
+                    raise AlreadyRevoked("that key is already revoked", seq=seq)
+        elif isinstance(body, Genesis):  # step 12; a genesis and a rotate have no steps 13, 14
             if body.root != self.anchor:
                 raise InvalidField("genesis root is not the anchor", seq=seq)
             if self.expected_origin is not None and body.origin != self.expected_origin:
                 raise InvalidField(
                     f"genesis origin {body.origin!r} is not this ledger's {self.expected_origin!r}", seq=seq
                 )
-        elif isinstance(body, Grant):
-            if self.is_root_key(body.subject):
-                raise InvalidField("a root key cannot be granted a role", seq=seq)
-        elif isinstance(body, Revoke) and isinstance(body.target, bytes) and self.is_root_key(body.target):
-            raise InvalidField("a root key cannot be revoked; rotate it", seq=seq)
-
-    def _step13_14(self, body: records.Body) -> None:
-        seq = body.seq
-        if isinstance(body, Revoke):
-            t = body.target
-            if isinstance(t, int):
-                if t >= self.size or not self.is_grant(t):
-                    raise UnknownTarget(f"seq {t} is not a grant", seq=seq)
-                if t in self.revoked:
-                    raise AlreadyRevoked(f"grant {t} is already revoked", seq=seq)
-            elif t in self.revoked_keys:
-                raise AlreadyRevoked("that key is already revoked", seq=seq)
-        elif isinstance(body, Grant) and body.subject in self.revoked_keys:
-            raise AlreadyRevoked("that key was revoked and can never be granted again", seq=seq)
 
     def _mutate(self, rec: SignedRecord) -> None:
         body = rec.body
-        self.frontier.append(rec.leaf_hash)
-        self.root = self.frontier.root()
+        frontier = self.frontier
+        frontier.append(rec.leaf_hash)
+        self.root = frontier.root()
         self.size += 1
         self.last_time = body.time
         self.counts[body.KIND] += 1
-        if isinstance(body, Genesis):
+        if isinstance(body, Grant):
+            seq, role = body.seq, body.role
+            self.grant_bits.add(seq)
+            if role == records.ROLE_REVOKER:
+                self.revokers[seq] = body.subject
+            keep = self.keep_roles
+            if keep is None or role in ALWAYS_KEPT or role in keep:
+                # tuple.__new__: the named tuple's own __new__ is a Python function around this call
+                self.grants[seq] = _new_tuple(
+                    GrantInfo,
+                    (
+                        seq,
+                        body.subject,
+                        role,
+                        body.scope,
+                        body.name,
+                        body.not_before,
+                        body.not_after,
+                        body.time,
+                        rec.leaf_hash,
+                    ),
+                )
+        elif isinstance(body, Genesis):
             self.origin = body.origin
             self.roots.append((0, body.root))
             self.pending_digest = body.next_root_digest
         elif isinstance(body, Rotate):
             self.roots.append((body.seq, body.new_root))
             self.pending_digest = body.next_root_digest
-        elif isinstance(body, Grant):
-            self.grant_bits.add(body.seq)
-            if body.role == records.ROLE_REVOKER:
-                self.revokers[body.seq] = body.subject
-            if self.keep_roles is None or body.role in ALWAYS_KEPT or body.role in self.keep_roles:
-                self.grants[body.seq] = GrantInfo(
-                    body.seq,
-                    body.subject,
-                    body.role,
-                    body.scope,
-                    body.name,
-                    body.not_before,
-                    body.not_after,
-                    body.time,
-                    rec.leaf_hash,
-                )
         elif isinstance(body, Revoke):
             t = body.target
             # a compact (device) state keeps only what the rules and the credential

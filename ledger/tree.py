@@ -43,6 +43,10 @@ MAX_TREE_SIZE: Final = (1 << 64) - 1
 
 _LEAF_PREFIX: Final = b"\x00"
 _NODE_PREFIX: Final = b"\x01"
+#: fresh SHA-256s already fed the leaf and interior-node prefixes: copying one is cheaper
+#: than starting one and concatenating ``0x01 || left || right`` first
+_leaf_ctx: Final = _sha256(_LEAF_PREFIX).copy
+_node_ctx: Final = _sha256(_NODE_PREFIX).copy
 #: tlog-tiles: a tile is 2**8 hashes wide and spans 8 tree levels.
 _TILE_HEIGHT: Final = 8
 _TILE_WIDTH: Final = 1 << _TILE_HEIGHT
@@ -50,7 +54,9 @@ _TILE_WIDTH: Final = 1 << _TILE_HEIGHT
 
 def leaf_hash(data: bytes) -> bytes:
     """``SHA-256(0x00 || data)``: the hash of one leaf (one record)."""
-    return _sha256(_LEAF_PREFIX + data).digest()
+    c = _leaf_ctx()
+    c.update(data)
+    return c.digest()
 
 
 def node_hash(left: bytes, right: bytes) -> bytes:
@@ -135,7 +141,10 @@ class CompactRange:
         n = self._size
         stack = self._hashes
         while n & 1:
-            h = _sha256(_NODE_PREFIX + stack.pop() + h).digest()
+            c = _node_ctx()
+            c.update(stack.pop())
+            c.update(h)
+            h = c.digest()
             n >>= 1
         stack.append(h)
         self._size += 1
@@ -146,12 +155,16 @@ class CompactRange:
 
     def root(self) -> bytes:
         """The Merkle Tree Hash of the leaves appended so far."""
-        if not self._hashes:
+        hashes = self._hashes
+        if not hashes:
             return EMPTY_ROOT
-        it = reversed(self._hashes)
-        r = next(it)
-        for h in it:
-            r = _sha256(_NODE_PREFIX + h + r).digest()
+        r = hashes[-1]
+        new = _node_ctx
+        for h in hashes[-2::-1]:  # right to left: the fold nests to the right
+            c = new()
+            c.update(h)
+            c.update(r)
+            r = c.digest()
         return r
 
     def copy(self) -> CompactRange:

@@ -710,7 +710,7 @@ def _split_outcome(raw: bytes, fast: bool) -> object:
     try:
         return encoding.split_record(raw, fast=fast)
     except WritError as exc:
-        return (type(exc), exc.type)
+        return (type(exc), exc.type, str(exc))
 
 
 @given(st.data())
@@ -742,6 +742,149 @@ def test_record_framing_fast_path_agrees_with_the_strict_decoder(data: st.DataOb
     elif choice == 4:
         raw = data.draw(st.binary(max_size=700))
     assert _split_outcome(raw, True) == _split_outcome(raw, False)
+
+
+#: body elements of every type MessagePack has, the allowed ones and the refused ones
+#: (negative integers, booleans, floats, nested arrays, maps)
+_ANY_ELEMENT = st.one_of(
+    st.integers(-(2**63), U64),
+    st.binary(max_size=40),
+    st.text(max_size=20),
+    st.none(),
+    st.booleans(),
+    st.floats(),
+    st.lists(st.integers(0, 300), max_size=3),
+    st.dictionaries(st.text(max_size=2), st.integers(0, 3), max_size=2),
+)
+_SCALAR_ELEMENT = st.one_of(st.integers(0, U64), st.binary(max_size=40), st.text(max_size=20), st.none())
+
+
+@given(st.data())
+@settings(max_examples=3000, deadline=None)
+def test_body_decoding_fast_path_agrees_with_the_strict_decoder(data: st.DataObject) -> None:
+    """The signed body inside a well-framed record: flat arrays of allowed scalars, the
+    same with refused types mixed in, their mutations (non-minimal integer and length
+    headers, bin/str swaps, flips, insertions, truncations) and MessagePack-like bytes
+    split to the same fields, or the same error (class, type and message), with and
+    without the fast paths."""
+    choice = data.draw(st.integers(0, 3))
+    if choice == 3:
+        body = data.draw(msgpackish)
+    else:
+        element = _SCALAR_ELEMENT if choice == 0 else _ANY_ELEMENT
+        body = encoding.pack(data.draw(st.lists(element, max_size=14)))
+        if choice == 2:
+            body = mutate(data, body, data.draw(st.sampled_from(MUTATIONS)))
+    if len(body) > encoding.MAX_BODY:
+        return
+    raw = encoding.join_record(body, data.draw(st.binary(min_size=64, max_size=64)))
+    assert _split_outcome(raw, True) == _split_outcome(raw, False)
+
+
+# --- the constructors' one-expression check agrees with the ordered field rules ----------------
+
+_UINTISH = st.one_of(
+    st.integers(0, U64),
+    st.sampled_from([0, 1, U64, U64 + 1, -1, 2**70]),
+    st.sampled_from([None, True, b"1", "1", 1.0]),
+)
+_KEYISH = st.one_of(st.binary(min_size=31, max_size=33), st.sampled_from([None, "k" * 32, 5, bytearray(32)]))
+_ROLEISH = st.one_of(
+    st.sampled_from(sorted(records.PROTOCOL_ROLES)),
+    st.sampled_from(["maintenance-2", "Operator", "", "2fa", "a" * 32, "a" * 33, "op_x", None, b"log"]),
+    st.text(max_size=6),
+)
+_TEXTISH = st.one_of(
+    st.text(max_size=70),
+    st.text(st.characters(max_codepoint=0x7F), max_size=70),
+    st.sampled_from(["a" * 64, "a" * 65, "\u00e9" * 32, "\u00e9" * 33, "\x7f", "\x85", None, b"t"]),
+)
+
+
+def _first_failing_rule(checks: Callable[[], object]) -> str | None:
+    try:
+        checks()
+    except InvalidField as exc:
+        return str(exc)
+    return None
+
+
+_PRINTABLE_ASCII = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=64)
+_U32 = st.integers(0, U64)
+_K32 = st.binary(min_size=32, max_size=32)
+#: field -> (a valid value, an odd one); each example makes up to two fields odd
+_GRANT_FIELDS = {
+    "seq": (_U32, _UINTISH),
+    "prev": (_K32, _KEYISH),
+    "time": (_U32, _UINTISH),
+    "subject": (_K32, _KEYISH),
+    "role": (st.sampled_from([*sorted(records.PROTOCOL_ROLES), "maintenance-2"]), _ROLEISH),
+    "scope": (_PRINTABLE_ASCII, _TEXTISH),
+    "name": (_PRINTABLE_ASCII, _TEXTISH),
+    "nb": (st.integers(0, 2**40), _UINTISH),
+    "na": (st.one_of(st.just(0), st.integers(2**40 + 1, U64)), _UINTISH),
+}
+_REVOKE_FIELDS = {
+    "seq": (_U32, _UINTISH),
+    "prev": (_K32, _KEYISH),
+    "time": (_U32, _UINTISH),
+    "signer": (_U32, _UINTISH),
+    "target": (st.one_of(_U32, _K32), st.one_of(_UINTISH, _KEYISH)),
+    "reason": (_U32, _UINTISH),
+}
+
+
+def _draw_fields(data: st.DataObject, fields: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
+    odd = data.draw(st.sets(st.sampled_from(sorted(fields)), max_size=2), label="odd fields")
+    return {f: data.draw(pair[f in odd], label=f) for f, pair in fields.items()}
+
+
+@MEDIUM
+@given(st.data())
+def test_grant_constructor_refuses_exactly_what_the_field_rules_refuse(data: st.DataObject) -> None:
+    """A grant is built when every field rule of docs/protocol.md, "Records" holds, and
+    otherwise refused with the first failing rule's message (the rules in their order)."""
+    v = _draw_fields(data, _GRANT_FIELDS)
+
+    def rules() -> None:
+        records.check_uint("seq", v["seq"])
+        records.check_uint("time", v["time"])
+        records.check_key("prev", v["prev"])
+        records.check_key("subject", v["subject"])
+        records.check_role(v["role"])
+        records.check_text("scope", v["scope"], records.MAX_SCOPE)
+        records.check_text("name", v["name"], records.MAX_NAME)
+        records.check_uint("not_before", v["nb"])
+        records.check_uint("not_after", v["na"])
+        if v["na"] != 0 and v["na"] <= v["nb"]:
+            raise InvalidField("not_after must be 0 (no expiry) or later than not_before")
+
+    want = _first_failing_rule(rules)
+    got = _first_failing_rule(lambda: Grant(*v.values()))
+    event("accepted" if want is None else "refused")
+    assert got == want
+
+
+@MEDIUM
+@given(st.data())
+def test_revoke_constructor_refuses_exactly_what_the_field_rules_refuse(data: st.DataObject) -> None:
+    v = _draw_fields(data, _REVOKE_FIELDS)
+
+    def rules() -> None:
+        records.check_uint("seq", v["seq"])
+        records.check_uint("time", v["time"])
+        records.check_key("prev", v["prev"])
+        records.check_uint("signer", v["signer"])
+        if type(v["target"]) is int:
+            records.check_uint("target", v["target"])
+        else:
+            records.check_key("target", v["target"])
+        records.check_uint("reason", v["reason"])
+
+    want = _first_failing_rule(rules)
+    got = _first_failing_rule(lambda: Revoke(*v.values()))
+    event("accepted" if want is None else "refused")
+    assert got == want
 
 
 # --- the state's cheap copies -----------------------------------------------------
@@ -793,7 +936,7 @@ def test_state_copies_share_nothing_that_either_writes() -> None:
     before = base.snapshot()
     state = base.copy()
     for i in range(3000):  # enough grants to make Layered.copy fold its top at least once
-        state.grants[10_000 + i] = dataclasses.replace(next(iter(base.grants.values())), seq=10_000 + i)
+        state.grants[10_000 + i] = next(iter(base.grants.values()))._replace(seq=10_000 + i)
         state = state.copy()
     snap = state.snapshot()
     other = state.copy()

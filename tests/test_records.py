@@ -186,6 +186,8 @@ def test_bodies_are_frozen() -> None:
 
 def test_roles_and_reasons() -> None:
     assert records.check_role("maintenance-2") == "maintenance-2"
+    # check_role takes the protocol roles without the pattern: each of them must match it
+    assert all(records.ROLE_PATTERN.fullmatch(role) for role in records.PROTOCOL_ROLES)
     for bad in ("", "2fa", "Operator", "a" * 33, "op_x", 7):
         with pytest.raises(errors.InvalidField):
             records.check_role(bad)
