@@ -190,7 +190,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=_positive_int,
         default=1,
         metavar="P",
-        help=f"share the booted devices among P processes, one core each (1; at most {MAX_PROCESSES})",
+        help=f"lost-tablet: share the booted devices among P processes (1; at most {MAX_PROCESSES})",
     )
     p.add_argument("--deadline", type=_seconds, default=120.0, metavar="SECONDS")
     p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS")

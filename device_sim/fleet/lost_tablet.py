@@ -5,7 +5,8 @@
 1. :func:`_grant` — the devices make their keys; the integrator grants them
    and the tablet;
 2. :func:`_boot` — the template boots the fleet, every booted device accepts
-   the tablet, the push connections come up;
+   the tablet, the devices are shared among the processes (``processes``,
+   :mod:`.shards`), the push connections come up;
 3. :func:`_revoke` — devices go offline, every device is armed with the
    tablet's auth, and the integrator revokes the tablet;
 4. :func:`_wait_refusals` — until every device refuses (or the deadline);
@@ -128,7 +129,8 @@ async def _grant(run: _Run) -> None:
 
 async def _boot(run: _Run) -> None:
     """The template boots the fleet; every booted device must accept the tablet
-    (a real challenge-response); the push connections come up."""
+    (a real challenge-response); with ``processes`` > 1 the devices are shared
+    among forked processes; the push connections come up."""
     fleet, n, tablet = run.fleet, run.n, run.tablet
     assert tablet is not None
     t0 = time.monotonic()
@@ -250,12 +252,13 @@ def _report(run: _Run, rate: float, json_events: str | Path | None, plot: str | 
     fleet, opts, n, revoked = run.fleet, run.opts, run.n, run.revoked
     assert revoked is not None
     rss0, rss1, rss2 = run.rss0, run.rss1, run.rss2
+    processes = 1 + (len(fleet.shards.children) if fleet.shards is not None else 0)
     extra: dict[str, Any] = {
         "bootstrap": "template",
         "push": opts.push,
         "push_model": fleet.model,
         "connections": fleet.connections,
-        "processes": 1 + (len(fleet.shards.children) if fleet.shards is not None else 0),
+        "processes": processes,
         "poll_interval_s": opts.poll_interval if opts.push == "poll" else None,
         "offline": len(run.offline),
         "late": len(run.late),
@@ -270,6 +273,7 @@ def _report(run: _Run, rate: float, json_events: str | Path | None, plot: str | 
         "verifies_per_device": VERIFIES_PER_DEVICE,
         "verify_rate_per_s": round(rate),
         "lower_bound_s": round(VERIFIES_PER_DEVICE * n / rate, 3),
+        "lower_bound_parallel_s": round(VERIFIES_PER_DEVICE * n / rate / processes, 3),
         "setup_s": round(run.t["setup"], 2),
         "setup_detail_s": {
             "keys": round(run.t["keys"], 2),
@@ -277,6 +281,7 @@ def _report(run: _Run, rate: float, json_events: str | Path | None, plot: str | 
             "template": round(fleet.timings.get("template_s", 0.0), 2),
             "copies_and_own_grants": round(fleet.timings.get("copies_s", 0.0), 2),
             "accept_tablet": round(run.t["accept_tablet"], 2),
+            "split": round(run.t.get("split", 0.0), 2),
             "push_connect": round(run.t["push_connect"], 2),
             "gc_freeze": round(run.t["gc_freeze"], 2),
         },
@@ -291,6 +296,7 @@ def _report(run: _Run, rate: float, json_events: str | Path | None, plot: str | 
         "receipts_s": round(run.t["receipts"], 2),
         "rss_mib": round(rss_kib() / 1024, 1),
         "rss_per_device_kib": round((rss1 - rss0) / n, 2) if rss0 and rss1 else None,
+        # with processes: what the children's RSS grew by after the fork is added
         "rss_per_device_with_push_kib": round((rss2 - rss0) / n, 2) if rss0 and rss2 else None,
         "refused_updates": fleet.updates_refused,
         "push_errors": fleet.push_errors,
