@@ -94,6 +94,9 @@ class _Run:
     rss1: int = 0
     rss2: int = 0
     rate0: float = 0.0
+    #: CPU seconds of the fleet's processes from the revoke to the last refusal
+    cpu0: float = 0.0
+    cpu: float = 0.0
 
     def say(self, line: str) -> None:
         if self.log is not None:
@@ -196,6 +199,7 @@ async def _revoke(run: _Run, revoker: tuple[int, Signer] | None) -> None:
     gc.collect()
     gc.freeze()
     run.t["gc_freeze"] = time.monotonic() - t0
+    run.cpu0 = time.process_time()
     try:
         with _phase(run.log, f"revoking the tablet (seq {run.tablet_seq})", bar=False):
             run.revoked = await integrator.push([(maker, revoker[1] if revoker else integrator.root)])
@@ -232,6 +236,7 @@ async def _wait_refusals(run: _Run) -> None:
         f" {run.t['propagation']:.2f} s of the ack"
     )
     run.push_bytes = fleet.push_bytes()
+    run.cpu = time.process_time() - run.cpu0 + (fleet.shards.cpu_s if fleet.shards is not None else 0.0)
     run.rss2 = rss_kib() + (fleet.shards.rss_kib if fleet.shards is not None else 0)
 
 
@@ -293,6 +298,9 @@ def _report(run: _Run, rate: float, json_events: str | Path | None, plot: str | 
             "origin_fetches": fleet.tile_cache.misses + int(fleet.remote_total("tile_misses")),
         },
         "propagation_window_s": round(run.t["propagation"], 3),
+        "propagation_cpu_s": round(run.cpu, 3),
+        "propagation_cpu_per_device_ms": round(run.cpu * 1000 / n, 4),
+        "verify_ms": round(1000 / rate, 4),
         "receipts_s": round(run.t["receipts"], 2),
         "rss_mib": round(rss_kib() / 1024, 1),
         "rss_per_device_kib": round((rss1 - rss0) / n, 2) if rss0 and rss1 else None,

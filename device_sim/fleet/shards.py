@@ -135,6 +135,8 @@ class Shards:
         #: what the children's resident memory grew by from the fork to the end of the
         #: propagation (a child's RSS counts the pages it shares with the parent too)
         self.rss_kib = 0
+        #: the children's CPU seconds from their arming to their last device's refusal
+        self.cpu_s = 0.0
 
     @classmethod
     def fork(cls, fleet: Fleet, processes: int, grant_record: bytes, tablet: Signer) -> Shards:
@@ -191,6 +193,7 @@ class Shards:
         """Until every child's devices refused (each at most ``deadline`` s)."""
         done = await self._all("wait", offline_at=offline_at, late_at=late_at, deadline=deadline)
         self.rss_kib = sum(int(d["rss_grown_kib"]) for d in done)
+        self.cpu_s = sum(float(d["cpu_s"]) for d in done)
         return all(bool(d["done"]) for d in done)
 
     async def receipts(self) -> int:
@@ -300,6 +303,7 @@ async def _do(fleet: Fleet, msg: dict[str, Any], total: int, grant_record: bytes
         gc.freeze()  # as the parent does: no full collection over the devices mid-propagation
         fleet.arm(grant_record, tablet, int(msg["revoke_seq"]))
         fleet.mark_bytes()
+        fleet.timings["cpu0"] = time.process_time()
         return {}
     if op == "wait":
         offline = [m for m in fleet.members if not m.online and not m.late]
@@ -309,7 +313,11 @@ async def _do(fleet: Fleet, msg: dict[str, Any], total: int, grant_record: bytes
         fleet.schedule_late(late, max(0.0, float(msg["late_at"]) - now))
         done = await fleet.wait_refused(float(msg["deadline"]))
         fleet.freeze_bytes()
-        return {"done": done, "rss_grown_kib": max(0, rss_kib() - int(fleet.timings.get("rss0_kib", 0)))}
+        return {
+            "done": done,
+            "rss_grown_kib": max(0, rss_kib() - int(fleet.timings.get("rss0_kib", 0))),
+            "cpu_s": time.process_time() - fleet.timings.get("cpu0", 0.0),
+        }
     if op == "receipts":
         return {"accepted": await fleet.post_receipts()}
     if op == "report":
