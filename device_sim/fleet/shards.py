@@ -102,15 +102,15 @@ class _Child:
             self.sock.close()
         if self.exited:
             return
-        try:
-            await asyncio.wait_for(asyncio.to_thread(os.waitpid, self.pid, 0), _EXIT_WAIT)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                await asyncio.to_thread(os.waitpid, self.pid, 0)
-        except ChildProcessError:
-            pass
+        deadline = time.monotonic() + _EXIT_WAIT
+        with contextlib.suppress(ChildProcessError):  # reaped already
+            while os.waitpid(self.pid, os.WNOHANG)[0] == 0:
+                if time.monotonic() > deadline:  # still busy (a long wait): stopped
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.pid, signal.SIGKILL)
+                    os.waitpid(self.pid, 0)
+                    break
+                await asyncio.sleep(0.02)
         self.exited = True
 
 
@@ -148,16 +148,25 @@ class Shards:
         children: list[_Child] = []
         sys.stdout.flush()
         sys.stderr.flush()
-        for share in shares[1:]:
-            mine, theirs = socket.socketpair()
-            pid = os.fork()
-            if pid == 0:  # the child: never returns
-                mine.close()
-                for c in children:
-                    c.sock.close()
-                _child_main(fleet, share, len(members), grant_record, tablet, theirs)
-            theirs.close()
-            children.append(_Child(pid, mine, share))
+        try:
+            for share in shares[1:]:
+                mine, theirs = socket.socketpair()
+                pid = os.fork()
+                if pid == 0:  # the child: never returns
+                    mine.close()
+                    for c in children:
+                        c.sock.close()
+                    _child_main(fleet, share, len(members), grant_record, tablet, theirs)
+                theirs.close()
+                children.append(_Child(pid, mine, share))
+        except OSError as exc:  # no more processes: those forked already are stopped
+            for c in children:
+                c.sock.close()
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(c.pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(c.pid, 0)
+            raise UsageError(f"cannot start the fleet's processes: {exc.strerror or exc}") from None
         fleet.members = shares[0]
         fleet.remote = [m for share in shares[1:] for m in share]
         return cls(children, len(members))
