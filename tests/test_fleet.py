@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -37,11 +38,12 @@ from device_sim.fleet import (
     run_lost_tablet,
 )
 from device_sim.fleet.integrator import grant_maker
-from device_sim.fleet.shards import connections_for
+from device_sim.fleet.shards import _Child, connections_for
 from ledger import encoding, messages, records
 from ledger.client import Client
 from ledger.crypto import SeedSigner, sha256
 from ledger.errors import (
+    BadMessage,
     BadSignature,
     Fork,
     Rollback,
@@ -599,6 +601,19 @@ async def test_a_forged_record_pushed_over_sse_is_refused_by_every_device(record
 
 
 # --- small pieces -------------------------------------------------------------------------
+
+
+async def test_a_fleet_process_that_fails_or_goes_away_is_an_error_not_a_hang() -> None:
+    mine, theirs = socket.socketpair()
+    child = _Child(2**22 + 12345, mine, [])  # no such child process: nothing to reap
+    theirs.sendall(b'{"error": "bad-message", "message": "undecodable event"}\n')
+    with pytest.raises(BadMessage, match="undecodable event"):
+        await child.call("start")
+    theirs.close()
+    with pytest.raises(TransportError, match="went away"):
+        await asyncio.wait_for(child.call("wait"), 5)
+    await child.close()
+    assert child.exited
 
 
 @pytest.mark.parametrize(

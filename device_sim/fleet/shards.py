@@ -81,11 +81,14 @@ class _Child:
         self.exited = False
 
     async def call(self, op: str, **args: Any) -> dict[str, Any]:
-        if self.writer is None or self.reader is None:
-            self.reader, self.writer = await asyncio.open_connection(sock=self.sock, limit=_MAX_LINE)
-        self.writer.write(json.dumps({"op": op, **args}).encode() + b"\n")
-        await self.writer.drain()
-        line = await self.reader.readline()
+        try:
+            if self.writer is None or self.reader is None:
+                self.reader, self.writer = await asyncio.open_connection(sock=self.sock, limit=_MAX_LINE)
+            self.writer.write(json.dumps({"op": op, **args}).encode() + b"\n")
+            await self.writer.drain()
+            line = await self.reader.readline()
+        except OSError:  # the connection to it was reset
+            line = b""
         if not line.endswith(b"\n"):
             raise TransportError(f"the fleet's process {self.pid} went away during {op!r}")
         doc: dict[str, Any] = json.loads(line)
