@@ -151,6 +151,10 @@ class Shards:
         children: list[_Child] = []
         sys.stdout.flush()
         sys.stderr.flush()
+        # the objects so far leave the collector's generations: a child's collections
+        # then never walk (and so copy) the pages it shares with the parent
+        gc.collect()
+        gc.freeze()
         try:
             for share in shares[1:]:
                 mine, theirs = socket.socketpair()
