@@ -26,6 +26,7 @@ from .errors import BadNote, MissingCosignatures, UntrustedCheckpoint, WrongOrig
 from .notes import (
     _BAD_CONTROL,
     HASH_SIZE,
+    KEPT_NOTE_SIZE,
     MAX_TIMESTAMP,
     SIG_ED25519,
     SIG_ED25519_COSIGNATURE,
@@ -118,7 +119,9 @@ def parse_checkpoint_body(text: str) -> Checkpoint:
     texts (a :class:`Checkpoint` is immutable; a refused text is refused again)."""
     if not isinstance(text, str):
         raise BadNote("a checkpoint body is text")
-    return _parse_checkpoint_body(text) if type(text) is str else _parse_checkpoint_body.__wrapped__(text)
+    if type(text) is str and len(text) <= KEPT_NOTE_SIZE:
+        return _parse_checkpoint_body(text)
+    return _parse_checkpoint_body.__wrapped__(text)
 
 
 @lru_cache(maxsize=16)
