@@ -13,6 +13,7 @@ import binascii
 import json
 import re
 from collections.abc import AsyncIterator
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import httpx
@@ -143,13 +144,41 @@ def records_event(data: list[str]) -> tuple[int, list[bytes]]:
 _SIZE = re.compile(r"[0-9]{1,20}")
 
 
+#: compact events whose decoding is kept, and the largest kept (bytes of data).
+DECODED_EVENTS = 8
+_MAX_KEPT_EVENT = 64 * 1024
+
+
 def compact_event(ev: Event, prev: str | None) -> tuple[tuple[int, list[bytes]], str]:
     """A compact event (``?format=compact``, :mod:`ledger.compact`) after one that
-    carried the note ``prev``: ((start, records), note), or BadMessage."""
-    if ev.id is None or _SIZE.fullmatch(ev.id) is None:
+    carried the note ``prev``: ((start, records), note), or BadMessage.
+
+    The decoding of the last :data:`DECODED_EVENTS` small events is kept,
+    keyed by the exact input (``prev``, id, data lines): every stream of a
+    relay fleet (or a device reconnecting) receives the same bytes. Only the
+    framing is shared; what the records and the note say is verified by
+    each device that applies them."""
+    if sum(len(d) for d in ev.data) > _MAX_KEPT_EVENT:
+        return _compact_event(ev.id, tuple(ev.data), prev)
+    (start, recs), note = _compact_event_kept(ev.id, tuple(ev.data), prev)
+    return (start, list(recs)), note
+
+
+@lru_cache(maxsize=DECODED_EVENTS)
+def _compact_event_kept(
+    ev_id: str | None, data: tuple[str, ...], prev: str | None
+) -> tuple[tuple[int, tuple[bytes, ...]], str]:
+    (start, recs), note = _compact_event(ev_id, data, prev)
+    return (start, tuple(recs)), note
+
+
+def _compact_event(
+    ev_id: str | None, data: tuple[str, ...], prev: str | None
+) -> tuple[tuple[int, list[bytes]], str]:
+    if ev_id is None or _SIZE.fullmatch(ev_id) is None:
         raise BadMessage("a compact event's id is not a tree size")
-    size = int(ev.id)
-    recs, note = compact.decode(prev, size, decode_event_json(ev.data))
+    size = int(ev_id)
+    recs, note = compact.decode(prev, size, decode_event_json(list(data)))
     if len(recs) > size:
         raise BadMessage(f"a compact event of size {size} carries {len(recs)} records")
     return (size - len(recs), recs), note

@@ -19,12 +19,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .crypto import Signer, sign
 from .errors import BadNote, MissingCosignatures, UntrustedCheckpoint, WrongOrigin
 from .notes import (
     _BAD_CONTROL,
     HASH_SIZE,
+    KEPT_NOTE_SIZE,
     MAX_TIMESTAMP,
     SIG_ED25519,
     SIG_ED25519_COSIGNATURE,
@@ -65,7 +67,13 @@ _MAX_SIZE_DIGITS = len(str(MAX_TREE_SIZE))
 
 
 def checkpoint_verifiers(origin: str, log_public_key: bytes) -> tuple[Verifier, Verifier]:
-    """The log's type 0x01 and type 0x04 verifiers, both under key name ``origin``."""
+    """The log's type 0x01 and type 0x04 verifiers, both under key name ``origin``
+    (immutable values, kept for the last few (origin, key) pairs)."""
+    return _checkpoint_verifiers(origin, bytes(log_public_key))
+
+
+@lru_cache(maxsize=64)
+def _checkpoint_verifiers(origin: str, log_public_key: bytes) -> tuple[Verifier, Verifier]:
     return (
         Verifier.create(origin, SIG_ED25519, log_public_key),
         Verifier.create(origin, SIG_ED25519_COSIGNATURE, log_public_key),
@@ -105,9 +113,19 @@ class Checkpoint:
 
 
 def parse_checkpoint_body(text: str) -> Checkpoint:
-    """Parse a checkpoint note text strictly (size without leading zeros, 32-byte root)."""
+    """Parse a checkpoint note text strictly (size without leading zeros, 32-byte root).
+
+    Kept, like :func:`ledger.notes.parse_note`, for the last few distinct
+    texts (a :class:`Checkpoint` is immutable; a refused text is refused again)."""
     if not isinstance(text, str):
         raise BadNote("a checkpoint body is text")
+    if type(text) is str and len(text) <= KEPT_NOTE_SIZE:
+        return _parse_checkpoint_body(text)
+    return _parse_checkpoint_body.__wrapped__(text)
+
+
+@lru_cache(maxsize=16)
+def _parse_checkpoint_body(text: str) -> Checkpoint:
     _check_body(text)
     lines = text[:-1].split("\n")
     if len(lines) < 3:

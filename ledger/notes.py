@@ -300,8 +300,33 @@ def parse_signature_line(line: str) -> NoteSignature:
     return NoteSignature(name, raw[:KEY_ID_SIZE], raw[KEY_ID_SIZE:])
 
 
+#: notes whose parse is kept (exact text -> :class:`Note`): a verifier meets the
+#: same checkpoint note several times (its size, its signatures, its freshness),
+#: and a simulated fleet meets it once per device. Only notes up to
+#: :data:`KEPT_NOTE_SIZE` characters or bytes are kept (a checkpoint is < 1 KiB).
+PARSED_NOTES = 16
+KEPT_NOTE_SIZE = 16 * 1024
+
+
 def parse_note(text: str | bytes) -> Note:
-    """Parse a signed note strictly (see the module docstring). Raises :class:`BadNote`."""
+    """Parse a signed note strictly (see the module docstring). Raises :class:`BadNote`.
+
+    The parse of the last :data:`PARSED_NOTES` distinct short texts is kept, keyed
+    by the exact text (``str`` and ``bytes`` apart): a :class:`Note` is
+    immutable, so the same text always gives an equal note, and a refused
+    text is parsed (and refused) again each time. Nothing is verified here,
+    so nothing a caller verifies is skipped."""
+    if (type(text) is str or type(text) is bytes) and len(text) <= KEPT_NOTE_SIZE:
+        return _parse_note_kept(text)
+    return _parse_note(text)
+
+
+@lru_cache(maxsize=PARSED_NOTES, typed=True)
+def _parse_note_kept(text: str | bytes) -> Note:
+    return _parse_note(text)
+
+
+def _parse_note(text: str | bytes) -> Note:
     msg = _decode_note(text)
     split = msg.rfind("\n\n")
     if split < 0:

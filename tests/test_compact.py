@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from device_sim.sse import Event, compact_event
 from ledger import checkpoints, compact, notes
 from ledger.errors import BadMessage, UntrustedCheckpoint
 from tests.helpers.device import T0, World, signer
@@ -81,3 +82,22 @@ def test_any_event_decodes_to_what_was_encoded(old: int, new: int, carried: int,
     recs = _W.records[max(0, new - carried) : new]
     data = json.loads(compact.encode(prev, note, new, recs))
     assert compact.decode(prev, new, data) == (recs, note)
+
+
+def test_every_stream_decoding_the_same_event_gets_its_own_equal_records() -> None:
+    """device_sim.sse.compact_event keeps the decoding of the last few events, keyed
+    by the exact bytes (and the note before them): the same event decodes to equal
+    values in a list of its own, another previous note is decoded anew, and a bad
+    event is refused every time."""
+    w = _world()
+    prev, note = w.checkpoint(TS, w.size - 2), w.checkpoint(TS + 1)
+    ev = Event(str(w.size), "message", [compact.encode(prev, note, w.size, w.records[-2:])])
+    one, two = compact_event(ev, prev), compact_event(ev, prev)
+    assert one == two == ((w.size - 2, w.records[-2:]), note)
+    assert one[0][1] is not two[0][1]  # a caller may keep or change its list
+    with pytest.raises(BadMessage):
+        compact_event(ev, None)  # a delta with no previous note: never taken from the kept one
+    bad = Event(str(w.size), "message", ['"not base85 {"'])
+    for _ in range(2):
+        with pytest.raises(BadMessage):
+            compact_event(bad, prev)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -25,6 +26,7 @@ import httpx
 import pytest
 
 from device_sim.fleet import (
+    DEFAULT_CONNECTIONS,
     FastTransport,
     Fleet,
     FleetOptions,
@@ -36,10 +38,12 @@ from device_sim.fleet import (
     run_lost_tablet,
 )
 from device_sim.fleet.integrator import grant_maker
+from device_sim.fleet.shards import _Child, connections_for
 from ledger import encoding, messages, records
 from ledger.client import Client
 from ledger.crypto import SeedSigner, sha256
 from ledger.errors import (
+    BadMessage,
     BadSignature,
     Fork,
     Rollback,
@@ -365,6 +369,47 @@ def test_fleet_command_as_conformance_runs_it(server: RunningServer, tmp_path: P
         assert f"fleet: {phase}" in err, err
 
 
+def _processes_running(marker: str) -> list[int]:
+    """Processes whose command line holds ``marker`` (a fleet's forked children keep their parent's)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker.encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+    return pids
+
+
+@pytest.mark.e2e
+def test_fleet_command_shares_the_devices_among_processes(server: RunningServer, tmp_path: Path) -> None:
+    key = tmp_path / "root.key"
+    write_key_file(key, ROOT, b"fleet test passphrase", cost="interactive")
+    events = tmp_path / "events-shared.jsonl"
+    env = {**os.environ, "FLEET_PASS": "fleet test passphrase"}
+    cmd = [sys.executable, "-m", "device_sim", "fleet", "--server", server.url, "--devices", "45"]
+    cmd += ["--key", str(key), "--passphrase-env", "FLEET_PASS", "--processes", "3", "--seed", "8"]
+    cmd += ["--sse-connections", "9", "--offline", "0.2", "--late", "0.1", "--offline-for", "0.5"]
+    cmd += ["--late-after", "0.5", "--json-events", str(events)]
+    proc = subprocess.run(cmd, capture_output=True, env=env, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert b"Traceback" not in proc.stderr
+    assert "shared among 3 processes" in proc.stderr.decode()
+    doc = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    # every device, whichever process ran it, refused and posted its receipt
+    assert doc["devices"] == 45 and doc["all_refused"] is True and doc["receipts"] == 45
+    assert doc["refusal_reasons"] == {"revoked": 45} and doc["evidence"] == 0
+    assert doc["processes"] == 3 and doc["connections"] == 9 and doc["push_model"] == "relay"
+    assert doc["late"] == 4 and doc["offline"] == 8
+    assert doc["lower_bound_parallel_s"] <= doc["lower_bound_s"]
+    assert doc["bytes_per_device"] > 0
+    lines = [json.loads(x) for x in events.read_text().splitlines()]
+    assert [x["index"] for x in lines] == list(range(45))
+    assert {x["reason"] for x in lines} == {"revoked"} and all(x["receipt_size"] for x in lines)
+    # the devices offline at the revoke, or booting late, refused only once back
+    assert sorted(x["refused_s"] for x in lines)[-12] >= 0.5
+    assert _processes_running(str(events)) == []  # the children exited with the run
+
+
 @pytest.mark.e2e
 def test_fleet_command_refuses_a_key_that_is_not_the_anchor(server: RunningServer, tmp_path: Path) -> None:
     key = tmp_path / "other.key"
@@ -558,6 +603,32 @@ async def test_a_forged_record_pushed_over_sse_is_refused_by_every_device(record
 # --- small pieces -------------------------------------------------------------------------
 
 
+async def test_a_fleet_process_that_fails_or_goes_away_is_an_error_not_a_hang() -> None:
+    mine, theirs = socket.socketpair()
+    child = _Child(2**22 + 12345, mine, [])  # no such child process: nothing to reap
+    theirs.sendall(b'{"error": "bad-message", "message": "undecodable event"}\n')
+    with pytest.raises(BadMessage, match="undecodable event"):
+        await child.call("start")
+    theirs.close()
+    with pytest.raises(TransportError, match="went away"):
+        await asyncio.wait_for(child.call("wait"), 5)
+    await child.close()
+    assert child.exited
+
+
+@pytest.mark.parametrize(
+    ("n", "processes", "connections"), [(1000, 2, None), (1001, 2, None), (45, 3, 9), (30, 2, 30)]
+)
+def test_processes_open_as_many_push_connections_as_one_would(
+    n: int, processes: int, connections: int | None
+) -> None:
+    size = -(-n // processes)
+    shares = [min(size, n - i) for i in range(0, n, size)]
+    total = sum(connections_for(n, share, connections) for share in shares)
+    want = connections or min(n, DEFAULT_CONNECTIONS)
+    assert abs(total - want) <= 1
+
+
 def test_percentile_is_nearest_rank() -> None:
     xs = [float(i) for i in range(1, 101)]
     assert percentile(xs, 50) == 50.0 and percentile(xs, 99) == 99.0 and percentile(xs, 100) == 100.0
@@ -566,7 +637,14 @@ def test_percentile_is_nearest_rank() -> None:
 
 @pytest.mark.parametrize(
     "kw",
-    [{"push": "carrier-pigeon"}, {"offline": 0.8, "late": 0.5}, {"connections": 0}, {"own_grant": "trust"}],
+    [
+        {"push": "carrier-pigeon"},
+        {"offline": 0.8, "late": 0.5},
+        {"connections": 0},
+        {"own_grant": "trust"},
+        {"processes": 0},
+        {"processes": 65},
+    ],
 )
 def test_bad_options_are_usage_errors(kw: dict[str, object]) -> None:
     with pytest.raises(UsageError):

@@ -707,3 +707,34 @@ def test_checkpoint_round_trip(size: int, root: bytes, ts: int, ext: list[str]) 
     assert parse_checkpoint_body(cp.body()) == cp
     got = verify_checkpoint(sign_checkpoint(cp, ORIGIN, LOG, ts), ORIGIN, [LOG_PUB])
     assert (got.checkpoint, got.timestamp, got.log_key) == (cp, ts, LOG_PUB)
+
+
+# --- the kept parses -----------------------------------------------------------
+
+
+def test_a_kept_parse_is_the_parse_and_never_a_verification() -> None:
+    """parse_note / parse_checkpoint_body keep the parse of the last few texts:
+    the same text gives the same (immutable) value, str and bytes alike; a
+    refused text is refused every time; and whoever verifies still verifies."""
+    first, again = parse_note(CP_NOTE), parse_note(CP_NOTE)
+    assert first is again and parse_note(CP_NOTE.encode()) == first
+    assert parse_checkpoint_body(first.body) is parse_checkpoint_body(first.body)
+    bad = CP_NOTE.replace("\n\n", "\n")
+    for _ in range(2):
+        with pytest.raises(BadNote):
+            parse_note(bad)
+    # the note parsed (and kept) above is still refused under a key that did not sign it
+    with pytest.raises(UntrustedCheckpoint):
+        verify_checkpoint(CP_NOTE, ORIGIN, [OTHER.public_key])
+    assert verify_checkpoint(CP_NOTE, ORIGIN, [LOG_PUB]).note == CP_NOTE
+    # a tampered signature in a text that differs by one character is parsed anew and refused
+    body, sigs = CP_NOTE.split("\n\n", 1)
+    line = sigs.splitlines()[0]
+    name, b64sig = line.rsplit(" ", 1)
+    raw = bytearray(base64.b64decode(b64sig))
+    raw[-1] ^= 1
+    forged = (
+        body + "\n\n" + name + " " + b64(bytes(raw)) + "\n" + "".join(s + "\n" for s in sigs.splitlines()[1:])
+    )
+    with pytest.raises(UntrustedCheckpoint):
+        verify_checkpoint(forged, ORIGIN, [LOG_PUB])

@@ -1,6 +1,6 @@
 """A simulated fleet in one asyncio process, and the lost-tablet measurement.
 
-``python -m device_sim fleet --server URL --devices N --key FILE --passphrase-env VAR``
+``python -m device_sim fleet --server URL --devices N --key FILE --passphrase-env VAR [--processes P]``
 (the stable command contract) plays the story the ledger exists for: an
 operator's tablet is lost, the integrator revokes it, and we measure how long
 each of N field devices keeps honouring it.
@@ -58,7 +58,11 @@ The lower bound: one revocation costs each device 5 Ed25519 verifications
 (the revoke record, the checkpoint's 0x01 and 0x04 signatures, and in the
 check the tablet's grant record and its auth signature). The fleet reports
 ``5 N / rate``, with the raw single-thread verify rate measured in the same
-run: no propagation in this single process can beat it.
+run: no propagation in a single process can beat it. With ``processes = P``
+(``--processes``, :mod:`.shards`) the booted devices are shared among P
+forked processes, each with its own push connections and event loop, so
+P devices verify at a time, as real devices all do at once; the floor is
+then ``lower_bound_s / P`` on P free cores (``lower_bound_parallel_s``).
 
 Options a :class:`Fleet` offers beyond the command line's: devices offline
 at the revoke that come back later (they catch up through the tiles), late
@@ -72,6 +76,7 @@ The package, one module per concern:
 - :mod:`.model` — :class:`FleetOptions`, :class:`Member`, :class:`FleetResult`;
 - :mod:`.devices` — the :class:`Fleet`; :mod:`.owngrant` — how a device checks
   its own grant; :mod:`.relay` — the push connections;
+- :mod:`.shards` — the fleet shared among forked processes (``--processes``);
 - :mod:`.lost_tablet` — :func:`run_lost_tablet`, one function per phase;
 - :mod:`.plot` — :func:`plot_refusals`; :mod:`.cli` — the ``fleet`` command.
 

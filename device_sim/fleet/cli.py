@@ -20,7 +20,15 @@ from ..cli import _seconds
 from ..sources import DEFAULT_TIMEOUT
 from .integrator import Integrator
 from .lost_tablet import run_lost_tablet
-from .model import DEFAULT_CONNECTIONS, HTTP_CLIENTS, OWN_GRANT_MODES, PUSH_MODES, RECEIPT_MODES, FleetOptions
+from .model import (
+    DEFAULT_CONNECTIONS,
+    HTTP_CLIENTS,
+    MAX_PROCESSES,
+    OWN_GRANT_MODES,
+    PUSH_MODES,
+    RECEIPT_MODES,
+    FleetOptions,
+)
 
 __all__ = ["cmd_fleet", "register"]
 
@@ -70,6 +78,7 @@ def cmd_fleet(args: argparse.Namespace) -> dict[str, Any]:
         timeout=args.timeout,
         tile_cache=not args.no_tile_cache,
         http_client=args.http_client,
+        processes=args.processes,
     )
     nofile = raise_open_files_limit()
 
@@ -175,6 +184,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument(
         "--http-client", choices=HTTP_CLIENTS, default="fast", help="the simulator's HTTP transport (fast)"
+    )
+    p.add_argument(
+        "--processes",
+        type=_positive_int,
+        default=1,
+        metavar="P",
+        help=f"lost-tablet: share the booted devices among P processes (1; at most {MAX_PROCESSES})",
     )
     p.add_argument("--deadline", type=_seconds, default=120.0, metavar="SECONDS")
     p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS")

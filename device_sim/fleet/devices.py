@@ -33,6 +33,7 @@ from .cache import TileCache
 from .model import DEFAULT_CONNECTIONS, Clock, FleetOptions, FleetResult, Member
 from .owngrant import device_grants, verify_own_by_leaf, verify_own_by_proof
 from .relay import Relay
+from .shards import Shards, connections_for
 from .transport import FastTransport
 
 __all__ = ["Fleet"]
@@ -98,7 +99,11 @@ class Fleet:
         self._listening0: dict[int, int] = {}
         self._own_bytes0: dict[int, int] = {}
         self._late_tasks: set[asyncio.Task[None]] = set()
+        self._frozen_bytes: dict[int, int] | None = None
         self.timings: dict[str, float] = {}
+        #: devices another process of this fleet runs (:meth:`split`), and those processes
+        self.remote: list[Member] = []
+        self.shards: Shards | None = None
 
     @property
     def sse_client(self) -> httpx.AsyncClient:
@@ -121,6 +126,8 @@ class Fleet:
 
     async def close(self) -> None:
         await self.stop_push()
+        if self.shards is not None:
+            await self.shards.close()
         for t in [*self._receipt_tasks, *self._late_tasks]:
             t.cancel()
         for t in [*self._receipt_tasks, *self._late_tasks]:
@@ -167,6 +174,25 @@ class Fleet:
         for m in self.rng.sample(others, n_late):
             m.late, m.online = True, False
         return new
+
+    def adopt(self, members: Sequence[Member]) -> None:
+        """Run these (booted) members: a process of a split fleet (:mod:`.shards`)."""
+        self.members = list(members)
+        self.template = None
+
+    async def split(self, processes: int, grant_record: bytes, tablet: Signer) -> None:
+        """Share the booted devices among ``processes`` processes (:mod:`.shards`):
+        this one keeps the first share, a forked child runs each other share.
+        Call it after :meth:`accept_tablet` and before :meth:`start_push`."""
+        if self.shards is not None or self.relays:
+            raise UsageError("a fleet is split once, before its push connections start")
+        if processes > 1 and len(self.members) > 1:
+            self.shards = Shards.fork(self, min(processes, len(self.members)), grant_record, tablet)
+
+    @property
+    def everyone(self) -> list[Member]:
+        """Every device of the fleet, this process's and the other processes' (by index)."""
+        return sorted([*self.members, *self.remote], key=lambda m: m.index)
 
     def enrollments(self, members: Iterable[Member] | None = None) -> list[bytes]:
         return [m.device.enroll_request for m in (self.members if members is None else members)]
@@ -389,13 +415,51 @@ class Fleet:
     def model(self) -> str:
         if not self.relays:
             return "none"
-        return "per-device" if all(len(r.members) == 1 for r in self.relays) else "relay"
+        per_device = all(len(r.members) == 1 for r in self.relays)
+        if self.shards is not None:
+            per_device = per_device and self.shards.per_device
+        return "per-device" if per_device else "relay"
 
-    async def start_push(self, members: Sequence[Member] | None = None, *, wait: float = 60.0) -> None:
-        """One push connection per group of devices (see FleetOptions.connections);
-        returns once each has delivered its first update (or ``wait`` s passed)."""
+    @property
+    def connections(self) -> int:
+        """Push connections, this process's and the other processes'."""
+        return len(self.relays) + (self.shards.connections if self.shards is not None else 0)
+
+    @property
+    def connections_ready(self) -> int:
+        """Push connections that delivered an update (the others' as they started)."""
+        ready = sum(1 for r in self.relays if r.ready.is_set())
+        return ready + (self.shards.ready if self.shards is not None else 0)
+
+    @property
+    def push_errors(self) -> int:
+        return sum(r.errors for r in self.relays) + int(self.remote_total("push_errors"))
+
+    @property
+    def updates_refused(self) -> int:
+        """Updates a device refused (:attr:`source_errors`), over every process."""
+        return self.source_errors + int(self.remote_total("source_errors"))
+
+    @property
+    def evidence_count(self) -> int:
+        return sum(len(m.device.evidence) for m in self.members) + int(self.remote_total("evidence"))
+
+    def remote_total(self, key: str) -> float:
+        """A figure the other processes reported (:meth:`Shards.total_of`), 0 when none."""
+        return self.shards.total_of(key) if self.shards is not None else 0
+
+    async def start_push(
+        self, members: Sequence[Member] | None = None, *, wait: float = 60.0, connections: int | None = None
+    ) -> None:
+        """One push connection per group of devices (``connections``, default
+        FleetOptions.connections, else min(N, DEFAULT_CONNECTIONS)); returns once
+        each has delivered its first update (or ``wait`` s passed). The other
+        processes of a split fleet open theirs (:mod:`.shards`) in proportion."""
         ms = list(self.members if members is None else members)
-        k = self.options.connections or min(len(ms), DEFAULT_CONNECTIONS)
+        if self.shards is not None and members is None and connections is None:
+            connections = connections_for(self.shards.total, len(ms), self.options.connections)
+            await self.shards.start()
+        k = connections or self.options.connections or min(len(ms), DEFAULT_CONNECTIONS)
         k = max(1, min(k, len(ms)))
         size = math.ceil(len(ms) / k)
         groups = [ms[i : i + size] for i in range(0, len(ms), size)]
@@ -423,6 +487,10 @@ class Fleet:
 
     def push_bytes(self) -> dict[int, int]:
         return {r.index: r.bytes_received for r in self.relays}
+
+    def freeze_bytes(self) -> None:
+        """The relays' bytes counted from :meth:`mark_bytes` to now (the end of the propagation)."""
+        self._frozen_bytes = self.push_bytes()
 
     # -- the measurement ---------------------------------------------------------------
 
@@ -526,10 +594,11 @@ class Fleet:
         percentiles measured from then are added (they include the time the
         server took to acknowledge, which a busy server may spend pushing
         the very update to the devices)."""
+        everyone = self.everyone
         lat: list[float] = []
         before = 0
         reasons: Counter[str] = Counter()
-        for m in self.members:
+        for m in everyone:
             if m.refused_at is None:
                 reasons["not-refused"] += 1
                 continue
@@ -540,29 +609,39 @@ class Fleet:
             if dt < 0:
                 before += 1
             lat.append(max(0.0, dt))
-        n = len(self.members)
+        n = len(everyone)
         more = dict(extra or {})
         if posted_at is not None:
-            since = sorted(m.refused_at - posted_at for m in self.members if m.refused_at is not None)
+            since = sorted(m.refused_at - posted_at for m in everyone if m.refused_at is not None)
             for p in (50, 99):
                 v = percentile(since, p)
                 more[f"refused_since_post_p{p}_s"] = None if math.isnan(v) else round(v, 4)
             more["refused_since_post_max_s"] = round(since[-1], 4) if since else None
-        total = 0.0
-        now_bytes = push_bytes if push_bytes is not None else self.push_bytes()
-        for r in self.relays:
-            delta = now_bytes.get(r.index, 0) - self._push_bytes0.get(r.index, 0)
-            total += delta * self._listening0.get(r.index, r.online)
-        total += sum(m.own_bytes - self._own_bytes0.get(m.index, 0) for m in self.members)
+        total = self.bytes_since_mark(push_bytes) + self.remote_total("bytes")
         return FleetResult(
             n,
             lat,
             dict(reasons),
             before,
             total / n if n else 0.0,
-            sum(1 for m in self.members if m.receipt_size is not None),
+            sum(1 for m in everyone if m.receipt_size is not None),
             more,
         )
+
+    def bytes_since_mark(self, push_bytes: dict[int, int] | None = None) -> float:
+        """This process's bytes of the propagation since :meth:`mark_bytes`: each
+        relay's (to ``push_bytes``, else :meth:`freeze_bytes`, else now) once per
+        device listening to it then, and what each device fetched by itself."""
+        total = 0.0
+        if push_bytes is not None:
+            now_bytes = push_bytes
+        else:
+            now_bytes = self._frozen_bytes if self._frozen_bytes is not None else self.push_bytes()
+        for r in self.relays:
+            delta = now_bytes.get(r.index, 0) - self._push_bytes0.get(r.index, 0)
+            total += delta * self._listening0.get(r.index, r.online)
+        total += sum(m.own_bytes - self._own_bytes0.get(m.index, 0) for m in self.members)
+        return total
 
     def mark_bytes(self) -> None:
         """Start counting the bytes of the propagation from here (a relay's
@@ -572,7 +651,8 @@ class Fleet:
         self._own_bytes0 = {m.index: m.own_bytes for m in self.members}
 
     def events_json(self, acked_at: float) -> list[dict[str, Any]]:
-        return [
+        """One line per device (the other processes' as they reported), by index."""
+        mine = [
             {
                 "index": m.index,
                 "public_key": m.public_key.hex(),
@@ -587,3 +667,6 @@ class Fleet:
             }
             for m in self.members
         ]
+        if self.shards is None:
+            return mine
+        return sorted([*mine, *self.shards.events()], key=lambda e: int(e["index"]))

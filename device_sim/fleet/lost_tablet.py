@@ -5,7 +5,8 @@
 1. :func:`_grant` — the devices make their keys; the integrator grants them
    and the tablet;
 2. :func:`_boot` — the template boots the fleet, every booted device accepts
-   the tablet, the push connections come up;
+   the tablet, the devices are shared among the processes (``processes``,
+   :mod:`.shards`), the push connections come up;
 3. :func:`_revoke` — devices go offline, every device is armed with the
    tablet's auth, and the integrator revokes the tablet;
 4. :func:`_wait_refusals` — until every device refuses (or the deadline);
@@ -93,6 +94,9 @@ class _Run:
     rss1: int = 0
     rss2: int = 0
     rate0: float = 0.0
+    #: CPU seconds of the fleet's processes from the revoke to the last refusal
+    cpu0: float = 0.0
+    cpu: float = 0.0
 
     def say(self, line: str) -> None:
         if self.log is not None:
@@ -128,7 +132,8 @@ async def _grant(run: _Run) -> None:
 
 async def _boot(run: _Run) -> None:
     """The template boots the fleet; every booted device must accept the tablet
-    (a real challenge-response); the push connections come up."""
+    (a real challenge-response); with ``processes`` > 1 the devices are shared
+    among forked processes; the push connections come up."""
     fleet, n, tablet = run.fleet, run.n, run.tablet
     assert tablet is not None
     t0 = time.monotonic()
@@ -148,12 +153,17 @@ async def _boot(run: _Run) -> None:
         )
     run.say(f"every booted device accepted the tablet ({run.t['accept_tablet']:.1f} s)")
 
+    if run.opts.processes > 1:
+        t0 = time.monotonic()
+        await fleet.split(run.opts.processes, run.tablet_record, tablet)
+        run.t["split"] = time.monotonic() - t0
+        shares = 1 + (len(fleet.shards.children) if fleet.shards is not None else 0)
+        run.say(f"the devices shared among {shares} processes in {run.t['split']:.1f} s")
     t0 = time.monotonic()
     await fleet.start_push()
     run.t["push_connect"] = time.monotonic() - t0
-    ready = sum(1 for r in fleet.relays if r.ready.is_set())
     run.say(
-        f"{len(fleet.relays)} {run.opts.push} connections ({fleet.model}), {ready} ready"
+        f"{fleet.connections} {run.opts.push} connections ({fleet.model}), {fleet.connections_ready} ready"
         f" in {run.t['push_connect']:.1f} s"
     )
     await asyncio.sleep(0.2)  # the first checkpoint events settle
@@ -168,12 +178,15 @@ async def _revoke(run: _Run, revoker: tuple[int, Signer] | None) -> None:
     assert tablet is not None
     others = [m for m in run.members if m is not fleet.template and not m.late]
     run.offline = fleet.rng.sample(others, round(opts.offline * len(others))) if opts.offline else []
-    await fleet.set_online(run.offline, False)
+    mine = {m.index for m in fleet.members}  # this process's devices; the others' are told
+    await fleet.set_online([m for m in run.offline if m.index in mine], False)
     run.late = [m for m in run.members if m.late]
 
     st = integrator.state
     assert st is not None
     run.revoke_seq = st.size
+    if fleet.shards is not None:
+        await fleet.shards.arm(run.revoke_seq, run.offline)
     fleet.arm(run.tablet_record, tablet, run.revoke_seq)
     fleet.mark_bytes()
     maker = revoke_maker(run.tablet_seq, int(records.Reason.LOST), revoker[0] if revoker else 0)
@@ -186,6 +199,7 @@ async def _revoke(run: _Run, revoker: tuple[int, Signer] | None) -> None:
     gc.collect()
     gc.freeze()
     run.t["gc_freeze"] = time.monotonic() - t0
+    run.cpu0 = time.process_time()
     try:
         with _phase(run.log, f"revoking the tablet (seq {run.tablet_seq})", bar=False):
             run.revoked = await integrator.push([(maker, revoker[1] if revoker else integrator.root)])
@@ -202,26 +216,38 @@ async def _wait_refusals(run: _Run) -> None:
     fleet, opts, revoked = run.fleet, run.opts, run.revoked
     assert revoked is not None
     acked = revoked.acked_at
-    fleet.schedule_late(run.offline, max(0.0, opts.offline_for - (time.monotonic() - acked)))
-    fleet.schedule_late(run.late, max(0.0, opts.late_after - (time.monotonic() - acked)))
+    mine = {m.index for m in fleet.members}
+    offline = [m for m in run.offline if m.index in mine]
+    fleet.schedule_late(offline, max(0.0, opts.offline_for - (time.monotonic() - acked)))
+    fleet.schedule_late(
+        [m for m in run.late if m.index in mine], max(0.0, opts.late_after - (time.monotonic() - acked))
+    )
     with _phase(
         run.log, f"waiting until every device refuses the tablet (at most {opts.deadline:g} s)", bar=False
     ):
-        done = await fleet.wait_refused(opts.deadline)
+        waits = [fleet.wait_refused(opts.deadline)]
+        if fleet.shards is not None:
+            at = {"offline_at": acked + opts.offline_for, "late_at": acked + opts.late_after}
+            waits.append(fleet.shards.wait(**at, deadline=opts.deadline))
+        done = all(await asyncio.gather(*waits))
     run.t["propagation"] = time.monotonic() - acked
     run.say(
         f"{'every' if done else 'NOT every'} device refused the tablet within"
         f" {run.t['propagation']:.2f} s of the ack"
     )
     run.push_bytes = fleet.push_bytes()
-    run.rss2 = rss_kib()
+    run.cpu = time.process_time() - run.cpu0 + (fleet.shards.cpu_s if fleet.shards is not None else 0.0)
+    run.rss2 = rss_kib() + (fleet.shards.rss_kib if fleet.shards is not None else 0)
 
 
 async def _post_receipts(run: _Run) -> None:
     """Every device that applied the revoke posts its signed receipt."""
     t0 = time.monotonic()
     with _phase(run.log, f"posting receipts from {run.n} devices"):
-        receipts = await run.fleet.post_receipts()
+        posts = [run.fleet.post_receipts()]
+        if run.fleet.shards is not None:
+            posts.append(run.fleet.shards.receipts())
+        receipts = sum(await asyncio.gather(*posts))
     run.say(f"{receipts} receipts accepted by the server")
     run.t["receipts"] = time.monotonic() - t0
 
@@ -231,11 +257,13 @@ def _report(run: _Run, rate: float, json_events: str | Path | None, plot: str | 
     fleet, opts, n, revoked = run.fleet, run.opts, run.n, run.revoked
     assert revoked is not None
     rss0, rss1, rss2 = run.rss0, run.rss1, run.rss2
+    processes = 1 + (len(fleet.shards.children) if fleet.shards is not None else 0)
     extra: dict[str, Any] = {
         "bootstrap": "template",
         "push": opts.push,
         "push_model": fleet.model,
-        "connections": len(fleet.relays),
+        "connections": fleet.connections,
+        "processes": processes,
         "poll_interval_s": opts.poll_interval if opts.push == "poll" else None,
         "offline": len(run.offline),
         "late": len(run.late),
@@ -250,6 +278,7 @@ def _report(run: _Run, rate: float, json_events: str | Path | None, plot: str | 
         "verifies_per_device": VERIFIES_PER_DEVICE,
         "verify_rate_per_s": round(rate),
         "lower_bound_s": round(VERIFIES_PER_DEVICE * n / rate, 3),
+        "lower_bound_parallel_s": round(VERIFIES_PER_DEVICE * n / rate / processes, 3),
         "setup_s": round(run.t["setup"], 2),
         "setup_detail_s": {
             "keys": round(run.t["keys"], 2),
@@ -257,21 +286,29 @@ def _report(run: _Run, rate: float, json_events: str | Path | None, plot: str | 
             "template": round(fleet.timings.get("template_s", 0.0), 2),
             "copies_and_own_grants": round(fleet.timings.get("copies_s", 0.0), 2),
             "accept_tablet": round(run.t["accept_tablet"], 2),
+            "split": round(run.t.get("split", 0.0), 2),
             "push_connect": round(run.t["push_connect"], 2),
             "gc_freeze": round(run.t["gc_freeze"], 2),
         },
         "template_bytes": fleet.bootstrap_bytes,
         "tile_cache": None
         if fleet.tile_cache is None
-        else {"hits": fleet.tile_cache.hits, "origin_fetches": fleet.tile_cache.misses},
+        else {
+            "hits": fleet.tile_cache.hits + int(fleet.remote_total("tile_hits")),
+            "origin_fetches": fleet.tile_cache.misses + int(fleet.remote_total("tile_misses")),
+        },
         "propagation_window_s": round(run.t["propagation"], 3),
+        "propagation_cpu_s": round(run.cpu, 3),
+        "propagation_cpu_per_device_ms": round(run.cpu * 1000 / n, 4),
+        "verify_ms": round(1000 / rate, 4),
         "receipts_s": round(run.t["receipts"], 2),
         "rss_mib": round(rss_kib() / 1024, 1),
         "rss_per_device_kib": round((rss1 - rss0) / n, 2) if rss0 and rss1 else None,
+        # with processes: what the children's RSS grew by after the fork is added
         "rss_per_device_with_push_kib": round((rss2 - rss0) / n, 2) if rss0 and rss2 else None,
-        "refused_updates": fleet.source_errors,
-        "push_errors": sum(r.errors for r in fleet.relays),
-        "evidence": sum(len(m.device.evidence) for m in run.members),
+        "refused_updates": fleet.updates_refused,
+        "push_errors": fleet.push_errors,
+        "evidence": fleet.evidence_count,
     }
     acked = revoked.acked_at
     result = fleet.result(acked, posted_at=revoked.posted_at, push_bytes=run.push_bytes, extra=extra)
@@ -322,6 +359,8 @@ async def run_lost_tablet(
         await _post_receipts(run)
         rate = max(run.rate0, _verify_rate())  # the best this machine did: a lower bound
         await fleet.stop_push()
+        if fleet.shards is not None:
+            await fleet.shards.report(run.revoked.acked_at if run.revoked is not None else 0.0)
         return _report(run, rate, json_events, plot)
     finally:
         gc.unfreeze()

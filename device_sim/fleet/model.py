@@ -16,6 +16,7 @@ from ..sources import DEFAULT_TIMEOUT
 __all__ = [
     "DEFAULT_CONNECTIONS",
     "HTTP_CLIENTS",
+    "MAX_PROCESSES",
     "OWN_GRANT_MODES",
     "PUSH_MODES",
     "RECEIPT_MODES",
@@ -32,6 +33,8 @@ DEFAULT_CONNECTIONS = 500
 #: checkpoint's 0x01 and 0x04 signatures, the tablet's grant record and its auth.
 VERIFIES_PER_DEVICE = 5
 PUSH_MODES = ("sse", "poll")
+#: the most processes a fleet is shared among.
+MAX_PROCESSES = 64
 OWN_GRANT_MODES = ("leaf", "proof")
 RECEIPT_MODES = ("after", "during")
 HTTP_CLIENTS = ("fast", "httpx")
@@ -70,6 +73,8 @@ class FleetOptions:
     tile_cache: bool = True
     #: "fast": :class:`FastTransport` under httpx; "httpx": httpx's own (httpcore) transport.
     http_client: str = "fast"
+    #: processes the booted devices are shared among (:mod:`device_sim.fleet.shards`).
+    processes: int = 1
 
     def __post_init__(self) -> None:
         if self.push not in PUSH_MODES:
@@ -84,6 +89,8 @@ class FleetOptions:
             raise UsageError("offline and late are shares between 0 and 1 (together at most 1)")
         if self.connections is not None and self.connections < 1:
             raise UsageError("connections is at least 1")
+        if not 1 <= self.processes <= MAX_PROCESSES:
+            raise UsageError(f"processes is between 1 and {MAX_PROCESSES}")
         if not self.poll_interval > 0 or not self.deadline > 0:
             raise UsageError("poll_interval and deadline are positive")
 
