@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from typing import Any
 
@@ -37,6 +38,20 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError("expected a positive integer")
     return int(text)
+
+
+def _processes(text: str) -> int:
+    """``auto`` (one per usable core, at most 8) or a count."""
+    if text == "auto":
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        return max(1, min(cores, 8, MAX_PROCESSES))
+    n = _positive_int(text)
+    if n > MAX_PROCESSES:
+        raise argparse.ArgumentTypeError(f"at most {MAX_PROCESSES}")
+    return n
 
 
 def _share(text: str) -> float:
@@ -187,10 +202,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument(
         "--processes",
-        type=_positive_int,
-        default=1,
+        type=_processes,
+        default="auto",
         metavar="P",
-        help=f"lost-tablet: share the booted devices among P processes (1; at most {MAX_PROCESSES})",
+        help=(
+            "lost-tablet: after boot, share the devices among P processes, so the simulator uses every"
+            f" core as real devices would (auto: one per core, at most 8; 1: this process only; at most"
+            f" {MAX_PROCESSES})"
+        ),
     )
     p.add_argument("--deadline", type=_seconds, default=120.0, metavar="SECONDS")
     p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS")
