@@ -281,7 +281,9 @@ class LedgerService:
         fut: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(raws, fut))
         self._wake.set()
-        return await asyncio.shield(fut)
+        # a waiter that gives up (timeout) cancels ``fut`` but not the append: the
+        # writer still commits the records and answers no one (it skips done futures)
+        return await fut
 
     async def _writer_loop(self) -> None:
         while True:
@@ -450,12 +452,15 @@ class LedgerService:
             if not p.future.done():
                 p.future.set_result(AppendResult(self.levels.size, self.state.root, n, p.first_seq))
         self._answer_rejected(rejected)
-        # The event streams are woken after the replies have gone out (the
-        # append route's background task calls flush_notify), so 20,000
-        # streams never delay an acknowledgement; a timer is the backstop.
+        # The event streams are woken after the replies have gone out, so 20,000
+        # streams never delay an acknowledgement: the replies' tasks were woken
+        # (set_result) before this callback is queued, and each sends its reply
+        # in the step it is woken in; a timer is the backstop.
         if event is not None:
             self._pending_event = event
-            asyncio.get_running_loop().call_later(NOTIFY_BACKSTOP, self.flush_notify)
+            loop = asyncio.get_running_loop()
+            loop.call_soon(self.flush_notify)
+            loop.call_later(NOTIFY_BACKSTOP, self.flush_notify)
 
     def _answer_rejected(self, rejected: list[tuple[_Pending, WritError]]) -> None:
         """Refused requests learn the head as it is after the group's commit (or its failure)."""
@@ -565,9 +570,6 @@ class LedgerService:
         event = self._pending_event
         if event is not None:
             self._notify(event)
-
-    async def flush_notify_after_reply(self) -> None:
-        self.flush_notify()
 
     async def _ticker(self) -> None:
         interval = self.config.checkpoint_interval

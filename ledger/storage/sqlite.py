@@ -68,6 +68,9 @@ MIGRATIONS: dict[int, str] = {
 #: ``PRAGMA application_id``: 'Writ'.
 APPLICATION_ID = int.from_bytes(b"Writ", "big")
 BUSY_TIMEOUT_MS = 5000
+#: the most record rows one INSERT statement carries (3 parameters each: well
+#: under SQLite's smallest limit on parameters, 999).
+INSERT_ROWS = 256
 
 T = TypeVar("T")
 
@@ -284,19 +287,24 @@ class SqliteStorage:
 
         def run(conn: sqlite3.Connection) -> None:
             # the whole transaction is this one call on the connection's thread (the
-            # fault hook too): one hop from the event loop per append, not one per statement
+            # fault hook too): one hop from the event loop per append, and few
+            # statements (each one gives up and takes back the GIL)
             self._step("begin")
-            current = _current(conn)
-            if current != expected:
-                raise head_conflict(current, expected)
-            conn.executemany("INSERT INTO records (seq, raw, leaf_hash) VALUES (?, ?, ?)", rows)
-            self._step("insert")
-            changed = conn.execute(
+            changed = conn.execute(  # the compare-and-swap
                 "UPDATE head SET size = ?, root = ? WHERE id = 0 AND size = ? AND root = ?",
                 (new_head.size, new_head.root, expected.size, expected.root),
             ).rowcount
             if changed != 1:
-                raise StorageError("the head row did not take the update")
+                current = _current(conn)
+                raise (
+                    head_conflict(current, expected)
+                    if current != expected
+                    else StorageError("the head row did not take the update")
+                )
+            for i in range(0, len(rows), INSERT_ROWS):
+                chunk = rows[i : i + INSERT_ROWS]
+                conn.execute(_insert_records(len(chunk)), [v for row in chunk for v in row])
+            self._step("insert")
             if checkpoint is not None:
                 conn.execute(
                     "INSERT OR REPLACE INTO checkpoint (id, size, note) VALUES (0, ?, ?)",
@@ -423,6 +431,13 @@ class SqliteStorage:
         if db is not None:
             async with self._lock:
                 await _close(db)
+
+
+@functools.lru_cache(maxsize=8)
+def _insert_records(n: int) -> str:
+    """One INSERT of ``n`` record rows (one statement: one step, however many rows)."""
+    placeholders = ", ".join(["(?, ?, ?)"] * n)  # placeholders only: the values are bound
+    return f"INSERT INTO records (seq, raw, leaf_hash) VALUES {placeholders}"  # noqa: S608
 
 
 def _current(conn: sqlite3.Connection) -> Head:
