@@ -10,8 +10,10 @@ Each operation (a whole append transaction: compare-and-swap, inserts, head
 update, ``COMMIT``; a read) is one function run on aiosqlite's connection
 thread, so it costs the event loop one hop however many statements it runs,
 and no other operation's statements can interleave with it: no reader ever
-sees rows of a transaction that may still roll back. An :class:`asyncio.Lock`
-orders the operations of concurrent coroutines.
+sees rows of a transaction that may still roll back. The thread runs the
+operations in the order they were called, so the server may queue the next
+group's append while the current one is still committing (it runs the moment
+that one's ``COMMIT`` returns, behind the same compare-and-swap).
 
 The schema is ``schema.sql`` beside this module (package data), versioned
 with ``PRAGMA user_version``; a file with a version this code does not know,
@@ -20,7 +22,6 @@ or another application's ``application_id``, is refused.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import importlib.resources
@@ -113,7 +114,6 @@ class SqliteStorage:
         self.path = path
         self.fault = fault
         self.read_only = False
-        self._lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"SqliteStorage({str(self.path)!r})"
@@ -225,23 +225,23 @@ class SqliteStorage:
             self.fault(name)
 
     async def _read(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """``fn(connection)`` on the connection's thread, under the lock: one round trip."""
-        async with self._lock:
-            with _db_errors(what):
-                return await _on_thread(self._conn(), fn)
+        """``fn(connection)`` on the connection's thread: one round trip."""
+        with _db_errors(what):
+            return await _on_thread(self._conn(), fn)
 
     async def _write(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
         """``fn(connection)`` in one ``BEGIN IMMEDIATE`` .. ``COMMIT`` transaction, run
         whole on the connection's thread (one round trip): any exception rolls back.
 
-        A cancelled caller does not stop it: the transaction still ends there,
-        committed or rolled back, before the next operation (queued behind it)
-        runs, so what a cancelled write did is read back whole or not at all."""
+        Operations run in the order they are called (the thread's queue), so a
+        caller may queue a write before the one before it has finished; it runs
+        against what that one left. A cancelled caller does not stop it: the
+        transaction still ends there, committed or rolled back, before the next
+        operation runs, so what a cancelled write did is read back whole or not at all."""
         if self.read_only:
             raise StorageError(f"{what}: {self.path} is open read-only")
-        async with self._lock:
-            with _db_errors(what):
-                return await _on_thread(self._conn(), functools.partial(_transaction, fn))
+        with _db_errors(what):
+            return await _on_thread(self._conn(), functools.partial(_transaction, fn))
 
     # -- the ledger ----------------------------------------------------------
 
@@ -429,8 +429,7 @@ class SqliteStorage:
     async def close(self) -> None:
         db, self._db = self._db, None
         if db is not None:
-            async with self._lock:
-                await _close(db)
+            await _close(db)  # queued after every operation already called
 
 
 @functools.lru_cache(maxsize=8)
