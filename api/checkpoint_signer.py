@@ -49,21 +49,19 @@ class CheckpointSigner:
         """Seconds the clock is behind the last timestamp signed (0 when it is not)."""
         return max(0.0, self.floor - self.clock())
 
-    def sign(self, size: int, root: bytes, *, after: int = 0) -> CheckpointEvent | None:
+    def sign(self, size: int, root: bytes) -> CheckpointEvent | None:
         """A new checkpoint of (size, root) dated by the clock; ``None`` while the
         clock is behind the last timestamp signed: a timestamp is never below one
-        signed before, nor ahead of the clock (protocol revision 1.1: docs/protocol.md, "Checkpoints").
-        ``after``: the timestamp of a note signed but not yet durable, which this one follows."""
+        signed before, nor ahead of the clock (protocol revision 1.1: docs/protocol.md, "Checkpoints")."""
         ts = int(self.clock())
-        floor = max(self.floor, after)
-        if ts < floor:
+        if ts < self.floor:
             if not self._behind_logged:
                 self._behind_logged = True
                 log.warning(
                     "the clock (%d) is behind the last checkpoint timestamp (%d): serving the last"
                     " checkpoint unchanged until the clock passes it",
                     ts,
-                    floor,
+                    self.floor,
                 )
             return None
         self._behind_logged = False

@@ -124,9 +124,6 @@ class _Ahead:
     group: list[_Pending]
     base: LedgerState
     work: LedgerState | None  # None: the speculation failed; verify again
-    #: its storage append, queued behind the current group's (see ``_queue_behind``), and its note
-    store: asyncio.Future[Head] | None = None
-    event: CheckpointEvent | None = None
 
 
 class LedgerService:
@@ -374,12 +371,10 @@ class LedgerService:
                 p.outcome = exc
         return work
 
-    async def _verify_ahead(self, base: LedgerState, store: asyncio.Future[Head], after: int) -> None:
+    async def _verify_ahead(self, base: LedgerState, store: asyncio.Future[Head]) -> None:
         """While ``store`` (the current group's append) runs: take the requests
         that arrive and verify them, as the next group, against ``base`` (the
-        current group's result, not committed yet), on a private copy; once no
-        more are waiting, queue that group's append behind ``store``. ``after``:
-        the timestamp of the current group's note."""
+        current group's result, not committed yet), on a private copy."""
         loop = asyncio.get_running_loop()
         while not store.done() and not self._closing:
             ahead = self._ahead
@@ -387,8 +382,6 @@ class LedgerService:
             room = GROUP_REQUESTS - (len(ahead.group) if ahead is not None else 0)
             more = self._take_group(room, n) if room > 0 else []
             if not more:
-                if ahead is not None and self._queue_behind(ahead, store, after):
-                    return  # later arrivals are the group after it
                 if room <= 0 or n >= GROUP_RECORDS:
                     return  # the next group is full
                 waiter = asyncio.ensure_future(self._wake.wait())
@@ -416,73 +409,12 @@ class LedgerService:
                 log.exception("verifying the next group ahead failed")
                 ahead.work = None
 
-    def _queue_behind(self, ahead: _Ahead, store: asyncio.Future[Head], after: int) -> bool:
-        """Queue the storage append of ``ahead`` (verified) behind ``store``, the
-        current group's, still running: storage runs it the moment that one has
-        committed, compare-and-swap on that one's head, so the next fsync starts
-        without waiting for a trip through the event loop. Its note is signed now,
-        dated no earlier than ``after``. Nothing of it counts (state, tree,
-        replies) until its own turn in ``_commit_group``, after the current
-        group's; if the current group's append fails, this one fails on the
-        compare-and-swap or, when that one was persisted after all, is read back
-        by the reload (``_after_failure``). False when there is nothing to queue."""
-        if ahead.work is None or ahead.store is not None or store.done():
-            return False
-        batch = [rec for p in ahead.group if isinstance(p.outcome, list) for rec in p.outcome]
-        if not batch:
-            return False
-        work = ahead.work
-        ahead.event = self.cp_signer.sign(work.size, work.root, after=after)
-        note = ahead.event.note if ahead.event is not None else None
-        expected = Head(ahead.base.size, ahead.base.root)
-        ahead.store = asyncio.ensure_future(self.storage.append(expected, batch, work.root, note))
-        return True
-
-    async def _settle_ahead(self) -> _Ahead | None:
-        """The current group's append failed: let the verification ahead end, and
-        wait for the next group's append if it was queued (the reload then reads
-        back what it did). Returns that group, or None when nothing was queued."""
-        if self._verifying is not None:
-            verifying, self._verifying = self._verifying, None
-            with contextlib.suppress(Exception):
-                await verifying
-        ahead = self._ahead
-        if ahead is None or ahead.store is None:
-            return None
-        with contextlib.suppress(Exception):
-            await ahead.store
-        return ahead
-
-    def _after_failure(self, ahead: _Ahead) -> None:
-        """After a failed append and the reload: the requests of ``ahead`` whose
-        queued append was stored anyway are answered; the others are verified
-        again, from scratch, when the group's turn comes."""
-        ahead.work = ahead.store = ahead.event = None
-        left: list[_Pending] = []
-        for p in ahead.group:
-            if self._broken is None and isinstance(p.outcome, list) and self._stored(p):
-                if not p.future.done():
-                    p.future.set_result(
-                        AppendResult(self.levels.size, self.state.root, len(p.records), p.first_seq)
-                    )
-            else:
-                left.append(p)
-        ahead.group[:] = left
-        if not left and self._ahead is ahead:
-            self._ahead = None
-
     async def _commit_group(self, group: list[_Pending]) -> None:
         base = self.state
         ahead, self._ahead = self._ahead, None
-        queued: asyncio.Future[Head] | None = None
-        event: CheckpointEvent | None = None
         if ahead is not None and ahead.group is group and ahead.base is base and ahead.work is not None:
             work = ahead.work  # verified ahead against what is now the committed state
-            queued, event = ahead.store, ahead.event  # and maybe stored already (_queue_behind)
         else:  # nothing ahead, or verified against a result that was never committed: from scratch
-            if ahead is not None and ahead.store is not None:  # never leave an append behind
-                with contextlib.suppress(Exception):
-                    await ahead.store
             loop = asyncio.get_running_loop()
             now = int(self.clock())
             work = await loop.run_in_executor(self.writer_pool, self._verify_group, base, group, now)
@@ -492,26 +424,17 @@ class LedgerService:
         if not batch:
             self._answer_rejected(rejected)
             return
-        if queued is not None:
-            store = queued
-        else:
-            event = self.cp_signer.sign(work.size, work.root)
-            note = event.note if event is not None else None  # None: the clock is behind the last note
-            store = asyncio.ensure_future(
-                self.storage.append(Head(base.size, base.root), batch, work.root, note)
-            )
+        event = self.cp_signer.sign(work.size, work.root)
+        note = event.note if event is not None else None  # None: the clock is behind the last note
+        store = asyncio.ensure_future(self.storage.append(Head(base.size, base.root), batch, work.root, note))
         # the requests that arrive while the append runs are verified meanwhile, in a task
         # of their own: this group's replies never wait for the next group's verification
-        after = event.timestamp if event is not None else 0
-        self._verifying = asyncio.ensure_future(self._verify_ahead(work, store, after))
+        self._verifying = asyncio.ensure_future(self._verify_ahead(work, store))
         try:
             await store
         except Exception as exc:
-            nxt = await self._settle_ahead()
             await self._recover(accepted, exc)
             self._answer_rejected(rejected)
-            if nxt is not None:
-                self._after_failure(nxt)
             return
         self.state = work
         self.levels.extend(rec.leaf_hash for rec in batch)
@@ -660,9 +583,7 @@ class LedgerService:
             if unsigned or time.monotonic() - self._published_mono >= interval * 0.99:
                 try:
                     async with self._lock:
-                        if self._ahead is None or self._ahead.store is None:
-                            await self._publish()
-                        # else: an append is queued, with a fresh note of its own
+                        await self._publish()
                 except asyncio.CancelledError:
                     raise
                 except Exception:
