@@ -124,6 +124,7 @@ class _Ahead:
     group: list[_Pending]
     base: LedgerState
     work: LedgerState | None  # None: the speculation failed; verify again
+    event: CheckpointEvent | None = None  # the note of ``work``'s head, signed with it
 
 
 class LedgerService:
@@ -371,6 +372,28 @@ class LedgerService:
                 p.outcome = exc
         return work
 
+    def _verify_and_sign(
+        self, base: LedgerState, group: list[_Pending], now: int, *, in_place: bool = False
+    ) -> tuple[LedgerState, CheckpointEvent | None]:
+        """Worker thread: :meth:`_verify_group`, then the checkpoint of the result
+        signed (off the event loop) when the group has records to store. The
+        note is used only if it still names the head being stored and is not
+        dated before the last durable note (``_note_for``)."""
+        work = self._verify_group(base, group, now, in_place=in_place)
+        stores = any(isinstance(p.outcome, list) for p in group)
+        return work, self.cp_signer.sign(work.size, work.root) if stores else None
+
+    def _note_for(self, work: LedgerState, event: CheckpointEvent | None) -> CheckpointEvent | None:
+        """``event`` if it is a checkpoint of ``work`` dated no earlier than the last
+        durable one, else a checkpoint signed now (None: the clock is behind)."""
+        if (
+            event is not None
+            and (event.size, event.root) == (work.size, work.root)
+            and event.timestamp >= self.cp_signer.floor
+        ):
+            return event
+        return self.cp_signer.sign(work.size, work.root)
+
     async def _verify_ahead(self, base: LedgerState, store: asyncio.Future[Head]) -> None:
         """While ``store`` (the current group's append) runs: take the requests
         that arrive and verify them, as the next group, against ``base`` (the
@@ -401,9 +424,9 @@ class LedgerService:
                 continue
             ahead.group += more
             try:
-                ahead.work = await loop.run_in_executor(
+                ahead.work, ahead.event = await loop.run_in_executor(
                     self.writer_pool,
-                    functools.partial(self._verify_group, on, more, int(self.clock()), in_place=in_place),
+                    functools.partial(self._verify_and_sign, on, more, int(self.clock()), in_place=in_place),
                 )
             except Exception:  # a bug; the group is verified again, the normal way, when its turn comes
                 log.exception("verifying the next group ahead failed")
@@ -413,18 +436,20 @@ class LedgerService:
         base = self.state
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead.group is group and ahead.base is base and ahead.work is not None:
-            work = ahead.work  # verified ahead against what is now the committed state
+            work, signed = ahead.work, ahead.event  # verified ahead against what is now the committed state
         else:  # nothing ahead, or verified against a result that was never committed: from scratch
             loop = asyncio.get_running_loop()
             now = int(self.clock())
-            work = await loop.run_in_executor(self.writer_pool, self._verify_group, base, group, now)
+            work, signed = await loop.run_in_executor(
+                self.writer_pool, self._verify_and_sign, base, group, now
+            )
         accepted = [p for p in group if isinstance(p.outcome, list)]
         rejected = [(p, p.outcome) for p in group if isinstance(p.outcome, WritError)]
         batch = [rec for p in accepted if isinstance(p.outcome, list) for rec in p.outcome]
         if not batch:
             self._answer_rejected(rejected)
             return
-        event = self.cp_signer.sign(work.size, work.root)
+        event = self._note_for(work, signed)
         note = event.note if event is not None else None  # None: the clock is behind the last note
         store = asyncio.ensure_future(self.storage.append(Head(base.size, base.root), batch, work.root, note))
         # the requests that arrive while the append runs are verified meanwhile, in a task

@@ -282,13 +282,12 @@ class SqliteStorage:
         new_root: bytes,
         checkpoint: str | None = None,
     ) -> Head:
-        rows = [(r.seq, r.raw, r.leaf_hash) for r in prepare(expected, records, new_root, checkpoint)]
-        new_head = Head(expected.size + len(rows), new_root)
-
-        def run(conn: sqlite3.Connection) -> None:
+        def run(conn: sqlite3.Connection) -> Head:
             # the whole transaction is this one call on the connection's thread (the
-            # fault hook too): one hop from the event loop per append, and few
-            # statements (each one gives up and takes back the GIL)
+            # argument checks and the fault hook too): one hop from the event loop
+            # per append, and few statements (each one gives up and takes back the GIL)
+            rows = [(r.seq, r.raw, r.leaf_hash) for r in prepare(expected, records, new_root, checkpoint)]
+            new_head = Head(expected.size + len(rows), new_root)
             self._step("begin")
             changed = conn.execute(  # the compare-and-swap
                 "UPDATE head SET size = ?, root = ? WHERE id = 0 AND size = ? AND root = ?",
@@ -311,8 +310,9 @@ class SqliteStorage:
                     (new_head.size, checkpoint),
                 )
             self._step("head")
+            return new_head
 
-        await self._write("append", run)
+        new_head = await self._write("append", run)
         # committed and fsynced (synchronous = FULL) by now
         self._step("commit")
         return new_head
