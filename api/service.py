@@ -12,12 +12,14 @@ the writer lock:
    records to the copy in order, each request against the state after the
    previous ones; a one-record request is applied in place (``apply`` checks
    every rule before it mutates), a batch on a copy of the copy, so a batch
-   is all or nothing and a request that fails alone gets its own error;
-2. stores the records of every request that passed in *one* storage append
-   (compare-and-swap on the head, fsynced);
-3. only then swaps the copy in as the live state, extends the tree, signs,
-   persists and publishes the new checkpoint, wakes the SSE streams, and
-   answers the requests.
+   is all or nothing and a request that fails alone gets its own error; in
+   the same call, signs the checkpoint of the result (``_note_for`` checks it
+   on the event loop before it is used);
+2. stores the records of every request that passed and that checkpoint in
+   *one* storage append (compare-and-swap on the head, fsynced);
+3. only then swaps the copy in as the live state, extends the tree, serves
+   and publishes the new checkpoint, answers the requests, and then wakes
+   the SSE streams.
 
 Pipelining: while group k's storage append (and its fsync) runs, the writer
 takes group k+1 and verifies it, in the worker thread, against a private copy
