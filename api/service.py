@@ -8,7 +8,8 @@ Appends (group commit). ``submit`` queues a request's records; one writer task
 takes every request waiting (up to :data:`GROUP_RECORDS` records), and under
 the writer lock:
 
-1. in a worker thread, copies the live state and applies each request's
+1. in a worker thread (a few one-record requests: on the event loop, see
+   ``_verified``), copies the live state and applies each request's
    records to the copy in order, each request against the state after the
    previous ones; a one-record request is applied in place (``apply`` checks
    every rule before it mutates), a batch on a copy of the copy, so a batch
@@ -87,6 +88,9 @@ log = logging.getLogger("writ.api")
 GROUP_RECORDS = 5000
 #: the most requests committed together.
 GROUP_REQUESTS = 256
+#: up to this many one-record requests are verified on the event loop (the loop
+#: waits at most about 1.3 ms); more, or any batch, in the writer thread.
+INLINE_REQUESTS = 16
 
 
 #: seconds after a commit by which the streams are woken even if no reply flushed them.
@@ -385,6 +389,19 @@ class LedgerService:
         stores = any(isinstance(p.outcome, list) for p in group)
         return work, self.cp_signer.sign(work.size, work.root) if stores else None
 
+    async def _verified(
+        self, base: LedgerState, group: list[_Pending], now: int, *, in_place: bool = False
+    ) -> tuple[LedgerState, CheckpointEvent | None]:
+        """:meth:`_verify_and_sign`, in the writer thread; a few one-record requests
+        (:data:`INLINE_REQUESTS`) right here on the event loop instead: about 80 µs
+        a record (the Ed25519 check lets go of the GIL), less than the hop to the
+        thread and back costs once three threads contend for the GIL."""
+        if len(group) <= INLINE_REQUESTS and all(len(p.records) == 1 for p in group):
+            return self._verify_and_sign(base, group, now, in_place=in_place)
+        return await asyncio.get_running_loop().run_in_executor(
+            self.writer_pool, functools.partial(self._verify_and_sign, base, group, now, in_place=in_place)
+        )
+
     def _note_for(self, work: LedgerState, event: CheckpointEvent | None) -> CheckpointEvent | None:
         """``event`` if it is a checkpoint of ``work`` dated no earlier than the last
         durable one, else a checkpoint signed now (None: the clock is behind)."""
@@ -400,7 +417,6 @@ class LedgerService:
         """While ``store`` (the current group's append) runs: take the requests
         that arrive and verify them, as the next group, against ``base`` (the
         current group's result, not committed yet), on a private copy."""
-        loop = asyncio.get_running_loop()
         while not store.done() and not self._closing:
             ahead = self._ahead
             n = sum(len(p.records) for p in ahead.group) if ahead is not None else 0
@@ -426,10 +442,7 @@ class LedgerService:
                 continue
             ahead.group += more
             try:
-                ahead.work, ahead.event = await loop.run_in_executor(
-                    self.writer_pool,
-                    functools.partial(self._verify_and_sign, on, more, int(self.clock()), in_place=in_place),
-                )
+                ahead.work, ahead.event = await self._verified(on, more, int(self.clock()), in_place=in_place)
             except Exception:  # a bug; the group is verified again, the normal way, when its turn comes
                 log.exception("verifying the next group ahead failed")
                 ahead.work = None
@@ -440,11 +453,7 @@ class LedgerService:
         if ahead is not None and ahead.group is group and ahead.base is base and ahead.work is not None:
             work, signed = ahead.work, ahead.event  # verified ahead against what is now the committed state
         else:  # nothing ahead, or verified against a result that was never committed: from scratch
-            loop = asyncio.get_running_loop()
-            now = int(self.clock())
-            work, signed = await loop.run_in_executor(
-                self.writer_pool, self._verify_and_sign, base, group, now
-            )
+            work, signed = await self._verified(base, group, int(self.clock()))
         accepted = [p for p in group if isinstance(p.outcome, list)]
         rejected = [(p, p.outcome) for p in group if isinstance(p.outcome, WritError)]
         batch = [rec for p in accepted if isinstance(p.outcome, list) for rec in p.outcome]
