@@ -23,7 +23,7 @@ the writer lock:
    the SSE streams.
 
 Pipelining: while group k's storage append (and its fsync) runs, the writer
-takes group k+1 and verifies it, in the worker thread, against a private copy
+takes group k+1 and verifies it (as in step 1) against a private copy
 of group k's *unpublished* result (speculation). Group k+1 is used as verified
 only if that result did become the live state (group k committed); when group
 k's append fails, the state is reloaded and group k+1 is verified again from
@@ -381,10 +381,11 @@ class LedgerService:
     def _verify_and_sign(
         self, base: LedgerState, group: list[_Pending], now: int, *, in_place: bool = False
     ) -> tuple[LedgerState, CheckpointEvent | None]:
-        """Worker thread: :meth:`_verify_group`, then the checkpoint of the result
-        signed (off the event loop) when the group has records to store. The
-        note is used only if it still names the head being stored and is not
-        dated before the last durable note (``_note_for``)."""
+        """:meth:`_verify_group`, then the checkpoint of the result signed when the
+        group has records to store: in the same call, so in the writer thread
+        it is off the event loop too (see ``_verified``). The note is used only
+        if it still names the head being stored and is not dated before the
+        last durable note (``_note_for``)."""
         work = self._verify_group(base, group, now, in_place=in_place)
         stores = any(isinstance(p.outcome, list) for p in group)
         return work, self.cp_signer.sign(work.size, work.root) if stores else None
