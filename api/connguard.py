@@ -27,10 +27,65 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+from typing import Any, cast
 
 from ledger.errors import HttpProblem
 
 from .ratelimit import AddressCounts
+
+#: a write at most this long is held back to go out with the next one (a response head is).
+HOLD_MAX = 4096
+#: the next write is joined to a held one when it is at most this long (else both go as they are).
+JOIN_MAX = 65536
+
+
+class OneSend:
+    """A connection's transport as the HTTP protocol writes to it: a short write
+    (a response head) is held back and sent together with the next write (the
+    body), so a small response costs one ``send`` (and wakes the client once)
+    instead of two. A held write that no write follows goes out at the end of
+    the event loop's current pass; ``close`` sends it first. Writes keep their
+    order; everything else is the transport's own."""
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            if len(data) <= JOIN_MAX:
+                self._transport.write(held + bytes(data))
+                return
+            self._transport.write(held)
+        if len(data) <= HOLD_MAX and not self._transport.is_closing():
+            self._held = bytes(data)
+            self._loop.call_soon(self.flush)
+        else:
+            self._transport.write(data)
+
+    def writelines(self, lines: list[bytes]) -> None:
+        self.write(b"".join(lines))
+
+    def flush(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class TrustedProxies:
@@ -100,6 +155,7 @@ def guarded_protocol(
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self.transport = cast(asyncio.Transport, OneSend(transport, self.loop))
             host = self.client[0] if self.client else None
             if host is not None and host not in trusted:
                 if not counts.acquire(host):

@@ -534,7 +534,7 @@ _GENERIC = (
 SERVER_ROLES: list[tuple[str, str]] = [
     ("_connection_worker_thread", "SQLite thread (aiosqlite: SQL, commit, fsync)"),
     ("apply_all.<locals>.run", "verify pool threads (Ed25519)"),
-    ("_verify_group", "writer thread (parse, rules, tree; inline verify of 1-record requests)"),
+    ("_verify_group", "verification (parse, rules, tree: writer thread, or loop for <=16 1-record POSTs)"),
     ("Runner.run", "event loop (HTTP, routing, JSON, checkpoint signing, SSE)"),
     # py-spy cannot always unwind through uvloop's C frames: a stack that starts at a
     # callback of the loop is still the event loop

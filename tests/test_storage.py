@@ -658,6 +658,27 @@ async def test_crash_at_each_step(backend: Backend, step: str, n: int) -> None:
     await assert_stored(store, chain)
 
 
+async def test_append_queued_behind_an_unfinished_one_runs_after_it(backend: Backend) -> None:
+    """The server queues the next group's append before the current one has
+    committed: appends run in call order, each against what the one before left."""
+    store = await backend.open()
+    chain = await loaded_chain(store, grants=2)
+    first = chain.grants(3)
+    then = Chain(state=first.state.copy(), rng=chain.rng).grants(2)
+    assert then.expected == first.head
+    stale = chain.grants(1)  # built on the head both of them move on from
+    tasks = [
+        asyncio.ensure_future(store.append(b.expected, b.records, b.new_root)) for b in (first, then, stale)
+    ]
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    assert done[:2] == [first.head, then.head]
+    assert isinstance(done[2], HeadConflict)
+    chain.commit(first)
+    chain.commit(then)
+    store = await backend.reopen(store)
+    await assert_stored(store, chain)
+
+
 async def test_cancelled_append_is_all_or_nothing(backend: Backend) -> None:
     """A writer cancelled at any await of an append leaves the batch wholly in or
     wholly out (which one: read the head), and the storage usable."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -50,16 +49,15 @@ async def post_records(request: Request) -> Response:
     if not raws:
         raise bad_request("the body is an empty array: send 1 to 1000 records")
     try:
-        result = await asyncio.wait_for(svc.submit(raws), lim.request_timeout)
+        async with asyncio.timeout(lim.request_timeout):  # no task of its own, unlike wait_for
+            result = await svc.submit(raws)
     except TimeoutError:
         raise Problem(
             HttpProblem.OVERLOADED,
             503,
             "the append is still queued; it may yet commit: check the head before retrying",
         ) from None
-    response = c.json_response(result.to_json())
-    response.background = BackgroundTask(svc.flush_notify_after_reply)
-    return response
+    return c.json_response(result.to_json())
 
 
 async def get_records(request: Request) -> Response:

@@ -6,10 +6,14 @@ before :meth:`SqliteStorage.append` returns), ``foreign_keys = ON`` and a
 compare-and-swap on the head row, the record inserts, the head
 update, ``COMMIT``. One process writes; reads go through the same connection.
 
-One connection is one sequence of statements, so an :class:`asyncio.Lock`
-keeps each operation (a whole append transaction, a read) from interleaving
-with another coroutine's: no reader ever sees rows of a transaction that may
-still roll back.
+Each operation (a whole append transaction: compare-and-swap, inserts, head
+update, ``COMMIT``; a read) is one function run on aiosqlite's connection
+thread, so it costs the event loop one hop however many statements it runs,
+and no other operation's statements can interleave with it: no reader ever
+sees rows of a transaction that may still roll back. The thread runs the
+operations in the order they were called, so the server may queue the next
+group's append while the current one is still committing (it runs the moment
+that one's ``COMMIT`` returns, behind the same compare-and-swap).
 
 The schema is ``schema.sql`` beside this module (package data), versioned
 with ``PRAGMA user_version``; a file with a version this code does not know,
@@ -18,15 +22,15 @@ or another application's ``application_id``, is refused.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import functools
 import importlib.resources
 import os
 import sqlite3
 import time as _time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -65,6 +69,11 @@ MIGRATIONS: dict[int, str] = {
 #: ``PRAGMA application_id``: 'Writ'.
 APPLICATION_ID = int.from_bytes(b"Writ", "big")
 BUSY_TIMEOUT_MS = 5000
+#: the most record rows one INSERT statement carries (3 parameters each: well
+#: under SQLite's smallest limit on parameters, 999).
+INSERT_ROWS = 256
+
+T = TypeVar("T")
 
 _I64 = 1 << 63
 _U64 = 1 << 64
@@ -105,7 +114,6 @@ class SqliteStorage:
         self.path = path
         self.fault = fault
         self.read_only = False
-        self._lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"SqliteStorage({str(self.path)!r})"
@@ -216,76 +224,56 @@ class SqliteStorage:
         if self.fault is not None:
             self.fault(name)
 
-    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        return list(await self._conn().execute_fetchall(sql, params))
+    async def _read(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(connection)`` on the connection's thread: one round trip."""
+        with _db_errors(what):
+            return await _on_thread(self._conn(), fn)
 
-    async def _head(self) -> Head | None:
-        rows = await self._rows("SELECT size, root FROM head WHERE id = 0")
-        return Head(rows[0][0], bytes(rows[0][1])) if rows else None
+    async def _write(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(connection)`` in one ``BEGIN IMMEDIATE`` .. ``COMMIT`` transaction, run
+        whole on the connection's thread (one round trip): any exception rolls back.
 
-    async def _current(self) -> Head:
-        head = await self._head()
-        if head is None:
-            raise LedgerMissing("no ledger here: run init first")
-        return head
-
-    async def _rollback(self, *, always: bool = False) -> None:
-        """Roll back an open transaction. ``always``: issue ROLLBACK even when none
-        looks open, because a cancelled coroutine's BEGIN may still be queued on
-        the connection's thread (the ROLLBACK is queued after it)."""
-        db = self._db
-        if db is None:
-            return
-        with contextlib.suppress(Exception):
-            if always or db.in_transaction:
-                await _exec(db, "ROLLBACK")
-
-    @contextlib.asynccontextmanager
-    async def _transaction(self, what: str) -> AsyncIterator[aiosqlite.Connection]:
-        """``BEGIN IMMEDIATE`` .. ``COMMIT`` under the lock; any exception rolls back."""
+        Operations run in the order they are called (the thread's queue), so a
+        caller may queue a write before the one before it has finished; it runs
+        against what that one left. A cancelled caller does not stop it: the
+        transaction still ends there, committed or rolled back, before the next
+        operation runs, so what a cancelled write did is read back whole or not at all."""
         if self.read_only:
             raise StorageError(f"{what}: {self.path} is open read-only")
-        async with self._lock:
-            db = self._conn()
-            await self._rollback()  # a transaction left open by a failure we could not roll back
-            try:
-                with _db_errors(what):
-                    await _exec(db, "BEGIN IMMEDIATE")
-                    yield db
-                    await _exec(db, "COMMIT")
-            except BaseException:
-                await self._rollback(always=True)
-                raise
+        with _db_errors(what):
+            return await _on_thread(self._conn(), functools.partial(_transaction, fn))
 
     # -- the ledger ----------------------------------------------------------
 
     async def init(self, origin: str, anchor: bytes, log_public_key: bytes) -> None:
         check_identity(origin, anchor, log_public_key)
-        async with self._transaction("init") as db:
-            if await self._rows("SELECT 1 FROM meta"):
+        created = int(_time.time())
+
+        def run(conn: sqlite3.Connection) -> None:
+            if conn.execute("SELECT 1 FROM meta").fetchone() is not None:
                 raise LedgerExists(f"a ledger is already initialised in {self.path}")
-            await _exec(
-                db,
+            conn.execute(
                 "INSERT INTO meta (id, origin, anchor, log_public_key, created_at) VALUES (0, ?, ?, ?, ?)",
-                (origin, anchor, log_public_key, int(_time.time())),
+                (origin, anchor, log_public_key, created),
             )
-            await _exec(
-                db, "INSERT INTO head (id, size, root) VALUES (0, ?, ?)", (EMPTY_HEAD.size, EMPTY_HEAD.root)
+            conn.execute(
+                "INSERT INTO head (id, size, root) VALUES (0, ?, ?)", (EMPTY_HEAD.size, EMPTY_HEAD.root)
             )
 
+        await self._write("init", run)
+
     async def meta(self) -> Meta:
-        async with self._lock:
-            with _db_errors("meta"):
-                rows = await self._rows("SELECT origin, anchor, log_public_key, created_at FROM meta")
-        if not rows:
+        def run(conn: sqlite3.Connection) -> Any:
+            return conn.execute("SELECT origin, anchor, log_public_key, created_at FROM meta").fetchone()
+
+        row = await self._read("meta", run)
+        if row is None:
             raise LedgerMissing("no ledger here: run init first")
-        origin, anchor, log_key, created = rows[0]
+        origin, anchor, log_key, created = row
         return Meta(origin, bytes(anchor), bytes(log_key), created)
 
     async def head(self) -> Head:
-        async with self._lock:
-            with _db_errors("head"):
-                return await self._current()
+        return await self._read("head", _current)
 
     async def append(
         self,
@@ -294,49 +282,55 @@ class SqliteStorage:
         new_root: bytes,
         checkpoint: str | None = None,
     ) -> Head:
-        rows = prepare(expected, records, new_root, checkpoint)
-        new_head = Head(expected.size + len(rows), new_root)
-        async with self._transaction("append") as db:
+        def run(conn: sqlite3.Connection) -> Head:
+            # the whole transaction is this one call on the connection's thread (the
+            # argument checks and the fault hook too): one hop from the event loop
+            # per append, and few statements (each one gives up and takes back the GIL)
+            rows = [(r.seq, r.raw, r.leaf_hash) for r in prepare(expected, records, new_root, checkpoint)]
+            new_head = Head(expected.size + len(rows), new_root)
             self._step("begin")
-            current = await self._current()
-            if current != expected:
-                raise head_conflict(current, expected)
-            await _execmany(
-                db,
-                "INSERT INTO records (seq, raw, leaf_hash) VALUES (?, ?, ?)",
-                [(r.seq, r.raw, r.leaf_hash) for r in rows],
-            )
-            self._step("insert")
-            changed = await _exec(
-                db,
+            changed = conn.execute(  # the compare-and-swap
                 "UPDATE head SET size = ?, root = ? WHERE id = 0 AND size = ? AND root = ?",
                 (new_head.size, new_head.root, expected.size, expected.root),
-            )
+            ).rowcount
             if changed != 1:
-                raise StorageError("the head row did not take the update")
+                current = _current(conn)
+                raise (
+                    head_conflict(current, expected)
+                    if current != expected
+                    else StorageError("the head row did not take the update")
+                )
+            for i in range(0, len(rows), INSERT_ROWS):
+                chunk = rows[i : i + INSERT_ROWS]
+                conn.execute(_insert_records(len(chunk)), [v for row in chunk for v in row])
+            self._step("insert")
             if checkpoint is not None:
-                await _exec(
-                    db,
+                conn.execute(
                     "INSERT OR REPLACE INTO checkpoint (id, size, note) VALUES (0, ?, ?)",
                     (new_head.size, checkpoint),
                 )
             self._step("head")
-        # committed and fsynced (synchronous = FULL) by the end of the block
+            return new_head
+
+        new_head = await self._write("append", run)
+        # committed and fsynced (synchronous = FULL) by now
         self._step("commit")
         return new_head
 
     async def read(self, start: int, end: int) -> list[bytes]:
         check_range(start, end)
-        async with self._lock:
-            with _db_errors("read"):
-                end = min(end, (await self._current()).size)
-                if start >= end:
-                    return []
-                rows = await self._rows(
-                    "SELECT seq, raw FROM records WHERE seq >= ? AND seq < ? ORDER BY seq",
-                    (start, end),
-                )
-        bad = missing_records(start, end, [r[0] for r in rows])
+
+        def run(conn: sqlite3.Connection) -> tuple[int, list[Any]]:
+            stop = min(end, _current(conn).size)
+            if start >= stop:
+                return stop, []
+            cur = conn.execute(
+                "SELECT seq, raw FROM records WHERE seq >= ? AND seq < ? ORDER BY seq", (start, stop)
+            )
+            return stop, cur.fetchall()
+
+        stop, rows = await self._read("read", run)
+        bad = missing_records(start, stop, [r[0] for r in rows]) if start < stop else None
         if bad is not None:
             raise bad
         return [bytes(r[1]) for r in rows]
@@ -345,12 +339,15 @@ class SqliteStorage:
         check_batch(batch)
         after = -1
         while True:
-            async with self._lock:
-                with _db_errors("scan"):
-                    rows = await self._rows(
-                        "SELECT seq, raw, leaf_hash FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
-                        (after, batch),
-                    )
+
+            def run(conn: sqlite3.Connection, after: int = after) -> list[Any]:
+                cur = conn.execute(
+                    "SELECT seq, raw, leaf_hash FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (after, batch),
+                )
+                return cur.fetchall()
+
+            rows = await self._read("scan", run)
             if not rows:
                 return
             after = rows[-1][0]
@@ -366,71 +363,113 @@ class SqliteStorage:
                 latest[r.device_grant_seq] = r
         if not latest:
             return
-        async with self._transaction("put_receipts") as db:
-            await self._current()
+
+        def run(conn: sqlite3.Connection) -> None:
+            _current(conn)
             for r in latest.values():
-                found = await self._rows(
+                found = conn.execute(
                     "SELECT device_grant_seq, size, root, time, raw, received_at FROM receipts "
                     "WHERE device_grant_seq = ?",
                     (r.device_grant_seq,),
-                )
-                if receipt_is_newer(r.size, r.time, _receipt(found[0]) if found else None):
-                    await _exec(
-                        db,
+                ).fetchone()
+                if receipt_is_newer(r.size, r.time, _receipt(found) if found is not None else None):
+                    conn.execute(
                         "INSERT OR REPLACE INTO receipts "
                         "(device_grant_seq, size, root, time, raw, received_at) VALUES (?, ?, ?, ?, ?, ?)",
                         (r.device_grant_seq, r.size, r.root, _i64(r.time), r.raw, _i64(r.received_at)),
                     )
 
+        await self._write("put_receipts", run)
+
     async def receipts(self) -> list[ReceiptRow]:
-        async with self._lock:
-            with _db_errors("receipts"):
-                rows = await self._rows(
-                    "SELECT device_grant_seq, size, root, time, raw, received_at FROM receipts "
-                    "ORDER BY device_grant_seq"
-                )
-        return [_receipt(r) for r in rows]
+        def run(conn: sqlite3.Connection) -> list[Any]:
+            return conn.execute(
+                "SELECT device_grant_seq, size, root, time, raw, received_at FROM receipts "
+                "ORDER BY device_grant_seq"
+            ).fetchall()
+
+        return [_receipt(r) for r in await self._read("receipts", run)]
 
     async def put_checkpoint(self, size: int, note: str) -> None:
         check_note_args(size, note)
-        async with self._transaction("put_checkpoint") as db:
-            head = await self._current()
-            rows = await self._rows("SELECT size FROM checkpoint WHERE id = 0")
-            check_checkpoint(size, head, rows[0][0] if rows else None)
-            await _exec(
-                db, "INSERT OR REPLACE INTO checkpoint (id, size, note) VALUES (0, ?, ?)", (size, note)
-            )
+
+        def run(conn: sqlite3.Connection) -> None:
+            head = _current(conn)
+            row = conn.execute("SELECT size FROM checkpoint WHERE id = 0").fetchone()
+            check_checkpoint(size, head, row[0] if row is not None else None)
+            conn.execute("INSERT OR REPLACE INTO checkpoint (id, size, note) VALUES (0, ?, ?)", (size, note))
+
+        await self._write("put_checkpoint", run)
 
     async def latest_checkpoint(self) -> str | None:
-        async with self._lock:
-            with _db_errors("latest_checkpoint"):
-                rows = await self._rows("SELECT note FROM checkpoint WHERE id = 0")
-        return str(rows[0][0]) if rows else None
+        def run(conn: sqlite3.Connection) -> Any:
+            return conn.execute("SELECT note FROM checkpoint WHERE id = 0").fetchone()
+
+        row = await self._read("latest_checkpoint", run)
+        return str(row[0]) if row is not None else None
 
     # -- operations ----------------------------------------------------------
 
     async def pragmas(self) -> dict[str, Any]:
         """The settings that matter for durability, as the connection reports them."""
-        out: dict[str, Any] = {}
-        async with self._lock:
-            with _db_errors("pragmas"):
-                db = self._conn()
-                for name in (
-                    "journal_mode",
-                    "synchronous",
-                    "foreign_keys",
-                    "busy_timeout",
-                    "user_version",
-                    "application_id",
-                ):
-                    out[name] = await _pragma(db, name)
-        return out
+        names = (
+            "journal_mode",
+            "synchronous",
+            "foreign_keys",
+            "busy_timeout",
+            "user_version",
+            "application_id",
+        )
+
+        def run(conn: sqlite3.Connection) -> dict[str, Any]:
+            return {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in names}
+
+        return await self._read("pragmas", run)
 
     async def close(self) -> None:
         db, self._db = self._db, None
         if db is not None:
-            async with self._lock:
-                await _close(db)
+            await _close(db)  # queued after every operation already called
+
+
+@functools.lru_cache(maxsize=8)
+def _insert_records(n: int) -> str:
+    """One INSERT of ``n`` record rows (one statement: one step, however many rows)."""
+    placeholders = ", ".join(["(?, ?, ?)"] * n)  # placeholders only: the values are bound
+    return f"INSERT INTO records (seq, raw, leaf_hash) VALUES {placeholders}"  # noqa: S608
+
+
+def _current(conn: sqlite3.Connection) -> Head:
+    """The head row (connection's thread), or :class:`LedgerMissing`."""
+    row = conn.execute("SELECT size, root FROM head WHERE id = 0").fetchone()
+    if row is None:
+        raise LedgerMissing("no ledger here: run init first")
+    return Head(row[0], bytes(row[1]))
+
+
+def _transaction(fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
+    """``BEGIN IMMEDIATE``, ``fn(conn)``, ``COMMIT`` (fsynced: synchronous = FULL), on the
+    connection's thread; any exception (a failed ``COMMIT`` too) rolls back."""
+    if conn.in_transaction:  # left open by a failure that could not roll back
+        conn.execute("ROLLBACK")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        out = fn(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        raise
+    return out
+
+
+async def _on_thread(db: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """Run ``fn`` with the sqlite3 connection on aiosqlite's own thread (the only
+    thread that may use it), in the connection's queue of operations: one hop.
+    aiosqlite's ``_execute`` is the call its own public methods are built on."""
+    run: Callable[[Callable[[], T]], Awaitable[T]] = db._execute
+    return await run(lambda: fn(db._conn))
 
 
 async def _close(db: aiosqlite.Connection) -> None:
@@ -448,11 +487,6 @@ async def _exec(db: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()) 
         return cur.rowcount
     finally:
         await cur.close()
-
-
-async def _execmany(db: aiosqlite.Connection, sql: str, params: Iterable[Sequence[Any]]) -> None:
-    cur = await db.executemany(sql, params)
-    await cur.close()
 
 
 async def _pragma(db: aiosqlite.Connection, name: str) -> Any:
