@@ -276,7 +276,7 @@ def run(cfg: Config) -> Result:
             )
             if block is not None:
                 res["profiles"].append(block)
-        if statistics.median(batch) < 0.5 * vn_med:
+        if statistics.median(batch) < 0.6 * vn_med:
             pool.ensure(BATCH * 60)
             out = prof_dir / "append-batch.raw"
 
@@ -347,7 +347,7 @@ def run(cfg: Config) -> Result:
                 round(statistics.median(sqb)),
                 "rows/s",
             ),
-            target_of_limit=0.5,
+            target_of_limit=0.6,
         ),
     ]
     res["tables"].append(

@@ -591,6 +591,7 @@ def profile_pid(pid: int, seconds: float, out: Path, rate: int = 250) -> subproc
         [
             exe,
             "record",
+            "--subprocesses",
             "--pid",
             str(pid),
             "--duration",
