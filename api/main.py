@@ -13,6 +13,7 @@ the same program. The import-linter contracts in ``pyproject.toml`` (run by
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -52,7 +53,17 @@ def run(argv: Sequence[str] | None = None) -> int:
     return cli.run(argv, groups=GROUPS)
 
 
+#: the young generation of the cyclic garbage collector, in tracked objects. A
+#: ``writ`` process handles records in bulk (a server batch of 1,000 makes about
+#: 10,000 short-lived tracked objects); at CPython's default of 700 a batch set
+#: off some 15 young and a few full collections over the whole heap. Measured on
+#: 2 cores: batches of 1,000 per POST went from about 20,500 to 23,000 records/s,
+#: the same as with the collector off. Cycles are still collected, a little later.
+GC_YOUNG = 10_000
+
+
 def main() -> NoReturn:
+    gc.set_threshold(GC_YOUNG, 10, 10)  # process-wide policy: this is the process's entry point
     # the process exits next: a landed command keeps its 0 even if Ctrl-C follows
     sys.exit(cli.run(groups=GROUPS, restore_signals=False))
 

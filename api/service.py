@@ -367,7 +367,7 @@ class LedgerService:
 
                     try:
                         p.outcome = trial.apply_all(
-                            p.records, executor=self.sig_pool, now=now, on_record=count, chunk=256
+                            p.records, executor=self.sig_pool, now=now, on_record=count, chunk=128
                         )
                     except WritError as exc:
                         exc.detail.setdefault("index", index[0])

@@ -21,6 +21,8 @@ guess that lets :meth:`LedgerState.apply_all` check signatures ahead in
 from __future__ import annotations
 
 import copy as _copy
+import gc
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
@@ -420,7 +422,7 @@ class LedgerState:
         guess = KeyGuess(self)
         source = _Spans(runs, chunk)
         parallel = executor is not None or verifier is not None
-        depth = 3 if parallel else 1  # spans parsed and submitted ahead of the rules
+        depth = 4 if parallel else 1  # spans parsed and submitted ahead of the rules
         ahead: deque[tuple[Sequence[bytes], list[Envelope | None], list[PrecheckItem | None], Results]] = (
             deque()
         )
@@ -439,6 +441,8 @@ class LedgerState:
 
         applied = 0
         try:
+            if parallel:
+                _collector.pause()
             fill()
             while ahead:
                 raws, envs, items, results = ahead.popleft()
@@ -454,6 +458,8 @@ class LedgerState:
                 if on_span is not None:
                     on_span(len(raws))
         finally:
+            if parallel:
+                _collector.resume()
             for *_, results in ahead:
                 verify.cancel(results)
         return applied
@@ -595,13 +601,46 @@ class LedgerState:
         return st
 
 
+class _Collector:
+    """Pauses Python's cyclic garbage collector while bulk runs apply.
+
+    A run makes a dozen short-lived tracked objects per record, so at the
+    default thresholds the collector runs every few dozen records and now and
+    then walks the whole heap: about 2 µs of the in-order path per record
+    (measured). No cycles are made on this path; reference counting frees
+    everything as before. Nested and concurrent runs share one pause, and the
+    collector is switched back on only if it was on when the first one began
+    (after Mercurial's ``util.nogc``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._was_on = False
+
+    def pause(self) -> None:
+        with self._lock:
+            if self._depth == 0:
+                self._was_on = gc.isenabled()
+                gc.disable()
+            self._depth += 1
+
+    def resume(self) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0 and self._was_on:
+                gc.enable()
+
+
+_collector = _Collector()
+
+
 #: a span in flight: its records, their envelopes and pre-check items, its results
 _Ahead = tuple[Sequence[bytes], list[Envelope | None], list[PrecheckItem | None], Results]
 
 
 class _Spans:
     """Cuts a stream of runs into spans for :meth:`LedgerState.apply_stream`:
-    small ones first (64, 128, ... up to ``chunk``), so the rules start while the
+    small ones first (16, 32, ... up to ``chunk``), so the rules start while the
     checkers work on the rest, and across run boundaries."""
 
     __slots__ = ("_at", "_buf", "_it", "_size", "chunk", "seen")
@@ -611,7 +650,7 @@ class _Spans:
         self._buf: Sequence[bytes] = ()
         self._at = 0
         self.chunk = max(1, chunk)
-        self._size = min(64, self.chunk)
+        self._size = min(16, self.chunk)
         self.seen = 0
 
     def next(self) -> Sequence[bytes] | None:

@@ -237,3 +237,26 @@ def test_closing_twice_is_harmless() -> None:
     with contextlib.suppress(Exception):
         v.close()
     assert not v.usable
+
+
+def test_a_bulk_run_pauses_the_collector_and_restores_it(pv: verifier.ProcessVerifier) -> None:
+    """The cyclic collector is off while a parallel run applies, back on after it
+    (also after a rejection), and left off if it was off before."""
+    import gc
+
+    w = _long_world(10)
+    seen: list[bool] = []
+    st_ = LedgerState(w.root.public_key, origin=w.origin)
+    st_.apply_stream([w.records], verifier=pv, on_record=lambda _r: seen.append(gc.isenabled()))
+    assert seen and not any(seen) and gc.isenabled()
+    bad = list(w.records)
+    bad[5] = bad[5][:-1] + bytes([bad[5][-1] ^ 1])
+    with pytest.raises(errors.BadSignature):
+        LedgerState(w.root.public_key, origin=w.origin).apply_stream([bad], verifier=pv)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        LedgerState(w.root.public_key, origin=w.origin).apply_stream([w.records], verifier=pv)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
