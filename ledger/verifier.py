@@ -144,14 +144,16 @@ class _Worker:
                 self.dropped.add(n)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.stdin.close()
+        # end of input stops the worker; closing its answers first means a worker
+        # still writing an answer nobody will read stops too (broken pipe)
+        for f in (self.stdin, self.stdout):
+            with contextlib.suppress(OSError):
+                f.close()
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.stdout.close()
 
 
 class ProcessVerifier:
@@ -194,7 +196,10 @@ class ProcessVerifier:
         frame = _encode(items) if self.usable else None
         if frame is None:
             return lambda: crypto.check_batch(items)
-        w = min(self._workers, key=_Worker.outstanding)
+        workers = self._workers
+        if not workers:  # closed meanwhile
+            return lambda: crypto.check_batch(items)
+        w = min(workers, key=_Worker.outstanding)
         try:
             n = w.send(frame)
         except _WorkerGone:
