@@ -41,6 +41,8 @@ Results = Callable[[], Sequence[bool]]
 #: to a worker costs about 0.1 ms, and the first use starts them: about 70 ms of CPU each)
 PROCESS_MIN = 512
 _MAX_KEYS = 254
+#: the pipe to each worker (Linux lets an unprivileged process ask for up to 1 MiB)
+PIPE_SIZE = 1 << 20
 _ENV = "WRIT_VERIFY_PROCESSES"
 
 
@@ -77,6 +79,14 @@ def _encode(items: Sequence[PrecheckItem | None]) -> bytes | None:
     return b"".join(head) + b"".join(parts)
 
 
+def _grow_pipe(fd: int) -> None:
+    """Ask for a :data:`PIPE_SIZE` pipe (Linux); elsewhere the default stays."""
+    with contextlib.suppress(ImportError, AttributeError, OSError):
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+
+
 class _WorkerGone(Exception):
     pass
 
@@ -95,6 +105,10 @@ class _Worker:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.stdin: IO[bytes] = self.proc.stdin
         self.stdout: IO[bytes] = self.proc.stdout
+        # room for the batches in flight (a 1,024-record batch is about 300 KB): with
+        # the default 64 KiB a send waits until the worker has finished the batch before,
+        # and the rules thread, which sends, stops with it
+        _grow_pipe(self.stdin.fileno())
         self.send_lock = threading.Lock()
         self.recv_lock = threading.Lock()
         self.sent = 0
