@@ -533,7 +533,7 @@ _GENERIC = (
 #: what a stack of ``writ serve`` is doing, by the first frame found in it.
 SERVER_ROLES: list[tuple[str, str]] = [
     ("_connection_worker_thread", "SQLite thread (aiosqlite: SQL, commit, fsync)"),
-    ("apply_all.<locals>.run", "verify pool threads (Ed25519)"),
+    ("ledger.verify_worker", "signature-check worker processes (Ed25519, ahead of the rules)"),
     ("_verify_group", "verification (parse, rules, tree: writer thread, or loop for <=16 1-record POSTs)"),
     ("Runner.run", "event loop (HTTP, routing, JSON, checkpoint signing, SSE)"),
     # py-spy cannot always unwind through uvloop's C frames: a stack that starts at a
