@@ -10,10 +10,12 @@ checks batches in worker processes instead (:mod:`ledger.verify_worker`,
 started with ``python -P -m``, never forked from a threaded process), each
 with its own interpreter.
 
-A pre-check is a hint: ``apply`` uses a result only for the very key and bytes
-it decides on, so a wrong answer could only ever cost time or refuse, and a
-worker that dies or answers nonsense makes the caller check that batch itself
-(and stop using the workers). Pure computation; no I/O but the workers' pipes.
+``apply`` uses a result only for the very key and bytes it decides on, so a
+wrong key guess costs time, never correctness; the answer itself is trusted as
+the thread pool's was (the workers run this package's code, exec'd from the
+same interpreter, and hold public keys only). A worker that dies, or answers a
+batch with the wrong number of results, makes the caller check that batch
+itself (and stop using the workers). Pure computation; no I/O but the workers' pipes.
 """
 
 from __future__ import annotations
