@@ -582,6 +582,12 @@ def summarize_pyspy(
     return out
 
 
+def _record(exe: str, rate: int, out: Path) -> list[str]:
+    """``py-spy record`` at ``rate`` into ``out`` (raw format), child processes included
+    (the signature-check workers)."""
+    return [exe, "record", "--subprocesses", "--rate", str(rate), "--format", "raw", "--output", str(out)]
+
+
 def profile_pid(pid: int, seconds: float, out: Path, rate: int = 250) -> subprocess.Popen[bytes] | None:
     """Start ``py-spy record`` on a running process for ``seconds`` (non-blocking sampling)."""
     exe = pyspy_exe()
@@ -589,19 +595,11 @@ def profile_pid(pid: int, seconds: float, out: Path, rate: int = 250) -> subproc
         return None
     return subprocess.Popen(
         [
-            exe,
-            "record",
-            "--subprocesses",
+            *_record(exe, rate, out),
             "--pid",
             str(pid),
             "--duration",
             str(max(1, round(seconds))),
-            "--rate",
-            str(rate),
-            "--format",
-            "raw",
-            "--output",
-            str(out),
             "--nonblocking",
         ],
         stdout=subprocess.DEVNULL,
@@ -615,19 +613,7 @@ def profile_command(cmd: list[str], out: Path, rate: int = 250, timeout: float =
     if exe is None:
         return False
     proc = subprocess.run(
-        [
-            exe,
-            "record",
-            "--subprocesses",
-            "--rate",
-            str(rate),
-            "--format",
-            "raw",
-            "--output",
-            str(out),
-            "--",
-            *cmd,
-        ],
+        [*_record(exe, rate, out), "--", *cmd],
         capture_output=True,
         timeout=timeout,
         check=False,
