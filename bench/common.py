@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import statistics
 from collections.abc import Callable
 
 from ledger import crypto, records
 from ledger.crypto import SeedSigner
 from ledger.state import LedgerState
+from ledger.verifier import usable_cores
 
 ORIGIN = "bench.writ.example/ledger"
 
@@ -61,5 +61,4 @@ def median_spread(fn: Callable[[], float], repeat: int) -> tuple[float, float, f
     return statistics.median(vals), min(vals), max(vals)
 
 
-def cores() -> int:
-    return len(os.sched_getaffinity(0))
+cores = usable_cores

@@ -34,6 +34,7 @@ from ledger import crypto, encoding, records
 from ledger.crypto import SeedSigner
 from ledger.records import Genesis, Grant, Revoke, SignedRecord
 from ledger.state import LedgerState
+from ledger.verifier import usable_cores
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
@@ -193,7 +194,7 @@ def machine() -> dict[str, Any]:
         nacl_version = "?"
     return {
         "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
+        "cores": usable_cores(),
         "memory_mib": mem,
         "kernel": platform.release(),
         "python": platform.python_version(),

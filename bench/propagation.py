@@ -42,12 +42,13 @@ from bench.harness import (
     table,
 )
 from device_sim.measure import rss_kib
+from ledger.verifier import usable_cores
 
 COMMAND = "python -m bench.propagation"
 PASSPHRASE_ENV = "WRIT_BENCH_PASSPHRASE"  # noqa: S105 - the name of a variable, not a secret
 POLL_INTERVAL = 10.0
 #: processes the fleet's devices are shared among (``fleet --processes``): the machine's cores, at most 2.
-PROCESSES = max(1, min(2, os.cpu_count() or 1))
+PROCESSES = max(1, min(2, usable_cores()))
 #: CA/B Forum BR 4.9.7: nextUpdate at most 10 days after thisUpdate.
 CRL_WINDOW_S = 10 * 86400
 CRL_SOURCE = "CA/Browser Forum Baseline Requirements 4.9.7 (CRL nextUpdate <= thisUpdate + 10 days)"

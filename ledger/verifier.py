@@ -34,7 +34,7 @@ from . import crypto
 from .keyguess import PrecheckItem
 from .verify_worker import NOTHING
 
-__all__ = ["PrecheckItem", "ProcessVerifier", "Results", "shared", "submit"]
+__all__ = ["PrecheckItem", "ProcessVerifier", "Results", "shared", "submit", "usable_cores"]
 
 #: call it to wait for a submitted batch's results (one bool per item, in order)
 Results = Callable[[], Sequence[bool]]
@@ -271,11 +271,16 @@ def _processes() -> int:
             return max(0, min(int(env), 64))
         except ValueError:
             return 0
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
+    n = usable_cores()
     return n if n > 1 else 0
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def shared() -> ProcessVerifier | None:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from typing import Any
 
 from ledger.errors import UsageError
 from ledger.fileio import raise_open_files_limit
+from ledger.verifier import usable_cores
 
 from .. import scenarios
 from ..cli import _seconds
@@ -43,11 +43,7 @@ def _positive_int(text: str) -> int:
 def _processes(text: str) -> int:
     """``auto`` (one per usable core, at most 8) or a count."""
     if text == "auto":
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cores = os.cpu_count() or 1
-        return max(1, min(cores, 8, MAX_PROCESSES))
+        return max(1, min(usable_cores(), 8, MAX_PROCESSES))
     n = _positive_int(text)
     if n > MAX_PROCESSES:
         raise argparse.ArgumentTypeError(f"at most {MAX_PROCESSES}")
