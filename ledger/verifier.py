@@ -27,7 +27,8 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
+from functools import partial
 from typing import IO
 
 from . import crypto
@@ -211,16 +212,16 @@ class ProcessVerifier:
         """Start checking ``items``; the returned callable waits for the results."""
         frame = _encode(items) if self.usable else None
         if frame is None:
-            return lambda: crypto.check_batch(items)
+            return partial(crypto.check_batch, items)
         workers = self._workers
         if not workers:  # closed meanwhile
-            return lambda: crypto.check_batch(items)
+            return partial(crypto.check_batch, items)
         w = min(workers, key=_Worker.outstanding)
         try:
             n = w.send(frame)
         except _WorkerGone:
             self._fail("a worker stopped taking work")
-            return lambda: crypto.check_batch(items)
+            return partial(crypto.check_batch, items)
         return _Pending(self, w, n, items)
 
     def close(self) -> None:
@@ -303,10 +304,6 @@ def shared() -> ProcessVerifier | None:
         return v if v.usable else None
 
 
-def _thread_results(fut: Future[list[bool]]) -> Results:
-    return fut.result
-
-
 def submit(
     items: Sequence[PrecheckItem | None], *, executor: Executor | None, verifier: ProcessVerifier | None
 ) -> Results:
@@ -315,5 +312,5 @@ def submit(
     if verifier is not None and verifier.usable:
         return verifier.submit(items)
     if executor is not None:
-        return _thread_results(executor.submit(crypto.check_batch, items))
-    return lambda: crypto.check_batch(items)
+        return executor.submit(crypto.check_batch, items).result
+    return partial(crypto.check_batch, items)
